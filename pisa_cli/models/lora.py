@@ -1,0 +1,223 @@
+"""PiSA-SR's two LoRAs on the SD UNet: merged weights plus an exact low-rank side path.
+
+REFERENCE section 3 needs two weight sets, W_pix = W + delta_pix and W_pisa = W_pix + delta_sem.
+We merge one of them into the UNet once, at load, and never touch the weights again. The other
+is reached through the semantic LoRA applied unmerged, as a low-rank side path on the modules
+it targets: ``y = W_merged x + sign * scaling * B(A(x))`` with sign +1 (pix -> pisa) or -1
+(pisa -> pix). The side path can be switched on for a slice of the batch only, so the pixel
+and the PiSA passes of the adjustable mode run as one batch of two, and switching between
+the two weight sets is a flag: the UNet's parameters stay bit-identical whatever is run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pisa_cli.errors import WeightsError
+from pisa_cli.models.checkpoint import LoraLayer, PisaCheckpoint
+
+VARIANTS = ("pix", "pisa")
+"""The two UNet weight sets of PiSA-SR: pixel LoRA only, pixel + semantic LoRA."""
+
+
+def lora_delta(layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
+    """The full weight update ``scaling * B @ A`` of one LoRA, in float32, shaped like ``weight``.
+
+    For a conv, A is a k x k conv (r, in, k, k) and B a 1x1 conv (out, r, 1, 1), so every
+    kernel tap gets ``B @ A[..., tap]``.
+    """
+    down = layer.down.to(torch.float32)
+    up = layer.up.to(torch.float32)
+    if weight.dim() == 2:
+        return (up @ down) * layer.scaling
+    return torch.einsum("or,rikl->oikl", up.flatten(1), down) * layer.scaling
+
+
+def check_layer_fits(layer: LoraLayer, module: nn.Module | None, source: str) -> None:
+    """Raise a WeightsError naming the module when a LoRA cannot apply to it."""
+    if module is None:
+        raise WeightsError(
+            f"{source}: LoRA module {layer.module!r} does not exist in the UNet "
+            "(are these weights for SD 2.1-base?)"
+        )
+    rank = layer.down.shape[0]
+    if isinstance(module, nn.Linear) and layer.down.dim() == 2:
+        expected_down = (rank, module.in_features)
+        expected_up = (module.out_features, rank)
+    elif isinstance(module, nn.Conv2d) and layer.down.dim() == 4:
+        expected_down = (rank, module.in_channels // module.groups, *module.kernel_size)
+        expected_up = (module.out_channels, rank, 1, 1)
+    else:
+        raise WeightsError(
+            f"{source}: LoRA for {layer.module!r} has {layer.down.dim()}-D weights but the UNet "
+            f"module is a {type(module).__name__}"
+        )
+    if tuple(layer.down.shape) != expected_down or tuple(layer.up.shape) != expected_up:
+        raise WeightsError(
+            f"{source}: LoRA for {layer.module!r} has shapes {tuple(layer.down.shape)} and "
+            f"{tuple(layer.up.shape)}, the UNet module needs {expected_down} and {expected_up}"
+        )
+
+
+@dataclass
+class _SideBranch:
+    """Computes ``scaling * B(A(x))`` for one module, as that module would see x."""
+
+    down: torch.Tensor
+    up: torch.Tensor  # already multiplied by the LoRA scaling
+    conv: dict[str, object] | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            return F.linear(F.linear(x, self.down), self.up)
+        return F.conv2d(F.conv2d(x, self.down, **self.conv), self.up)  # type: ignore[arg-type]
+
+
+@dataclass
+class _SideState:
+    segments: list[tuple[int, int, float]] = field(default_factory=list)
+    """(start, stop, sign) slices of the batch that get the side path."""
+
+
+class PisaUNet:
+    """The UNet of SD 2.1-base with PiSA-SR's LoRAs, ready for the one-step prediction.
+
+    ``merged`` picks which weight set lives in the parameters (``pix`` for runs that need the
+    pixel weights, ``pisa`` for the default mode); the other is reached through the semantic
+    side path. ``calls`` counts UNet forward passes (a batch of any size is one call).
+    """
+
+    def __init__(self, unet: nn.Module, checkpoint: PisaCheckpoint, merged: str = "pisa"):
+        if merged not in VARIANTS:
+            raise ValueError(f"merged must be one of {VARIANTS}, not {merged!r}")
+        self.unet = unet
+        self.merged = merged
+        self.calls = 0
+        self._state = _SideState()
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._branches: list[_SideBranch] = []
+        modules = dict(unet.named_modules())
+        source = checkpoint.source or "weights"
+        for branch in ("pix", "sem"):
+            for layer in checkpoint.layers(branch):
+                check_layer_fits(layer, modules.get(layer.module), source)
+        branches = ["pix", "sem"] if merged == "pisa" else ["pix"]
+        self._merge(checkpoint, branches, modules)
+        self._install_side_path(checkpoint, modules)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @torch.no_grad()
+    def _merge(self, checkpoint: PisaCheckpoint, branches: list[str], modules: dict) -> None:
+        # Sum every delta of a module in float32 first, then add once: W + (d_pix + d_sem)
+        # rounds once, whatever the dtype the weights are kept in.
+        deltas: dict[str, torch.Tensor] = {}
+        for branch in branches:
+            for layer in checkpoint.layers(branch):
+                weight = modules[layer.module].weight
+                delta = lora_delta(layer, weight)
+                deltas[layer.module] = (
+                    deltas[layer.module] + delta if layer.module in deltas else delta
+                )
+        for name, delta in deltas.items():
+            weight = modules[name].weight
+            merged = weight.to(torch.float32) + delta.to(weight.device)
+            weight.copy_(merged.to(weight.dtype))
+
+    def _install_side_path(self, checkpoint: PisaCheckpoint, modules: dict) -> None:
+        param = next(self.unet.parameters())
+        for layer in checkpoint.layers("sem"):
+            module = modules[layer.module]
+            conv = None
+            if isinstance(module, nn.Conv2d):
+                conv = {
+                    "stride": module.stride,
+                    "padding": module.padding,
+                    "dilation": module.dilation,
+                }
+            branch = _SideBranch(
+                down=layer.down.to(param.device, param.dtype),
+                up=(layer.up.to(torch.float32) * layer.scaling).to(param.device, param.dtype),
+                conv=conv,
+            )
+            self._branches.append(branch)
+            self._hooks.append(module.register_forward_hook(self._make_hook(branch)))
+
+    def _make_hook(self, branch: _SideBranch) -> Callable:
+        state = self._state
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if not state.segments:
+                return None
+            x = args[0]
+            for start, stop, sign in state.segments:
+                if start == 0 and stop == output.shape[0]:
+                    output = output + sign * branch(x)
+                else:
+                    output[start:stop] += sign * branch(x[start:stop])
+            return output
+
+        return hook
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PisaUNet:
+        """Move the UNet and the side path together (the side path follows the weights)."""
+        self.unet.to(device=device)
+        if dtype is not None and dtype != self.dtype:
+            self.unet.to(dtype=dtype)
+        for branch in self._branches:
+            branch.down = branch.down.to(self.device, self.dtype)
+            branch.up = branch.up.to(self.device, self.dtype)
+        return self
+
+    def sign(self, variant: str) -> float:
+        """Side-path sign that turns the merged weights into ``variant``'s weights."""
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown UNet variant {variant!r}")
+        if variant == self.merged:
+            return 0.0
+        return 1.0 if variant == "pisa" else -1.0
+
+    @contextlib.contextmanager
+    def _side(self, segments: list[tuple[int, int, float]]) -> Iterator[None]:
+        self._state.segments = segments
+        try:
+            yield
+        finally:
+            self._state.segments = []
+
+    def __call__(
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        variants: Sequence[str] = ("pisa",),
+        timestep: int = 1,
+    ) -> torch.Tensor:
+        """eps for every variant: a (len(variants) * N, C, h, w) tensor, variant-major.
+
+        All variants run in one UNet call; the side path is on for the batch slices whose
+        variant differs from the merged weights.
+        """
+        n = latents.shape[0]
+        batch = latents.repeat(len(variants), 1, 1, 1) if len(variants) > 1 else latents
+        cond = cond.to(batch.dtype).expand(batch.shape[0], -1, -1)
+        segments = []
+        for index, variant in enumerate(variants):
+            sign = self.sign(variant)
+            if sign:
+                segments.append((index * n, (index + 1) * n, sign))
+        t = torch.tensor([timestep], device=batch.device, dtype=torch.long)
+        self.calls += 1
+        with self._side(segments):
+            return self.unet(batch, t, encoder_hidden_states=cond, return_dict=False)[0]

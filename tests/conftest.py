@@ -1,0 +1,89 @@
+"""Fixtures: a tiny random SD-2.1-shaped base model in the diffusers folder layout, and a
+PiSA-SR checkpoint written in the official pickle layout by peft itself.
+
+Nothing here downloads anything or touches $HOME.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pisa_cli.models.synthetic import lora_target_modules, save_random_base
+
+BRANCHES = ("pix", "sem")
+GROUPS = ("encoder", "decoder", "others")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(tmp_path_factory, monkeypatch):
+    """No test reads or writes the user's caches or picks up their settings."""
+    home = tmp_path_factory.getbasetemp() / "home"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "cache"))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("PISA_WEIGHTS", raising=False)
+    monkeypatch.delenv("PISA_BASE_MODEL", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A random tiny base model folder (unet, vae, text_encoder, tokenizer, scheduler)."""
+    return save_random_base(tmp_path_factory.mktemp("models") / "tiny-sd21", "tiny", seed=0)
+
+
+def write_official_checkpoint(base: Path, path: Path, rank: int = 4, seed: int = 1) -> Path:
+    """A pisa_sr.pkl as the official training code saves it: peft adapters named
+    default_{encoder,decoder,others}_{pix,sem} on the UNet, and a dict with ranks, module
+    lists and the state dict entries whose names contain "lora"."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    groups = lora_target_modules(unet)
+    torch.manual_seed(seed)
+    for branch in BRANCHES:
+        for group in GROUPS:
+            config = LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=groups[group])
+            unet.add_adapter(config, adapter_name=f"default_{group}_{branch}")
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero; trained LoRAs are not
+                param.normal_(0.0, 0.02)
+    checkpoint: dict = {}
+    for branch in BRANCHES:
+        checkpoint[f"lora_rank_unet_{branch}"] = rank
+        for group in GROUPS:
+            checkpoint[f"unet_lora_{group}_modules_{branch}"] = list(groups[group])
+    checkpoint["state_dict_unet"] = {k: v for k, v in unet.state_dict().items() if "lora" in k}
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pisa_pkl(tiny_base, tmp_path_factory) -> Path:
+    return write_official_checkpoint(tiny_base, tmp_path_factory.mktemp("weights") / "pisa_sr.pkl")
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_base, pisa_pkl):
+    """A pipeline on the tiny model, fp32 on the CPU, PiSA weights merged."""
+    from pisa_cli import load_pipeline
+
+    return load_pipeline(
+        weights=str(pisa_pkl), base_model=str(tiny_base), device="cpu", dtype="fp32"
+    )
+
+
+def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A smooth random colour image (structure at several scales, like a photo)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((max(2, height // 8), max(2, width // 8), 3))
+    image = Image.fromarray((coarse * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+    fine = rng.normal(0, 12, (height, width, 3))
+    array = np.clip(np.asarray(image, dtype=np.float64) + fine, 0, 255).astype(np.uint8)
+    return Image.fromarray(array).convert(mode)

@@ -1,0 +1,82 @@
+"""Finding and checking the SD 2.1-base folder, and clear errors when it is not usable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pisa_cli.errors import ModelError
+from pisa_cli.models.base import check_base_folder, load_part, resolve_base_model
+
+
+def copy_base(tiny_base, tmp_path):
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_base, folder)
+    return folder
+
+
+def test_tiny_base_is_sd21_shaped(tiny_base):
+    info = check_base_folder(tiny_base)
+    assert (info.latent_channels, info.vae_factor, info.has_text_encoder) == (4, 8, True)
+
+
+def test_folder_resolves_to_itself(tiny_base):
+    assert resolve_base_model(str(tiny_base)) == tiny_base
+
+
+@pytest.mark.parametrize(
+    ("remove", "named"),
+    [
+        ("unet/config.json", "unet/config.json"),
+        ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"),
+        ("tokenizer/vocab.json", "tokenizer/vocab.json"),
+        ("scheduler", "scheduler/scheduler_config.json"),
+    ],
+)
+def test_missing_part_is_named(tiny_base, tmp_path, remove, named):
+    folder = copy_base(tiny_base, tmp_path)
+    target = folder / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(ModelError, match=named.replace(".", r"\.")):
+        check_base_folder(folder)
+
+
+def test_wrong_vae_factor(tiny_base, tmp_path):
+    folder = copy_base(tiny_base, tmp_path)
+    config = json.loads((folder / "vae/config.json").read_text())
+    config["block_out_channels"] = config["block_out_channels"][:3]
+    (folder / "vae/config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"not SD-2\.1-shaped: the VAE shrinks images by 4"):
+        check_base_folder(folder)
+
+
+def test_wrong_model_class(tiny_base, tmp_path):
+    folder = copy_base(tiny_base, tmp_path)
+    config = json.loads((folder / "unet/config.json").read_text())
+    config["_class_name"] = "UNet2DModel"
+    (folder / "unet/config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="unet is a UNet2DModel"):
+        check_base_folder(folder)
+
+
+def test_corrupt_weights_name_the_file(tiny_base, tmp_path):
+    folder = copy_base(tiny_base, tmp_path)
+    weights = folder / "unet/diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelError, match="cannot load the unet"):
+        load_part(folder, "unet")
+
+
+def test_hub_id_without_network_says_how_to_get_it():
+    with pytest.raises(ModelError) as error:
+        resolve_base_model("someone/stable-diffusion-2-1-base")
+    message = str(error.value)
+    assert "cannot get the base model" in message and "--base-model" in message
+    assert "\n" not in message
+
+
+def test_missing_folder():
+    with pytest.raises(ModelError, match="folder not found"):
+        resolve_base_model("./no/such/folder")
