@@ -1,0 +1,73 @@
+"""The one-step prediction: eps of the UNet over latent tiles, and the lambda combination.
+
+REFERENCE section 3: eps = (lambda_pix - lambda_sem) eps_pix + lambda_sem eps_pisa and
+z_H = z_L - eps. The pixel and PiSA eps are aggregated over tiles separately (Gaussian
+weights, REFERENCE section 5), so every lambda pair, and the sweep, share the same passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from pisa_cli.engine.tiles import Tile, TilePlan, gaussian_weights
+
+UNetFn = Callable[[torch.Tensor, torch.Tensor, Sequence[str]], torch.Tensor]
+"""(latent tiles (N, C, h, w), prompt embedding, variants) -> eps, variant-major."""
+
+
+def variants_needed(lambda_pix: float, lambda_sem: float) -> tuple[str, ...]:
+    """The UNet weight sets one lambda pair needs: one pass when the formula allows it."""
+    if lambda_sem == 0:
+        return ("pix",)
+    if lambda_pix == lambda_sem:
+        return ("pisa",)
+    return ("pix", "pisa")
+
+
+def combine_eps(eps: dict[str, torch.Tensor], lambda_pix: float, lambda_sem: float) -> torch.Tensor:
+    """eps for (lambda_pix, lambda_sem) from the per-variant eps, using what is there."""
+    if "pix" in eps and "pisa" in eps:
+        return (lambda_pix - lambda_sem) * eps["pix"] + lambda_sem * eps["pisa"]
+    if "pisa" in eps and lambda_pix == lambda_sem:
+        return lambda_sem * eps["pisa"]
+    if "pix" in eps and lambda_sem == 0:
+        return lambda_pix * eps["pix"]
+    raise ValueError(f"eps of {sorted(eps)} cannot give lambdas ({lambda_pix}, {lambda_sem})")
+
+
+def predict_eps(
+    unet: UNetFn,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    plan: TilePlan,
+    variants: Sequence[str],
+    tile_batch: int = 1,
+) -> dict[str, torch.Tensor]:
+    """eps of each variant for the (1, C, H, W) ``latents``, tile by tile.
+
+    Tiles go through the UNet ``tile_batch`` at a time, all variants in the same call. The
+    result of a tiled plan is sum(w * eps_tile) / sum(w) with Gaussian tile weights,
+    accumulated in float32.
+    """
+    if latents.shape[0] != 1:
+        raise ValueError("predict_eps works on one latent at a time")
+    if not plan.tiled:
+        out = unet(latents, cond, variants)
+        return {v: out[i : i + 1].float() for i, v in enumerate(variants)}
+    tile_batch = max(1, tile_batch)
+    _, channels, height, width = latents.shape
+    sums = {v: torch.zeros(1, channels, height, width, device=latents.device) for v in variants}
+    norm = torch.zeros(1, 1, height, width, device=latents.device)
+    weight = gaussian_weights(*plan.tile_size).to(latents.device)
+    for start in range(0, len(plan.tiles), tile_batch):
+        group: tuple[Tile, ...] = plan.tiles[start : start + tile_batch]
+        batch = torch.cat([latents[:, :, t.rows, t.cols] for t in group])
+        out = unet(batch, cond, variants).float()
+        for index, tile in enumerate(group):
+            for k, variant in enumerate(variants):
+                eps_tile = out[k * len(group) + index]
+                sums[variant][0, :, tile.rows, tile.cols] += eps_tile * weight
+            norm[0, 0, tile.rows, tile.cols] += weight
+    return {v: total / norm for v, total in sums.items()}
