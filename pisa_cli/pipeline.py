@@ -1,0 +1,261 @@
+"""The PiSA-SR pipeline: one image in, one image out, every stage of REFERENCE sections 3-4.
+
+``load_pipeline`` loads the models once; ``PisaPipeline.upscale`` takes an RGB PIL image and
+returns the upscaled one. The stage methods (encode, predict, decode, finish) are what the
+folder runner and the sweep share.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pisa_cli.engine import color, vae
+from pisa_cli.engine.denoise import combine_eps, predict_eps, variants_needed
+from pisa_cli.engine.memory import auto_tile_batch, unet_tile_bytes
+from pisa_cli.engine.tiles import TilePlan, plan_latent_tiles
+from pisa_cli.imaging.resize import ResizePlan, plan_resize, restore_size, upsample_input
+from pisa_cli.models.checkpoint import PisaCheckpoint, load_checkpoint, resolve_weights_path
+from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
+from pisa_cli.models.lora import PisaUNet
+from pisa_cli.models.text import PromptEncoder
+from pisa_cli.options import ModelOptions, UpscaleOptions
+
+log = logging.getLogger(__name__)
+
+TIMESTEP = 1
+"""PiSA-SR's fixed UNet timestep."""
+
+
+@dataclass
+class Encoded:
+    """The latent of one upsampled image and what is needed to undo the padding."""
+
+    latents: torch.Tensor
+    """z_L, (1, 4, h, w), scaled by the VAE's scaling factor."""
+    source: torch.Tensor
+    """The upsampled input in [0, 1], (1, 3, H, W), unpadded: the colour-fix reference."""
+    size: tuple[int, int]
+    """(H, W) of the unpadded image."""
+
+
+@dataclass
+class UpscaleResult:
+    """An upscaled image and how it was made."""
+
+    image: Image.Image
+    resize: ResizePlan
+    tiles: TilePlan
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage: preprocess, text, encode, unet, decode, color."""
+
+
+class PisaPipeline:
+    """Models loaded once, ready to upscale any number of images."""
+
+    def __init__(
+        self,
+        unet: PisaUNet,
+        vae_model: torch.nn.Module,
+        prompts: PromptEncoder,
+        scheduler: object,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.unet = unet
+        self.vae = vae_model
+        self.prompts = prompts
+        self.scheduler = scheduler
+        self.device = device
+        self.dtype = dtype
+        self.vae_factor = 2 ** (len(vae_model.config.block_out_channels) - 1)  # type: ignore[union-attr]
+
+    # --- stages -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed(self, prompt: str) -> torch.Tensor:
+        """The prompt embedding on the device (computed once per prompt)."""
+        return self.prompts(prompt).to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def encode(self, upsampled: Image.Image, options: UpscaleOptions) -> Encoded:
+        """z_L of the bicubic upsampled image, padded (replicate) to a multiple of 8."""
+        source = to_tensor(upsampled).to(self.device)
+        height, width = source.shape[-2:]
+        pad_h, pad_w = (-height) % self.vae_factor, (-width) % self.vae_factor
+        image = source * 2 - 1
+        if pad_h or pad_w:
+            image = F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
+        generator = None
+        if options.vae_sample:
+            seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
+            generator = torch.Generator(self.device).manual_seed(seed)
+        latents = vae.encode(self.vae, image, sample=options.vae_sample, generator=generator)
+        return Encoded(latents=latents, source=source, size=(height, width))
+
+    def plan_tiles(self, latents: torch.Tensor, options: UpscaleOptions) -> TilePlan:
+        tiles = options.tiles
+        return plan_latent_tiles(
+            latents.shape[-2], latents.shape[-1], tiles.latent_tile, tiles.latent_overlap
+        )
+
+    def tile_batch(self, plan: TilePlan, variants: int, options: UpscaleOptions) -> int:
+        if options.tiles.tile_batch:
+            return options.tiles.tile_batch
+        width = self.unet.unet.config.block_out_channels[0]  # type: ignore[union-attr]
+        per_sample = unet_tile_bytes(*plan.tile_size, width, self.dtype.itemsize)
+        return auto_tile_batch(len(plan.tiles), variants, per_sample, free_memory(self.device))
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        variants: tuple[str, ...],
+        plan: TilePlan,
+        options: UpscaleOptions,
+    ) -> dict[str, torch.Tensor]:
+        """eps of each UNet variant (``pix``, ``pisa``) over the latent tiles."""
+        batch = self.tile_batch(plan, len(variants), options)
+        return predict_eps(self.unet, latents, cond, plan, variants, batch)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The decoded image in [0, 1], cropped to ``size`` (undoing the padding)."""
+        image = vae.decode(self.vae, latents)
+        return (image[..., : size[0], : size[1]].float() * 0.5 + 0.5).clamp(0, 1)
+
+    @staticmethod
+    def finish(decoded: torch.Tensor, source: torch.Tensor, method: str) -> torch.Tensor:
+        """The 8-bit output of the reference: truncate, colour-fix, (the writer truncates again)."""
+        return color.color_fix(method, color.quantize(decoded), source)
+
+    # --- whole images -------------------------------------------------------------------
+    def upscale(self, image: Image.Image, options: UpscaleOptions | None = None) -> Image.Image:
+        """Upscale an RGB image by ``options.scale``."""
+        return self.upscale_with_info(image, options).image
+
+    def upscale_with_info(
+        self, image: Image.Image, options: UpscaleOptions | None = None
+    ) -> UpscaleResult:
+        options = options or UpscaleOptions()
+        timings: dict[str, float] = {}
+        with _timed(timings, "preprocess"):
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            resize = plan_resize(rgb.size, options.scale, options.process_size, self.vae_factor)
+            upsampled = upsample_input(rgb, resize)
+        with _timed(timings, "text"):
+            cond = self.embed(options.prompt)
+        with _timed(timings, "encode", self.device):
+            encoded = self.encode(upsampled, options)
+        variants = variants_needed(options.lambda_pix, options.lambda_sem)
+        plan = self.plan_tiles(encoded.latents, options)
+        with _timed(timings, "unet", self.device):
+            eps = self.predict(encoded.latents, cond, variants, plan, options)
+            latents = encoded.latents - combine_eps(eps, options.lambda_pix, options.lambda_sem)
+        with _timed(timings, "decode", self.device):
+            decoded = self.decode(latents, encoded.size)
+        with _timed(timings, "color"):
+            fixed = self.finish(decoded, encoded.source, options.color_fix)
+            result = restore_size(to_image(fixed), resize)
+        return UpscaleResult(image=result, resize=resize, tiles=plan, timings=timings)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str, device: torch.device | None = None) -> Iterator:
+    start = time.perf_counter()
+    yield
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """(1, 3, H, W) float32 in [0, 1] of an 8-bit RGB image."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def to_image(tensor: torch.Tensor) -> Image.Image:
+    """8-bit RGB image of a (1, 3, H, W) tensor in [0, 1], truncating like the reference."""
+    array = (tensor[0].clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
+def merged_variant(options: UpscaleOptions | None) -> str:
+    """The weight set worth merging for a run with these lambdas (the other is a side path)."""
+    if options is None:
+        return "pisa"
+    return "pisa" if variants_needed(options.lambda_pix, options.lambda_sem) == ("pisa",) else "pix"
+
+
+def load_pipeline(
+    model: ModelOptions | None = None,
+    *,
+    weights: str | None = None,
+    base_model: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    options: UpscaleOptions | None = None,
+) -> PisaPipeline:
+    """Load SD 2.1-base and the PiSA-SR weights, merged for ``options``' lambdas.
+
+    Keyword arguments override the fields of ``model``. Raises WeightsError, ModelError or
+    DeviceError with a message naming what is wrong.
+    """
+    from pisa_cli.models.base import check_base_folder, load_part, resolve_base_model
+
+    model = model or ModelOptions()
+    model = ModelOptions(
+        base_model=base_model if base_model is not None else model.base_model,
+        weights=weights if weights is not None else model.weights,
+        device=device if device is not None else model.device,
+        dtype=dtype if dtype is not None else model.dtype,
+    )
+    torch_device = resolve_device(model.device)
+    torch_dtype = resolve_dtype(model.dtype, torch_device)
+    checkpoint = load_checkpoint(resolve_weights_path(model.resolved_weights()))
+    folder = resolve_base_model(model.resolved_base_model())
+    check_base_folder(folder)
+    log.info("base model %s, weights %s", folder, checkpoint.source)
+    prompts = PromptEncoder(
+        lambda: load_part(folder, "tokenizer"), lambda: load_part(folder, "text_encoder")
+    )
+    return build_pipeline(
+        unet=load_part(folder, "unet"),
+        vae_model=load_part(folder, "vae"),
+        prompts=prompts,
+        scheduler=load_part(folder, "scheduler"),
+        checkpoint=checkpoint,
+        device=torch_device,
+        dtype=torch_dtype,
+        merged=merged_variant(options),
+    )
+
+
+def build_pipeline(
+    unet: torch.nn.Module,
+    vae_model: torch.nn.Module,
+    prompts: PromptEncoder,
+    scheduler: object,
+    checkpoint: PisaCheckpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    merged: str = "pisa",
+) -> PisaPipeline:
+    """Assemble a pipeline from float32 CPU parts: merge the LoRAs, then move to the device."""
+    unet.eval().requires_grad_(False)
+    vae_model.eval().requires_grad_(False)
+    pisa_unet = PisaUNet(unet, checkpoint, merged=merged).to(device, dtype)
+    vae_model.to(device=device)
+    if vae_model.dtype != dtype:  # type: ignore[attr-defined]
+        vae_model.to(dtype=dtype)
+    return PisaPipeline(pisa_unet, vae_model, prompts, scheduler, device, dtype)
