@@ -1,0 +1,47 @@
+"""The ``pisa`` command: one module per sub-command, registered here.
+
+Nothing heavy is imported at this level: ``pisa --help`` must not load torch.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from pisa_cli import __version__
+from pisa_cli.cli.convert import convert_command
+from pisa_cli.cli.doctor import doctor_command
+from pisa_cli.cli.upscale import upscale_command
+
+app = typer.Typer(
+    name="pisa",
+    help="Batch image upscaling with PiSA-SR: one-step diffusion super-resolution with "
+    "adjustable fidelity (--lambda-pix) and detail (--lambda-sem).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pisa-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Batch image upscaling with PiSA-SR."""
+
+
+app.command("upscale")(upscale_command)
+app.command("convert")(convert_command)
+app.command("doctor")(doctor_command)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,233 @@
+"""Options shared by the commands that run the model (upscale, sweep), and console set-up.
+
+Only typer, rich and the options module are imported here, so ``pisa --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pisa_cli.errors import PisaError
+from pisa_cli.options import (
+    BASE_MODEL_ENV,
+    DEFAULT_BASE_MODEL,
+    WEIGHTS_ENV,
+    ModelOptions,
+    TileOptions,
+    UpscaleOptions,
+)
+
+MODEL = "Model"
+QUALITY = "Lambdas and quality"
+TILES = "Tiles and memory"
+OUTPUT = "Output"
+
+Inputs = Annotated[
+    list[Path],
+    typer.Argument(help="Image files and/or folders of images.", show_default=False),
+]
+OutputDir = Annotated[
+    Path, typer.Option("--output", "-o", help="Folder for the results (created if needed).")
+]
+BaseModel = Annotated[
+    str,
+    typer.Option(
+        "--base-model",
+        envvar=BASE_MODEL_ENV,
+        help=f"SD 2.1-base: a Hugging Face hub id or a local diffusers folder "
+        f"(default: {DEFAULT_BASE_MODEL}).",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
+Weights = Annotated[
+    str,
+    typer.Option(
+        "--weights",
+        envvar=WEIGHTS_ENV,
+        help="PiSA-SR weights: the official pisa_sr.pkl or a .safetensors from `pisa convert` "
+        "(default: pisa_sr.safetensors or pisa_sr.pkl in ~/.cache/pisa-cli/).",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu.",
+        rich_help_panel=MODEL,
+    ),
+]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="Compute precision: auto (bf16/fp16 on GPUs, fp32 on the CPU), fp32, fp16, bf16.",
+        rich_help_panel=MODEL,
+    ),
+]
+Scale = Annotated[
+    int,
+    typer.Option(
+        "--scale", help="Upscale factor; the model is trained for 4.", rich_help_panel=QUALITY
+    ),
+]
+ProcessSize = Annotated[
+    int,
+    typer.Option(
+        "--process-size",
+        help="Inputs whose short side is below process-size/scale are enlarged to it first "
+        "and the result is shrunk back to exactly scale times the input.",
+        rich_help_panel=QUALITY,
+    ),
+]
+LambdaPix = Annotated[
+    float,
+    typer.Option(
+        "--lambda-pix",
+        help="Strength of the pixel-level LoRA (fidelity, noise removal).",
+        rich_help_panel=QUALITY,
+    ),
+]
+LambdaSem = Annotated[
+    float,
+    typer.Option(
+        "--lambda-sem",
+        help="Strength of the semantic-level LoRA (generated detail); 0 = pixel LoRA only. "
+        "Equal lambdas or lambda-sem 0 cost one UNet pass, others two.",
+        rich_help_panel=QUALITY,
+    ),
+]
+ColorFix = Annotated[
+    str,
+    typer.Option(
+        "--color-fix",
+        help="Colour correction against the bicubic input: adain (mean and spread per "
+        "channel), wavelet (low frequencies of the input), none.",
+        rich_help_panel=QUALITY,
+    ),
+]
+Prompt = Annotated[
+    str,
+    typer.Option(
+        "--prompt",
+        help="Text prompt for the UNet; the model was trained with the empty prompt.",
+        rich_help_panel=QUALITY,
+    ),
+]
+Seed = Annotated[
+    int | None,
+    typer.Option(
+        "--seed", help="Seed for --vae-sample (reproducible sampling).", rich_help_panel=QUALITY
+    ),
+]
+VaeSample = Annotated[
+    bool,
+    typer.Option(
+        "--vae-sample",
+        help="Sample the VAE latent as the reference does, instead of its mean (deterministic).",
+        rich_help_panel=QUALITY,
+    ),
+]
+LatentTile = Annotated[
+    int,
+    typer.Option(
+        "--latent-tile",
+        help="UNet tile side in latent pixels (1 latent pixel = 8 image pixels); latents of "
+        "up to tile x tile pixels are not tiled.",
+        rich_help_panel=TILES,
+    ),
+]
+LatentOverlap = Annotated[
+    int,
+    typer.Option(
+        "--latent-overlap",
+        help="Overlap of UNet tiles in latent pixels, blended with Gaussian weights.",
+        rich_help_panel=TILES,
+    ),
+]
+VaeEncoderTile = Annotated[
+    int,
+    typer.Option(
+        "--vae-encoder-tile", help="VAE encoder tile side in image pixels.", rich_help_panel=TILES
+    ),
+]
+VaeDecoderTile = Annotated[
+    int,
+    typer.Option(
+        "--vae-decoder-tile", help="VAE decoder tile side in latent pixels.", rich_help_panel=TILES
+    ),
+]
+TileBatch = Annotated[
+    int,
+    typer.Option(
+        "--tile-batch",
+        help="UNet tiles per call; 0 = as many as the free memory allows.",
+        rich_help_panel=TILES,
+    ),
+]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Only print errors and the final summary.")
+]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print debugging details.")]
+
+
+def build_options(**values: object) -> tuple[ModelOptions, UpscaleOptions]:
+    """Model and upscale options from the CLI values (raises OptionsError when invalid)."""
+    model = ModelOptions(
+        base_model=values.pop("base_model"),  # type: ignore[arg-type]
+        weights=values.pop("weights"),  # type: ignore[arg-type]
+        device=values.pop("device"),  # type: ignore[arg-type]
+        dtype=values.pop("dtype"),  # type: ignore[arg-type]
+    )
+    tile_fields = (
+        "latent_tile",
+        "latent_overlap",
+        "vae_encoder_tile",
+        "vae_decoder_tile",
+        "tile_batch",
+    )
+    tiles = TileOptions(**{name: values.pop(name) for name in tile_fields})  # type: ignore[arg-type]
+    return model, UpscaleOptions(tiles=tiles, **values)  # type: ignore[arg-type]
+
+
+def fail(error: PisaError) -> typer.Exit:
+    """Print ``error`` as one line on stderr; return the Exit to raise."""
+    typer.echo(f"error: {error}", err=True)
+    return typer.Exit(error.exit_code)
+
+
+def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """Our messages on stderr (rich on a terminal, plain lines otherwise); quiet libraries."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    root = logging.getLogger("pisa_cli")
+    root.handlers.clear()
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, show_time=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    _quiet_libraries(verbose)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if not verbose:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)

@@ -1,0 +1,207 @@
+"""The command line, in process (Typer's CliRunner) on temporary folders."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pisa_cli.cli import app
+from tests.conftest import noise_image
+
+runner = CliRunner()
+FIXED_OPTIONS = [
+    "--output",
+    "--base-model",
+    "--weights",
+    "--scale",
+    "--process-size",
+    "--lambda-pix",
+    "--lambda-sem",
+    "--color-fix",
+    "--latent-tile",
+    "--latent-overlap",
+    "--vae-encoder-tile",
+    "--vae-decoder-tile",
+    "--device",
+    "--dtype",
+    "--prompt",
+    "--seed",
+    "--vae-sample",
+    "--tile-batch",
+]
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def model_args(tiny_base, pisa_pkl):
+    return ["--base-model", str(tiny_base), "--weights", str(pisa_pkl), "--device", "cpu"]
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    noise_image(20, 16, 1).save(folder / "one.png")
+    noise_image(18, 18, 2).save(folder / "two.jpg", quality=95)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_help_explains_every_option():
+    result = run("upscale", "--help")
+    assert result.exit_code == 0
+    for option in FIXED_OPTIONS:
+        assert option in result.output, option
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\nfrom pisa_cli.cli import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("NO-TORCH")
+
+
+def test_python_dash_m_works():
+    out = subprocess.run(
+        [sys.executable, "-m", "pisa_cli", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "upscale" in out.stdout
+
+
+def test_upscale_a_folder(tiny_base, pisa_pkl, photos, tmp_path):
+    out = tmp_path / "out"
+    result = run(
+        "upscale", photos, "-o", out, "--process-size", "64", *model_args(tiny_base, pisa_pkl)
+    )
+    assert result.exit_code == 0, result.output
+    assert Image.open(out / "one.png").size == (80, 64)
+    assert Image.open(out / "two.png").size == (72, 72)
+    assert sorted(p.name for p in out.iterdir()) == ["one.png", "two.png"]
+    assert "2 done, 0 skipped, 0 failed" in result.output
+    assert "1 non-image files ignored" in result.output
+
+
+def test_a_broken_image_fails_alone(tiny_base, pisa_pkl, photos, tmp_path):
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    (photos / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    result = run(
+        "upscale", photos, "-o", out, "--process-size", "64", *model_args(tiny_base, pisa_pkl)
+    )
+    assert result.exit_code == 1
+    assert "2 done, 0 skipped, 2 failed" in result.output
+    failed = [line for line in result.output.splitlines() if "broken.png" in line]
+    assert len(failed) == 1 and ("corrupt" in failed[0] or "not an image" in failed[0])
+    assert any("empty.jpg" in line and "empty file" in line for line in result.output.splitlines())
+    assert sorted(p.name for p in out.iterdir()) == ["one.png", "two.png"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--color-fix", "sepia"], "--color-fix 'sepia' is not one of"),
+        (["--latent-overlap", "96"], "--latent-overlap 96 must be at least 0 and smaller"),
+        (["--scale", "0"], "--scale 0 must be"),
+        (["--dtype", "fp8"], "--dtype 'fp8'"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(photos, tmp_path, args, message):
+    result = run("upscale", photos, "-o", tmp_path / "out", *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_weights_exit_3(tiny_base, photos, tmp_path):
+    missing = tmp_path / "nowhere" / "pisa_sr.pkl"
+    result = run(
+        "upscale", photos, "-o", tmp_path / "out", "--base-model", tiny_base, "--weights", missing
+    )
+    assert result.exit_code == 3
+    assert str(missing) in result.output and "not found" in result.output
+    assert not list((tmp_path / "out").glob("*"))
+
+
+def test_base_model_of_the_wrong_shape_exit_3(pisa_pkl, photos, tmp_path):
+    result = run(
+        "upscale", photos, "-o", tmp_path / "out", "--base-model", photos, "--weights", pisa_pkl
+    )
+    assert result.exit_code == 3
+    assert "not a usable base model" in result.output
+
+
+def test_weights_from_the_environment(tiny_base, pisa_pkl, photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("PISA_WEIGHTS", str(pisa_pkl))
+    monkeypatch.setenv("PISA_BASE_MODEL", str(tiny_base))
+    result = run(
+        "upscale",
+        photos / "one.png",
+        "-o",
+        tmp_path / "out",
+        "--process-size",
+        "64",
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "one.png").exists()
+
+
+def test_convert_then_upscale_gives_the_same_bytes(tiny_base, pisa_pkl, photos, tmp_path):
+    converted = tmp_path / "pisa_sr.safetensors"
+    result = run("convert", pisa_pkl, "-o", converted)
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.output
+    outputs = []
+    for weights in (pisa_pkl, converted):
+        out = tmp_path / weights.suffix.strip(".")
+        args = [
+            "--base-model",
+            tiny_base,
+            "--weights",
+            weights,
+            "--device",
+            "cpu",
+            "--process-size",
+            "64",
+        ]
+        assert (
+            run("upscale", photos / "one.png", "-o", out, "--lambda-sem", "0.5", *args).exit_code
+            == 0
+        )
+        outputs.append(np.asarray(Image.open(out / "one.png")))
+    assert np.array_equal(*outputs)
+
+
+def test_convert_refuses_a_bad_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"")
+    result = run("convert", bad, "-o", tmp_path / "x.safetensors")
+    assert result.exit_code == 3 and "empty" in result.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_doctor_works_without_weights():
+    result = run("doctor", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "self-test" in result.output and "the install works" in result.output
+    assert "missing" in result.output  # weights and base model are not here, and it says so
+
+
+def test_doctor_reports_found_weights(tiny_base, pisa_pkl):
+    result = run("doctor", "--device", "cpu", "--base-model", tiny_base, "--weights", pisa_pkl)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.strip().startswith("ok") and "weights" in line for line in lines)
+    assert any(line.strip().startswith("ok") and "base model" in line for line in lines)
