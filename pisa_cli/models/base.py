@@ -103,7 +103,7 @@ def _download(repo_id: str) -> Path:
         return cached
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=_hub_patterns("safetensors")))
-        if any(name.endswith(".bin") for name in _missing_files(folder)):
+        if _missing_files(folder):  # an older repository: pickled .bin weights only
             folder = Path(snapshot_download(repo_id, allow_patterns=_hub_patterns("bin")))
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
