@@ -1,13 +1,27 @@
-"""VAE encode and decode between images in [-1, 1] and scaled latents."""
+"""VAE encode and decode between images in [-1, 1] and scaled latents, whole or tiled."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from pisa_cli.engine import memory
+from pisa_cli.engine.planes import PlaneStore
+from pisa_cli.engine.tiled_vae import BandRunner, decode_tiled, encode_tiled
+
 
 def scaling_factor(vae: nn.Module) -> float:
     return float(vae.config.scaling_factor)  # type: ignore[union-attr]
+
+
+def _runner(vae: nn.Module, tile_pixels: int, store: str, device: torch.device) -> BandRunner:
+    widths = memory.Widths(vae=int(vae.config.block_out_channels[0]))  # type: ignore[union-attr]
+    return BandRunner(
+        PlaneStore(store, "cpu"),
+        device,
+        next(vae.parameters()).dtype,
+        memory.band_budget(tile_pixels, widths),
+    )
 
 
 def encode(
@@ -15,15 +29,41 @@ def encode(
     image: torch.Tensor,
     sample: bool = False,
     generator: torch.Generator | None = None,
+    tile: int | None = None,
+    store: str = "ram",
 ) -> torch.Tensor:
-    """Scaled latent z_L of a (1, 3, H, W) image in [-1, 1]: the mean, or a sample."""
-    image = image.to(vae.dtype)  # type: ignore[arg-type]
-    dist = vae.encode(image).latent_dist  # type: ignore[operator]
-    latent = dist.sample(generator=generator) if sample else dist.mean
+    """Scaled latent z_L of a (1, 3, H, W) image in [-1, 1]: the mean, or a sample.
+
+    ``tile`` (image pixels) encodes in bands holding at most a tile x tile image's
+    activations; None encodes the whole image at once. Both give the same latent.
+    """
+    image = image.to(next(vae.parameters()).dtype)
+    if tile is None:
+        moments = vae.encode(image).latent_dist.parameters  # type: ignore[operator]
+    else:
+        moments = encode_tiled(vae, image, _runner(vae, tile * tile, store, image.device))
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    latent = mean
+    if sample:
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        latent = mean + std * noise
     return latent * scaling_factor(vae)
 
 
-def decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Image in [-1, 1] of scaled ``latents`` (clamped, as the reference does)."""
-    latents = latents.to(vae.dtype) / scaling_factor(vae)  # type: ignore[arg-type]
-    return vae.decode(latents).sample.clamp(-1, 1)  # type: ignore[operator]
+def decode(
+    vae: nn.Module, latents: torch.Tensor, tile: int | None = None, store: str = "ram"
+) -> torch.Tensor:
+    """Image in [-1, 1] of scaled ``latents`` (clamped, as the reference does).
+
+    ``tile`` (latent pixels) decodes in bands holding at most the activations of a tile x
+    tile latent; None decodes the whole latent at once. Both give the same image.
+    """
+    latents = latents.to(next(vae.parameters()).dtype) / scaling_factor(vae)
+    if tile is None:
+        image = vae.decode(latents).sample  # type: ignore[operator]
+    else:
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)  # type: ignore[union-attr]
+        side = tile * factor
+        image = decode_tiled(vae, latents, _runner(vae, side * side, store, latents.device))
+    return image.clamp_(-1, 1)
