@@ -42,3 +42,9 @@ class DeviceError(PisaError):
     """The requested device or precision is not available on this machine."""
 
     exit_code = 2
+
+
+class OutOfMemoryError(PisaError):
+    """A stage ran out of memory even with its smallest tile; this image fails, others go on."""
+
+    exit_code = 1

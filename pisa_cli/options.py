@@ -56,41 +56,73 @@ class ModelOptions:
         return self.weights or os.environ.get(WEIGHTS_ENV, "")
 
 
+AUTO = None
+"""Tile sizes of None are chosen per image from the free memory of the device."""
+MIN_LATENT_TILE = 8
+"""The UNet halves a tile three times: 8 latent pixels is the least that survives."""
+MIN_VAE_DECODER_TILE = 8
+MIN_VAE_ENCODER_TILE = 64
+
+
+def parse_tile(name: str, value: str | int | None) -> int | None:
+    """``auto`` (or None) -> None, a whole number -> int; anything else is an OptionsError."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return AUTO
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise OptionsError(f"{name} {value!r} must be auto or a whole number") from None
+
+
 @dataclass(frozen=True)
 class TileOptions:
-    """How big the pieces are that go through the UNet and the VAE at once."""
+    """How big the pieces are that go through the UNet and the VAE at once (None = auto)."""
 
-    latent_tile: int = 96
-    """Side of a UNet tile in latent pixels (8 image pixels each); the reference uses 96."""
+    latent_tile: int | None = AUTO
+    """Side of a UNet tile in latent pixels (8 image pixels each). Auto: the reference's 96
+    when it fits in memory, smaller when not."""
     latent_overlap: int = 32
-    """Overlap of neighbouring UNet tiles in latent pixels; must be smaller than the tile."""
-    vae_encoder_tile: int = 1024
-    """Side of a VAE encoder tile in image pixels."""
-    vae_decoder_tile: int = 224
-    """Side of a VAE decoder tile in latent pixels."""
-    tile_batch: int = 0
-    """UNet tiles per call; 0 chooses from the free memory of the device."""
+    """Overlap of neighbouring UNet tiles in latent pixels; must be smaller than the tile
+    (with an automatic tile it is cut to a third of the tile when larger)."""
+    vae_encoder_tile: int | None = AUTO
+    """VAE encoder tile side in image pixels; larger images are encoded in bands of rows
+    holding at most this many pixels' activations. Auto: whole image when it fits."""
+    vae_decoder_tile: int | None = AUTO
+    """VAE decoder tile side in latent pixels, with the same meaning as the encoder's."""
+    tile_batch: int | None = AUTO
+    """UNet tiles per call. Auto: as many as fit in memory (at most 8)."""
 
     def __post_init__(self) -> None:
         _check(
-            self.latent_tile >= 8,
-            f"--latent-tile {self.latent_tile} is too small: use 8 or more latent pixels "
-            "(96 is the reference)",
+            self.latent_tile is None or self.latent_tile >= MIN_LATENT_TILE,
+            f"--latent-tile {self.latent_tile} is too small: use auto or at least "
+            f"{MIN_LATENT_TILE} latent pixels (96 is the reference)",
+        )
+        if self.latent_tile is not None:
+            _check(
+                0 <= self.latent_overlap < self.latent_tile,
+                f"--latent-overlap {self.latent_overlap} must be at least 0 and smaller than "
+                f"--latent-tile {self.latent_tile}",
+            )
+        else:
+            _check(
+                self.latent_overlap >= 0,
+                f"--latent-overlap {self.latent_overlap} must be at least 0",
+            )
+        _check(
+            self.vae_encoder_tile is None or self.vae_encoder_tile >= MIN_VAE_ENCODER_TILE,
+            f"--vae-encoder-tile {self.vae_encoder_tile} is too small: use auto or at least "
+            f"{MIN_VAE_ENCODER_TILE} image pixels",
         )
         _check(
-            0 <= self.latent_overlap < self.latent_tile,
-            f"--latent-overlap {self.latent_overlap} must be at least 0 and smaller than "
-            f"--latent-tile {self.latent_tile}",
+            self.vae_decoder_tile is None or self.vae_decoder_tile >= MIN_VAE_DECODER_TILE,
+            f"--vae-decoder-tile {self.vae_decoder_tile} is too small: use auto or at least "
+            f"{MIN_VAE_DECODER_TILE} latent pixels",
         )
         _check(
-            self.vae_encoder_tile >= 64,
-            f"--vae-encoder-tile {self.vae_encoder_tile} is too small: use 64 image pixels or more",
+            self.tile_batch is None or self.tile_batch >= 1,
+            f"--tile-batch {self.tile_batch} must be auto or at least 1",
         )
-        _check(
-            self.vae_decoder_tile >= 8,
-            f"--vae-decoder-tile {self.vae_decoder_tile} is too small: use 8 latent pixels or more",
-        )
-        _check(self.tile_batch >= 0, f"--tile-batch {self.tile_batch} must be 0 (auto) or more")
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pisa_cli.engine import color, vae
+from pisa_cli.engine import color, memory, vae
 from pisa_cli.engine.denoise import combine_eps, predict_eps, variants_needed
-from pisa_cli.engine.memory import auto_tile_batch, unet_tile_bytes
-from pisa_cli.engine.tiles import TilePlan, plan_latent_tiles
-from pisa_cli.imaging.resize import ResizePlan, plan_resize, restore_size, upsample_input
+from pisa_cli.engine.tiles import TilePlan
+from pisa_cli.imaging.resize import ResizePlan, restore_size, upsample_input
 from pisa_cli.models.checkpoint import PisaCheckpoint, load_checkpoint, resolve_weights_path
 from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
 from pisa_cli.models.lora import PisaUNet
 from pisa_cli.models.text import PromptEncoder
 from pisa_cli.options import ModelOptions, UpscaleOptions
+from pisa_cli.planning import ImagePlan, plan_image
+from pisa_cli.recovery import StageGuard
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,20 @@ class UpscaleResult:
     """An upscaled image and how it was made."""
 
     image: Image.Image
-    resize: ResizePlan
-    tiles: TilePlan
+    plan: ImagePlan
+    """The plan as run (after any out-of-memory retry)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage: preprocess, text, encode, unet, decode, color."""
+    notes: list[str] = field(default_factory=list)
+    """What had to be changed on the way (out-of-memory retries, fp32 redos)."""
+
+    @property
+    def resize(self) -> ResizePlan:
+        return self.plan.resize
+
+    @property
+    def tiles(self) -> TilePlan:
+        return self.plan.unet
 
 
 class PisaPipeline:
@@ -77,16 +88,33 @@ class PisaPipeline:
         self.scheduler = scheduler
         self.device = device
         self.dtype = dtype
-        self.vae_factor = 2 ** (len(vae_model.config.block_out_channels) - 1)  # type: ignore[union-attr]
+        vae_config = vae_model.config  # type: ignore[union-attr]
+        self.vae_factor = 2 ** (len(vae_config.block_out_channels) - 1)
+        self.widths = memory.Widths(
+            unet=int(unet.unet.config.block_out_channels[0]),  # type: ignore[union-attr]
+            vae=int(vae_config.block_out_channels[0]),
+            vae_factor=self.vae_factor,
+        )
+        self.guard = StageGuard(self.vae, dtype)
 
     # --- stages -------------------------------------------------------------------------
+    def plan(self, size: tuple[int, int], options: UpscaleOptions) -> ImagePlan:
+        """The plan for an input of ``size`` (width, height) in the memory free right now."""
+        return plan_image(size, options, self.widths, self.dtype.itemsize, free_memory(self.device))
+
     @torch.inference_mode()
     def embed(self, prompt: str) -> torch.Tensor:
         """The prompt embedding on the device (computed once per prompt)."""
         return self.prompts(prompt).to(self.device, self.dtype)
 
     @torch.inference_mode()
-    def encode(self, upsampled: Image.Image, options: UpscaleOptions) -> Encoded:
+    def encode(
+        self,
+        upsampled: Image.Image,
+        options: UpscaleOptions,
+        tile: int | None = None,
+        store: str = "ram",
+    ) -> Encoded:
         """z_L of the bicubic upsampled image, padded (replicate) to a multiple of 8."""
         source = to_tensor(upsampled).to(self.device)
         height, width = source.shape[-2:]
@@ -98,21 +126,10 @@ class PisaPipeline:
         if options.vae_sample:
             seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
             generator = torch.Generator(self.device).manual_seed(seed)
-        latents = vae.encode(self.vae, image, sample=options.vae_sample, generator=generator)
-        return Encoded(latents=latents, source=source, size=(height, width))
-
-    def plan_tiles(self, latents: torch.Tensor, options: UpscaleOptions) -> TilePlan:
-        tiles = options.tiles
-        return plan_latent_tiles(
-            latents.shape[-2], latents.shape[-1], tiles.latent_tile, tiles.latent_overlap
+        latents = vae.encode(
+            self.vae, image, sample=options.vae_sample, generator=generator, tile=tile, store=store
         )
-
-    def tile_batch(self, plan: TilePlan, variants: int, options: UpscaleOptions) -> int:
-        if options.tiles.tile_batch:
-            return options.tiles.tile_batch
-        width = self.unet.unet.config.block_out_channels[0]  # type: ignore[union-attr]
-        per_sample = unet_tile_bytes(*plan.tile_size, width, self.dtype.itemsize)
-        return auto_tile_batch(len(plan.tiles), variants, per_sample, free_memory(self.device))
+        return Encoded(latents=latents, source=source, size=(height, width))
 
     @torch.inference_mode()
     def predict(
@@ -120,18 +137,24 @@ class PisaPipeline:
         latents: torch.Tensor,
         cond: torch.Tensor,
         variants: tuple[str, ...],
-        plan: TilePlan,
-        options: UpscaleOptions,
+        tiles: TilePlan,
+        tile_batch: int = 1,
     ) -> dict[str, torch.Tensor]:
         """eps of each UNet variant (``pix``, ``pisa``) over the latent tiles."""
-        batch = self.tile_batch(plan, len(variants), options)
-        return predict_eps(self.unet, latents, cond, plan, variants, batch)
+        return predict_eps(self.unet, latents, cond, tiles, variants, tile_batch)
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def decode(
+        self,
+        latents: torch.Tensor,
+        size: tuple[int, int],
+        tile: int | None = None,
+        store: str = "ram",
+    ) -> torch.Tensor:
         """The decoded image in [0, 1], cropped to ``size`` (undoing the padding)."""
-        image = vae.decode(self.vae, latents)
-        return (image[..., : size[0], : size[1]].float() * 0.5 + 0.5).clamp(0, 1)
+        image = vae.decode(self.vae, latents, tile=tile, store=store)
+        image = image[..., : size[0], : size[1]].float()
+        return image.mul_(0.5).add_(0.5).clamp_(0, 1)  # in place: this can be a big buffer
 
     @staticmethod
     def finish(decoded: torch.Tensor, source: torch.Tensor, method: str) -> torch.Tensor:
@@ -146,27 +169,29 @@ class PisaPipeline:
     def upscale_with_info(
         self, image: Image.Image, options: UpscaleOptions | None = None
     ) -> UpscaleResult:
+        """Upscale an RGB image, retrying a stage with smaller tiles when memory runs out and
+        in fp32 when a low-precision VAE pass gives inf or NaN."""
         options = options or UpscaleOptions()
         timings: dict[str, float] = {}
+        notes: list[str] = []
         with _timed(timings, "preprocess"):
             rgb = image if image.mode == "RGB" else image.convert("RGB")
-            resize = plan_resize(rgb.size, options.scale, options.process_size, self.vae_factor)
-            upsampled = upsample_input(rgb, resize)
+            plan = self.plan(rgb.size, options)
+            upsampled = upsample_input(rgb, plan.resize)
         with _timed(timings, "text"):
             cond = self.embed(options.prompt)
         with _timed(timings, "encode", self.device):
-            encoded = self.encode(upsampled, options)
-        variants = variants_needed(options.lambda_pix, options.lambda_sem)
-        plan = self.plan_tiles(encoded.latents, options)
+            encoded, plan = self.guard.encode(self, upsampled, options, plan, notes)
         with _timed(timings, "unet", self.device):
-            eps = self.predict(encoded.latents, cond, variants, plan, options)
+            eps, plan = self.guard.predict(self, encoded.latents, cond, plan, notes)
             latents = encoded.latents - combine_eps(eps, options.lambda_pix, options.lambda_sem)
+            del eps
         with _timed(timings, "decode", self.device):
-            decoded = self.decode(latents, encoded.size)
+            decoded, plan = self.guard.decode(self, latents, encoded.size, plan, notes)
         with _timed(timings, "color"):
             fixed = self.finish(decoded, encoded.source, options.color_fix)
-            result = restore_size(to_image(fixed), resize)
-        return UpscaleResult(image=result, resize=resize, tiles=plan, timings=timings)
+            result = restore_size(to_image(fixed), plan.resize)
+        return UpscaleResult(image=result, plan=plan, timings=timings, notes=notes)
 
 
 @contextmanager

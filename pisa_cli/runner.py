@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pisa_cli.errors import ImageError, PisaError
 from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.io import read_image, write_image
-from pisa_cli.options import UpscaleOptions
+from pisa_cli.options import ModelOptions, UpscaleOptions
+from pisa_cli.planning import ImagePlan
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class JobResult:
     output_size: tuple[int, int] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage (read, preprocess, text, encode, unet, decode, color, write)."""
+    notes: list[str] = field(default_factory=list)
+    """What the pipeline changed on the way (out-of-memory retries, fp32 redos)."""
 
 
 def run_jobs(pipeline, jobs: Iterable[Job], options: UpscaleOptions) -> Iterator[JobResult]:
@@ -53,6 +56,7 @@ def run_job(pipeline, job: Job, options: UpscaleOptions) -> JobResult:
         result.input_size = image.size
         upscaled = pipeline.upscale_with_info(image, options)
         timings.update(upscaled.timings)
+        result.notes = upscaled.notes
         mark = time.perf_counter()
         write_image(upscaled.image, job.output)
         timings["write"] = time.perf_counter() - mark
@@ -70,3 +74,34 @@ def run_job(pipeline, job: Job, options: UpscaleOptions) -> JobResult:
     result.seconds = time.perf_counter() - start
     result.timings = timings
     return result
+
+
+def dry_run(
+    jobs: Iterable[Job], options: UpscaleOptions, model: ModelOptions
+) -> Iterator[tuple[Job, ImagePlan | str]]:
+    """The plan of each job from its image header, without loading any model.
+
+    Channel widths come from the base model's configs when it is on disk, else from SD
+    2.1-base's; the free memory is that of the device the run would use.
+    """
+    from pisa_cli.engine.memory import Widths
+    from pisa_cli.imaging.io import read_size
+    from pisa_cli.models.base import find_local_base_model, read_part_config
+    from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
+    from pisa_cli.planning import plan_image
+
+    device = resolve_device(model.device)
+    dtype = resolve_dtype(model.dtype, device)
+    widths = Widths()
+    folder = find_local_base_model(model.resolved_base_model())
+    if folder is not None:
+        unet, vae = read_part_config(folder, "unet"), read_part_config(folder, "vae")
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        widths = Widths(unet["block_out_channels"][0], vae["block_out_channels"][0], factor)
+    for job in jobs:
+        try:
+            size = read_size(job.source)
+        except ImageError as error:
+            yield job, str(error)
+            continue
+        yield job, plan_image(size, options, widths, dtype.itemsize, free_memory(device))

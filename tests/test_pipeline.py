@@ -9,20 +9,13 @@ from PIL import Image
 from pisa_cli import TileOptions, UpscaleOptions
 from pisa_cli.engine.denoise import combine_eps
 from pisa_cli.pipeline import to_image
-from tests.conftest import noise_image
+from tests.conftest import assert_close, noise_image
 from tests.reference import load_reference, reference_upscale
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_base, pisa_pkl):
     return load_reference(tiny_base, pisa_pkl)
-
-
-def assert_close(ours: Image.Image, theirs: Image.Image) -> None:
-    """The correctness bar: within 3/255 per pixel, mean difference under 0.5/255."""
-    assert ours.size == theirs.size
-    diff = np.abs(np.asarray(ours, dtype=int) - np.asarray(theirs, dtype=int))
-    assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())
 
 
 CASES = {
@@ -87,9 +80,9 @@ def test_adjustable_one_one_equals_default(pipeline):
     options = UpscaleOptions(process_size=64)
     encoded = pipeline.encode(pipeline_input(image, 64), options)
     cond = pipeline.embed("")
-    plan = pipeline.plan_tiles(encoded.latents, options)
-    one = pipeline.predict(encoded.latents, cond, ("pisa",), plan, options)
-    two = pipeline.predict(encoded.latents, cond, ("pix", "pisa"), plan, options)
+    tiles = pipeline.plan(image.size, options).unet
+    one = pipeline.predict(encoded.latents, cond, ("pisa",), tiles)
+    two = pipeline.predict(encoded.latents, cond, ("pix", "pisa"), tiles)
     decoded = [
         pipeline.decode(encoded.latents - combine_eps(eps, 1.0, 1.0), encoded.size)
         for eps in (one, two)

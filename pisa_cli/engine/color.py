@@ -15,7 +15,7 @@ WAVELET_LEVELS = 5
 
 def quantize(image: torch.Tensor, levels: int = 255) -> torch.Tensor:
     """Snap [0, 1] values down to the grid of ``levels`` steps, as an 8-bit conversion does."""
-    return torch.floor(image.clamp(0, 1) * levels) / levels
+    return image.clamp(0, 1).mul_(levels).floor_().div_(levels)
 
 
 def _mean_std(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +30,8 @@ def adain_color_fix(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     target, source = target.float(), source.float()
     target_mean, target_std = _mean_std(target)
     source_mean, source_std = _mean_std(source)
-    return ((target - target_mean) / target_std * source_std + source_mean).clamp(0, 1)
+    out = (target - target_mean).mul_(source_std / target_std)  # one image-sized buffer
+    return out.add_(source_mean).clamp_(0, 1)
 
 
 def _wavelet_blur(image: torch.Tensor, radius: int) -> torch.Tensor:

@@ -1,28 +1,101 @@
-"""Rough memory estimates, used to choose how many tiles go through the UNet at once."""
+"""Memory estimates, and tile sizes chosen from them.
+
+The constants are peak bytes per activation value, measured on the SD 2.1-base architecture
+(random weights, torch's CPU allocator; `pisa bench` re-measures them) and rounded up. They
+scale with the width of each network, so they hold for smaller SD-shaped models too.
+"""
 
 from __future__ import annotations
 
-ACTIVATION_FACTOR = 24
-"""Live activation tensors of the widest UNet level at peak, per sample (a safe estimate)."""
-MEMORY_SHARE = 0.5
-"""Share of the free memory one UNet call may plan to use."""
+import math
+from dataclasses import dataclass
+
+UNET_PEAK = 64
+"""UNet: peak live values per (sample x latent pixel x first-level channel)."""
+DECODER_PEAK = 10
+"""Untiled VAE decoder: peak live values per (output pixel x first-level channel)."""
+ENCODER_PEAK = 6
+"""Untiled VAE encoder: peak live values per (input pixel x first-level channel)."""
+BAND_PEAK = 40
+"""Tiled VAE: live values at peak, in units of the band budget."""
+RAM_STORE_PLANES = 3
+"""Tiled VAE with a RAM store: whole-image planes alive at once at the top resolution."""
+SAFETY = 0.6
+"""Share of the free memory a plan may use."""
+REFERENCE_LATENT_TILE = 96
+"""The reference's UNet tile: auto never goes above it (quality is tuned at this size)."""
+MIN_LATENT_TILE = 16
+MIN_VAE_TILE = 8
+"""Smallest decoder tile in latent pixels (the encoder's is 8x that in image pixels)."""
 MAX_TILE_BATCH = 8
 
 
-def unet_tile_bytes(tile_h: int, tile_w: int, width: int, dtype_bytes: int) -> int:
-    """Estimated peak activation bytes of one UNet sample on a tile_h x tile_w latent tile.
+@dataclass(frozen=True)
+class Widths:
+    """Channel widths of the networks' first level, which dominate activation memory."""
 
-    ``width`` is the channel count of the UNet's first level (320 for SD 2.1), which runs at
-    the full tile resolution and dominates the activations.
-    """
-    return ACTIVATION_FACTOR * tile_h * tile_w * width * dtype_bytes
+    unet: int = 320
+    vae: int = 128
+    vae_factor: int = 8
+
+
+def unet_tile_bytes(tile_h: int, tile_w: int, width: int, dtype_bytes: int) -> int:
+    """Peak activation bytes of one UNet sample on a tile_h x tile_w latent tile."""
+    return UNET_PEAK * tile_h * tile_w * width * dtype_bytes
 
 
 def auto_tile_batch(
     tiles: int, variants: int, per_sample: int, free_bytes: int, cap: int = MAX_TILE_BATCH
 ) -> int:
-    """How many tiles per UNet call fit in a share of ``free_bytes`` (each tile runs once per
+    """Tiles per UNet call that fit in a share of ``free_bytes`` (each tile runs once per
     variant in the same call); at least 1, at most ``cap`` and ``tiles``."""
-    budget = free_bytes * MEMORY_SHARE
-    fit = int(budget // max(1, per_sample * variants))
+    fit = int(free_bytes * SAFETY // max(1, per_sample * variants))
     return max(1, min(tiles, cap, fit))
+
+
+def auto_latent_tile(free_bytes: int, widths: Widths, dtype_bytes: int, variants: int) -> int:
+    """The reference's 96 when one tile (all variants) fits, else the largest that does."""
+    tile = REFERENCE_LATENT_TILE
+    while tile > MIN_LATENT_TILE:
+        if unet_tile_bytes(tile, tile, widths.unet, dtype_bytes) * variants <= free_bytes * SAFETY:
+            break
+        tile //= 2
+    return max(tile, MIN_LATENT_TILE)
+
+
+def decoder_untiled_bytes(latent_h: int, latent_w: int, widths: Widths, dtype_bytes: int) -> int:
+    pixels = latent_h * latent_w * widths.vae_factor**2
+    return DECODER_PEAK * pixels * widths.vae * dtype_bytes
+
+
+def encoder_untiled_bytes(height: int, width: int, widths: Widths, dtype_bytes: int) -> int:
+    return ENCODER_PEAK * height * width * widths.vae * dtype_bytes
+
+
+def band_budget(tile_pixels: int, widths: Widths) -> int:
+    """Activation values one band may hold for a tile of ``tile_pixels`` image pixels."""
+    return widths.vae * tile_pixels
+
+
+def banded_bytes(budget: int, dtype_bytes: int) -> int:
+    return BAND_PEAK * budget * dtype_bytes
+
+
+def ram_store_bytes(height: int, width: int, widths: Widths, dtype_bytes: int) -> int:
+    """Whole-image planes a RAM store holds at the top resolution (image pixels)."""
+    return RAM_STORE_PLANES * height * width * widths.vae * dtype_bytes
+
+
+def auto_vae_tile(
+    untiled_bytes: int, image_pixels: int, widths: Widths, dtype_bytes: int, free_bytes: int
+) -> int | None:
+    """None (no tiling) when the untiled pass fits, else the largest tile side in image
+    pixels whose bands fit, at least MIN_VAE_TILE latent pixels."""
+    allowed = free_bytes * SAFETY
+    if untiled_bytes <= allowed:
+        return None
+    side = math.isqrt(max(1, image_pixels))
+    floor = MIN_VAE_TILE * widths.vae_factor
+    while side > floor and banded_bytes(band_budget(side * side, widths), dtype_bytes) > allowed:
+        side //= 2
+    return max(side, floor)

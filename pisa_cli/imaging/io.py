@@ -36,6 +36,21 @@ def read_image(path: Path) -> Image.Image:
         raise ImageError(f"{path}: corrupt or truncated image ({reason})") from None
 
 
+def read_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied (cannot read)") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image Pillow can read") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ImageError(f"{path}: corrupt image header ({error})") from None
+
+
 def write_image(image: Image.Image, path: Path, **save_options: object) -> None:
     """Save ``image`` to ``path`` atomically (temp file, fsync, rename); ImageError on failure."""
     try:

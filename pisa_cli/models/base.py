@@ -144,6 +144,11 @@ def _read_config(folder: Path, relative: str) -> dict:
         raise ModelError(f"{folder / relative}: unreadable config ({error})") from None
 
 
+def read_part_config(folder: Path, part: str) -> dict:
+    """The config.json of one part (unet, vae, text_encoder, scheduler) of a base model."""
+    return _read_config(folder, CONFIG_FILES[part])
+
+
 def check_base_folder(folder: Path, need_text: bool = True) -> BaseModelInfo:
     """Check that ``folder`` is an SD-2.1-shaped diffusers folder; raise ModelError if not."""
     if not folder.is_dir():

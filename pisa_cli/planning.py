@@ -1,0 +1,143 @@
+"""The plan of one image: sizes at every stage, tile sizes, and estimated working memory.
+
+Pure arithmetic (no model, no pixels), so ``pisa upscale --dry-run`` can print it for a
+folder without loading anything, and the pipeline follows the same plan when it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pisa_cli.engine import memory
+from pisa_cli.engine.denoise import variants_needed
+from pisa_cli.engine.tiles import TilePlan, plan_latent_tiles
+from pisa_cli.imaging.resize import ResizePlan, plan_resize
+from pisa_cli.options import UpscaleOptions
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """How one image goes through the model."""
+
+    resize: ResizePlan
+    model_size: tuple[int, int]
+    """(width, height) of the VAE input: the upsampled image padded to a multiple of 8."""
+    latent_size: tuple[int, int]
+    """(height, width) of the latent."""
+    variants: tuple[str, ...]
+    unet: TilePlan
+    latent_tile: int
+    latent_overlap: int
+    tile_batch: int
+    encoder_tile: int | None
+    """Encoder tile side in image pixels, None when the image is encoded whole."""
+    decoder_tile: int | None
+    """Decoder tile side in latent pixels, None when the latent is decoded whole."""
+    store: str
+    """Where a tiled VAE keeps whole-image activations: ram, disk, or - (not tiled)."""
+    peak_bytes: int
+    """Estimated working memory at the busiest stage (weights not included)."""
+    free_bytes: int
+
+    def describe(self) -> str:
+        """A few lines for --dry-run."""
+        (iw, ih), (ow, oh) = self.resize.input_size, self.resize.output_size
+        lh, lw = self.latent_size
+        unet = self.unet
+        tile = f"{unet.tile_size[0]}x{unet.tile_size[1]}"
+        passes = "+".join(self.variants)
+        lines = [
+            f"{iw}x{ih} -> {ow}x{oh}; model input {self.model_size[0]}x{self.model_size[1]}, "
+            f"latent {lw}x{lh}",
+            f"  unet: {len(unet.tiles)} tile(s) of {tile} latent px, overlap "
+            f"{self.latent_overlap}, {self.tile_batch} per call, passes {passes}, "
+            f"waste {unet.waste:.2f}x",
+            f"  vae encoder: {_vae(self.encoder_tile, 'px')}; decoder: "
+            f"{_vae(self.decoder_tile, 'latent px')}; store {self.store}",
+            f"  estimated working memory {_gib(self.peak_bytes)} of {_gib(self.free_bytes)} free",
+        ]
+        return "\n".join(lines)
+
+
+def _vae(tile: int | None, unit: str) -> str:
+    return "whole image" if tile is None else f"bands of a {tile} {unit} tile"
+
+
+def _gib(value: int) -> str:
+    return f"{value / 2**30:.2f} GiB"
+
+
+def plan_image(
+    size: tuple[int, int],
+    options: UpscaleOptions,
+    widths: memory.Widths,
+    dtype_bytes: int,
+    free_bytes: int,
+) -> ImagePlan:
+    """The plan for an input of ``size`` (width, height) under ``free_bytes`` of memory."""
+    factor = widths.vae_factor
+    resize = plan_resize(size, options.scale, options.process_size, factor)
+    width, height = resize.model_size
+    width, height = width + (-width) % factor, height + (-height) % factor
+    latent_h, latent_w = height // factor, width // factor
+    variants = variants_needed(options.lambda_pix, options.lambda_sem)
+    tiles = options.tiles
+
+    latent_tile = tiles.latent_tile or memory.auto_latent_tile(
+        free_bytes, widths, dtype_bytes, len(variants)
+    )
+    overlap = tiles.latent_overlap
+    if tiles.latent_tile is None:
+        overlap = min(overlap, latent_tile // 3)
+    unet = plan_latent_tiles(latent_h, latent_w, latent_tile, overlap)
+    per_sample = memory.unet_tile_bytes(*unet.tile_size, widths.unet, dtype_bytes)
+    batch = tiles.tile_batch or memory.auto_tile_batch(
+        len(unet.tiles), len(variants), per_sample, free_bytes
+    )
+    batch = min(batch, len(unet.tiles))
+    unet_bytes = per_sample * batch * len(variants)
+
+    enc_untiled = memory.encoder_untiled_bytes(height, width, widths, dtype_bytes)
+    if tiles.vae_encoder_tile is None:
+        encoder = memory.auto_vae_tile(enc_untiled, height * width, widths, dtype_bytes, free_bytes)
+    else:
+        encoder = None if max(height, width) <= tiles.vae_encoder_tile else tiles.vae_encoder_tile
+    dec_untiled = memory.decoder_untiled_bytes(latent_h, latent_w, widths, dtype_bytes)
+    if tiles.vae_decoder_tile is None:
+        side = memory.auto_vae_tile(dec_untiled, height * width, widths, dtype_bytes, free_bytes)
+        decoder = None if side is None else max(memory.MIN_VAE_TILE, side // factor)
+    else:
+        decoder = (
+            None if max(latent_h, latent_w) <= tiles.vae_decoder_tile else tiles.vae_decoder_tile
+        )
+
+    def vae_bytes(tile_px: int | None, untiled: int) -> int:
+        if tile_px is None:
+            return untiled
+        return memory.banded_bytes(memory.band_budget(tile_px * tile_px, widths), dtype_bytes)
+
+    enc_bytes = vae_bytes(encoder, enc_untiled)
+    dec_bytes = vae_bytes(None if decoder is None else decoder * factor, dec_untiled)
+    store = "-"
+    if encoder is not None or decoder is not None:
+        ram = memory.ram_store_bytes(height, width, widths, dtype_bytes)
+        fits = ram + max(enc_bytes, dec_bytes) <= free_bytes * memory.SAFETY
+        store = "ram" if fits else "disk"
+        if store == "ram":
+            enc_bytes += ram if encoder is not None else 0
+            dec_bytes += ram if decoder is not None else 0
+    return ImagePlan(
+        resize=resize,
+        model_size=(width, height),
+        latent_size=(latent_h, latent_w),
+        variants=variants,
+        unet=unet,
+        latent_tile=latent_tile,
+        latent_overlap=overlap,
+        tile_batch=batch,
+        encoder_tile=encoder,
+        decoder_tile=decoder,
+        store=store,
+        peak_bytes=max(enc_bytes, unet_bytes, dec_bytes),
+        free_bytes=free_bytes,
+    )

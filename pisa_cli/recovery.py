@@ -1,0 +1,178 @@
+"""Stages that recover: smaller tiles when memory runs out, fp32 when fp16 overflows.
+
+An out-of-memory error (CUDA, MPS or the CPU allocator) in a stage halves that stage's tile
+(the UNet first halves its tile batch) and runs the stage again; only when the smallest
+tile fails does the image fail. A VAE pass in fp16 or bf16 that gives inf or NaN is redone
+in fp32, with a warning the first time. Every change is logged and noted in the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from pisa_cli.engine.tiles import plan_latent_tiles
+from pisa_cli.errors import OutOfMemoryError
+from pisa_cli.options import MIN_LATENT_TILE, MIN_VAE_DECODER_TILE, MIN_VAE_ENCODER_TILE
+from pisa_cli.planning import ImagePlan
+
+log = logging.getLogger(__name__)
+
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the out-of-memory errors of CUDA, MPS and the CPU allocator."""
+    if isinstance(error, MemoryError):
+        return True
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(error, oom):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _OOM_MESSAGES)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class StageGuard:
+    """Runs the encode, UNet and decode stages of one image with recovery."""
+
+    def __init__(self, vae: torch.nn.Module, dtype: torch.dtype):
+        self.vae = vae
+        self.dtype = dtype
+        self.upcast_warned = False
+
+    # --- the three stages -----------------------------------------------------------------
+    def encode(self, pipe, upsampled, options, plan: ImagePlan, notes: list[str]):
+        def run(current: ImagePlan):
+            return self._finite(
+                "VAE encoder",
+                lambda: pipe.encode(upsampled, options, current.encoder_tile, current.store),
+                lambda out: out.latents,
+                notes,
+            )
+
+        def shrink(current: ImagePlan) -> ImagePlan | None:
+            side = max(current.model_size) if current.encoder_tile is None else current.encoder_tile
+            if side // 2 < MIN_VAE_ENCODER_TILE:
+                return None
+            return replace(current, encoder_tile=side // 2, store="disk")
+
+        return self._retry("VAE encoder", plan, run, shrink, _encoder_tile, notes)
+
+    def predict(self, pipe, latents, cond, plan: ImagePlan, notes: list[str]):
+        def run(current: ImagePlan):
+            return pipe.predict(latents, cond, current.variants, current.unet, current.tile_batch)
+
+        def shrink(current: ImagePlan) -> ImagePlan | None:
+            if current.tile_batch > 1:
+                return replace(current, tile_batch=current.tile_batch // 2)
+            tile = min(current.latent_tile, max(current.unet.tile_size)) // 2
+            if tile < MIN_LATENT_TILE:
+                return None
+            overlap = min(current.latent_overlap, tile // 3)
+            height, width = current.latent_size
+            tiles = plan_latent_tiles(height, width, tile, overlap)
+            return replace(current, unet=tiles, latent_tile=tile, latent_overlap=overlap)
+
+        return self._retry("UNet", plan, run, shrink, _unet_tile, notes)
+
+    def decode(self, pipe, latents, size, plan: ImagePlan, notes: list[str]):
+        def run(current: ImagePlan):
+            return self._finite(
+                "VAE decoder",
+                lambda: pipe.decode(latents, size, current.decoder_tile, current.store),
+                lambda out: out,
+                notes,
+            )
+
+        def shrink(current: ImagePlan) -> ImagePlan | None:
+            side = (
+                max(current.latent_size) if current.decoder_tile is None else current.decoder_tile
+            )
+            if side // 2 < MIN_VAE_DECODER_TILE:
+                return None
+            return replace(current, decoder_tile=side // 2, store="disk")
+
+        return self._retry("VAE decoder", plan, run, shrink, _decoder_tile, notes)
+
+    # --- machinery ------------------------------------------------------------------------
+    @staticmethod
+    def _retry(
+        stage: str,
+        plan: ImagePlan,
+        run: Callable[[ImagePlan], Any],
+        shrink: Callable[[ImagePlan], ImagePlan | None],
+        describe: Callable[[ImagePlan], str],
+        notes: list[str],
+    ) -> tuple[Any, ImagePlan]:
+        while True:
+            try:
+                return run(plan), plan
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                smaller = shrink(plan)
+                _release_memory()
+                if smaller is None:
+                    raise OutOfMemoryError(
+                        f"out of memory in the {stage} even at {describe(plan)}; free memory "
+                        "on the device or upscale a smaller image"
+                    ) from None
+                note = f"{stage} out of memory at {describe(plan)}; retried at {describe(smaller)}"
+                log.warning(note)
+                notes.append(note)
+                plan = smaller
+
+    def _finite(
+        self,
+        stage: str,
+        run: Callable[[], Any],
+        tensor_of: Callable[[Any], torch.Tensor],
+        notes: list[str],
+    ) -> Any:
+        result = run()
+        if self.dtype == torch.float32 or bool(torch.isfinite(tensor_of(result)).all()):
+            return result
+        name = str(self.dtype).removeprefix("torch.")
+        note = f"{stage} gave inf/NaN in {name}; redone in fp32"
+        if not self.upcast_warned:
+            log.warning("%s (said once per run)", note)
+            self.upcast_warned = True
+        notes.append(note)
+        with self._vae_in(torch.float32):
+            return run()
+
+    @contextlib.contextmanager
+    def _vae_in(self, dtype: torch.dtype) -> Iterator[None]:
+        self.vae.to(dtype=dtype)
+        try:
+            yield
+        finally:
+            self.vae.to(dtype=self.dtype)
+
+
+def _encoder_tile(plan: ImagePlan) -> str:
+    if plan.encoder_tile is None:
+        return "the whole image"
+    return f"tile {plan.encoder_tile} px"
+
+
+def _decoder_tile(plan: ImagePlan) -> str:
+    if plan.decoder_tile is None:
+        return "the whole latent"
+    return f"tile {plan.decoder_tile} latent px"
+
+
+def _unet_tile(plan: ImagePlan) -> str:
+    height, width = plan.unet.tile_size
+    return f"tile {height}x{width}, {plan.tile_batch} per call"

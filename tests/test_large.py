@@ -1,0 +1,44 @@
+"""Large images: the automatic plan tiles what does not fit, and VAE memory stays flat."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import pisa_cli.pipeline as pipeline_module
+from pisa_cli.bench import PeakMemory
+from pisa_cli.options import UpscaleOptions
+from tests.conftest import noise_image
+
+MIB = 2**20
+
+
+@pytest.mark.slow
+def test_large_input_upscales_with_the_vae_tiled_on_disk(pipeline, monkeypatch):
+    # pretend the machine is small: the plan must tile the VAE and keep planes on disk
+    monkeypatch.setattr(pipeline_module, "free_memory", lambda device: 200 * MIB)
+    result = pipeline.upscale_with_info(noise_image(1024, 768, 1), UpscaleOptions())
+    assert result.image.size == (4096, 3072)
+    plan = result.plan
+    assert plan.encoder_tile is not None and plan.decoder_tile is not None
+    assert plan.store == "disk" and plan.unet.tiled
+    assert not result.notes
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the RSS peak from /proc")
+def test_tiled_decoder_memory_does_not_grow_with_the_image(pipeline):
+    """Peak memory of the tiled decoder minus its output buffer, for a latent 16 times larger,
+    with the same tile: the working memory is the tile's, not the image's."""
+    working = []
+    for height, width in ((96, 128), (384, 512)):
+        latents = torch.randn(1, 4, height, width)
+        with PeakMemory(torch.device("cpu")) as peak:
+            image = pipeline.decode(latents, (height * 8, width * 8), tile=64, store="disk")
+        output = image.numel() * image.element_size()
+        working.append(peak.peak - output)
+        del image
+    small, large = working
+    assert large - small < 48 * MIB, (small / MIB, large / MIB)
