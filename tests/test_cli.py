@@ -110,7 +110,16 @@ def test_a_broken_image_fails_alone(tiny_base, pisa_pkl, photos, tmp_path):
     ("args", "message"),
     [
         (["--color-fix", "sepia"], "--color-fix 'sepia' is not one of"),
-        (["--latent-overlap", "96"], "--latent-overlap 96 must be at least 0 and smaller"),
+        (
+            ["--latent-tile", "96", "--latent-overlap", "96"],
+            "--latent-overlap 96 must be at least 0 and smaller",
+        ),
+        (["--latent-tile", "4"], "--latent-tile 4 is too small: use auto or at least 8"),
+        (["--latent-tile", "big"], "--latent-tile 'big' must be auto or a whole number"),
+        (["--vae-decoder-tile", "0"], "--vae-decoder-tile 0 is too small"),
+        (["--vae-encoder-tile", "-5"], "--vae-encoder-tile -5 is too small"),
+        (["--tile-batch", "0"], "--tile-batch 0 must be auto or at least 1"),
+        (["--latent-overlap", "-1"], "--latent-overlap -1 must be at least 0"),
         (["--scale", "0"], "--scale 0 must be"),
         (["--dtype", "fp8"], "--dtype 'fp8'"),
     ],
@@ -205,3 +214,19 @@ def test_doctor_reports_found_weights(tiny_base, pisa_pkl):
     lines = result.output.splitlines()
     assert any(line.strip().startswith("ok") and "weights" in line for line in lines)
     assert any(line.strip().startswith("ok") and "base model" in line for line in lines)
+
+
+def test_dry_run_prints_the_plan_without_loading_anything(photos, tmp_path):
+    # no weights and no base model anywhere: a dry run needs neither
+    result = run("upscale", photos, "-o", tmp_path / "out", "--dry-run", "--lambda-sem", "0.5")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("estimated working memory") == 2
+    assert "20x16 -> 80x64" in result.output and "passes pix+pisa" in result.output
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_dry_run_names_an_unreadable_image(photos, tmp_path):
+    (photos / "broken.png").write_bytes(b"not a png")
+    result = run("upscale", photos, "-o", tmp_path / "out", "--dry-run")
+    assert result.exit_code == 0
+    assert "broken.png: not an image Pillow can read" in result.output

@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from pisa_cli import __version__
+from pisa_cli.cli.bench import bench_command
 from pisa_cli.cli.convert import convert_command
 from pisa_cli.cli.doctor import doctor_command
 from pisa_cli.cli.upscale import upscale_command
@@ -41,6 +42,7 @@ def _root(
 app.command("upscale")(upscale_command)
 app.command("convert")(convert_command)
 app.command("doctor")(doctor_command)
+app.command("bench")(bench_command)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from pisa_cli.options import (
     ModelOptions,
     TileOptions,
     UpscaleOptions,
+    parse_tile,
 )
 
 MODEL = "Model"
@@ -136,11 +137,12 @@ VaeSample = Annotated[
     ),
 ]
 LatentTile = Annotated[
-    int,
+    str,
     typer.Option(
         "--latent-tile",
         help="UNet tile side in latent pixels (1 latent pixel = 8 image pixels); latents of "
-        "up to tile x tile pixels are not tiled.",
+        "up to tile x tile pixels are not tiled. auto: the reference's 96, smaller only when "
+        "memory is short.",
         rich_help_panel=TILES,
     ),
 ]
@@ -153,23 +155,36 @@ LatentOverlap = Annotated[
     ),
 ]
 VaeEncoderTile = Annotated[
-    int,
+    str,
     typer.Option(
-        "--vae-encoder-tile", help="VAE encoder tile side in image pixels.", rich_help_panel=TILES
+        "--vae-encoder-tile",
+        help="VAE encoder tile side in image pixels: larger images are encoded in bands "
+        "holding at most a tile's activations, with the same result. auto: the whole image "
+        "when it fits in memory.",
+        rich_help_panel=TILES,
     ),
 ]
 VaeDecoderTile = Annotated[
-    int,
+    str,
     typer.Option(
-        "--vae-decoder-tile", help="VAE decoder tile side in latent pixels.", rich_help_panel=TILES
+        "--vae-decoder-tile",
+        help="VAE decoder tile side in latent pixels, like --vae-encoder-tile.",
+        rich_help_panel=TILES,
     ),
 ]
 TileBatch = Annotated[
-    int,
+    str,
     typer.Option(
         "--tile-batch",
-        help="UNet tiles per call; 0 = as many as the free memory allows.",
+        help="UNet tiles per call. auto: as many as fit in memory (at most 8).",
         rich_help_panel=TILES,
+    ),
+]
+DryRun = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Print each image's plan (sizes, tiles, estimated memory) without loading the model.",
     ),
 ]
 Quiet = Annotated[
@@ -178,23 +193,17 @@ Quiet = Annotated[
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print debugging details.")]
 
 
-def build_options(**values: object) -> tuple[ModelOptions, UpscaleOptions]:
+def build_options(values: dict[str, object]) -> tuple[ModelOptions, UpscaleOptions]:
     """Model and upscale options from the CLI values (raises OptionsError when invalid)."""
-    model = ModelOptions(
-        base_model=values.pop("base_model"),  # type: ignore[arg-type]
-        weights=values.pop("weights"),  # type: ignore[arg-type]
-        device=values.pop("device"),  # type: ignore[arg-type]
-        dtype=values.pop("dtype"),  # type: ignore[arg-type]
+    model = ModelOptions(**{k: values.pop(k) for k in ("base_model", "weights", "device", "dtype")})
+    tiles = TileOptions(
+        latent_tile=parse_tile("--latent-tile", values.pop("latent_tile")),
+        latent_overlap=values.pop("latent_overlap"),
+        vae_encoder_tile=parse_tile("--vae-encoder-tile", values.pop("vae_encoder_tile")),
+        vae_decoder_tile=parse_tile("--vae-decoder-tile", values.pop("vae_decoder_tile")),
+        tile_batch=parse_tile("--tile-batch", values.pop("tile_batch")),
     )
-    tile_fields = (
-        "latent_tile",
-        "latent_overlap",
-        "vae_encoder_tile",
-        "vae_decoder_tile",
-        "tile_batch",
-    )
-    tiles = TileOptions(**{name: values.pop(name) for name in tile_fields})  # type: ignore[arg-type]
-    return model, UpscaleOptions(tiles=tiles, **values)  # type: ignore[arg-type]
+    return model, UpscaleOptions(tiles=tiles, **values)
 
 
 def fail(error: PisaError) -> typer.Exit:

@@ -24,13 +24,14 @@ def upscale_command(
     prompt: common.Prompt = "",
     seed: common.Seed = None,
     vae_sample: common.VaeSample = False,
-    latent_tile: common.LatentTile = 96,
+    latent_tile: common.LatentTile = "auto",
     latent_overlap: common.LatentOverlap = 32,
-    vae_encoder_tile: common.VaeEncoderTile = 1024,
-    vae_decoder_tile: common.VaeDecoderTile = 224,
-    tile_batch: common.TileBatch = 0,
+    vae_encoder_tile: common.VaeEncoderTile = "auto",
+    vae_decoder_tile: common.VaeDecoderTile = "auto",
+    tile_batch: common.TileBatch = "auto",
     device: common.Device = "auto",
     dtype: common.Dtype = "auto",
+    dry_run: common.DryRun = False,
     quiet: common.Quiet = False,
     verbose: common.Verbose = False,
 ) -> None:
@@ -42,10 +43,10 @@ def upscale_command(
     """
     common.setup_logging(quiet, verbose)
     values = dict(locals())
-    for name in ("inputs", "output", "quiet", "verbose"):
+    for name in ("inputs", "output", "quiet", "verbose", "dry_run"):
         values.pop(name)
     try:
-        model_options, options = common.build_options(**values)
+        model_options, options = common.build_options(values)
     except PisaError as error:
         raise common.fail(error) from None
 
@@ -57,6 +58,9 @@ def upscale_command(
     if not found.jobs:
         typer.echo("error: no images to upscale in the given inputs", err=True)
         raise typer.Exit(1)
+    if dry_run:
+        _print_plans(found.jobs, options, model_options)
+        return
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -80,3 +84,18 @@ def upscale_command(
     typer.echo(summary(counts, extra), err=True)
     if counts["failed"]:
         raise typer.Exit(1)
+
+
+def _print_plans(jobs: list, options, model_options) -> None:
+    """--dry-run: each image's plan, from its header and the free memory; no model loaded."""
+    from pisa_cli.runner import dry_run
+
+    try:
+        for job, plan in dry_run(jobs, options, model_options):
+            if isinstance(plan, str):
+                typer.echo(f"error: {plan}", err=True)
+            else:
+                typer.echo(f"{job.source} -> {job.output}")
+                typer.echo(plan.describe())
+    except PisaError as error:
+        raise common.fail(error) from None

@@ -82,14 +82,17 @@ def write_tokenizer(folder: Path, config_source: Path) -> None:
 class RandomBase:
     """Random SD-2.1-shaped parts, in float32 on the CPU."""
 
-    unet: torch.nn.Module
+    unet: torch.nn.Module | None
     vae: torch.nn.Module
     text_encoder: torch.nn.Module | None
     scheduler: object
 
 
-def build_random_base(architecture: str = "tiny", seed: int = 0, text: bool = True) -> RandomBase:
-    """Build the parts of ``architecture`` with random weights drawn from ``seed``."""
+def build_random_base(
+    architecture: str = "tiny", seed: int = 0, text: bool = True, unet: bool = True
+) -> RandomBase:
+    """Build the parts of ``architecture`` with random weights drawn from ``seed`` (without
+    the text encoder or the UNet when not asked for)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     source = config_dir(architecture)
@@ -98,8 +101,8 @@ def build_random_base(architecture: str = "tiny", seed: int = 0, text: bool = Tr
         return json.loads((source / part / "config.json").read_text())
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(config("unet")).eval()
     vae = AutoencoderKL.from_config(config("vae")).eval()
+    unet_model = UNet2DConditionModel.from_config(config("unet")).eval() if unet else None
     text_encoder = None
     if text:
         from transformers import CLIPTextConfig, CLIPTextModel
@@ -107,7 +110,7 @@ def build_random_base(architecture: str = "tiny", seed: int = 0, text: bool = Tr
         text_config = CLIPTextConfig(**config("text_encoder"))
         text_encoder = CLIPTextModel(text_config).eval()
     scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
-    return RandomBase(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
+    return RandomBase(unet=unet_model, vae=vae, text_encoder=text_encoder, scheduler=scheduler)
 
 
 def save_random_base(folder: Path, architecture: str = "tiny", seed: int = 0) -> Path:

@@ -1,0 +1,87 @@
+"""Whole-pipeline scenarios: the same runner as `pisa upscale`, on files, full-size models."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from pisa_cli.bench import Row, measured, scenario
+from pisa_cli.imaging.discover import discover
+from pisa_cli.models.synthetic import build_random_base, random_checkpoint, write_tokenizer
+from pisa_cli.models.text import PromptEncoder
+from pisa_cli.options import UpscaleOptions
+from pisa_cli.pipeline import PisaPipeline, build_pipeline
+from pisa_cli.runner import run_jobs
+
+
+def random_pipeline(device: torch.device, dtype: torch.dtype, merged: str = "pisa") -> PisaPipeline:
+    """The full SD 2.1-base architecture with random weights and a random PiSA-SR LoRA."""
+    from transformers import CLIPTokenizer
+
+    from pisa_cli.models.synthetic import config_dir
+
+    parts = build_random_base("sd21-base", seed=0)
+    folder = Path(tempfile.mkdtemp(prefix="pisa-bench-tokenizer-"))
+    write_tokenizer(folder, config_dir("sd21-base"))
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    prompts = PromptEncoder(lambda: tokenizer, lambda: parts.text_encoder)  # type: ignore[arg-type,return-value]
+    checkpoint = random_checkpoint(parts.unet, seed=1)
+    return build_pipeline(
+        parts.unet, parts.vae, prompts, parts.scheduler, checkpoint, device, dtype, merged
+    )
+
+
+def noise_photo(size: int, seed: int = 0) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(3, max(2, size // 16), max(2, size // 16), generator=generator)
+    image = torch.nn.functional.interpolate(coarse[None], size=(size, size), mode="bicubic")[0]
+    image = (image + torch.randn(3, size, size, generator=generator) * 0.05).clamp(0, 1)
+    array = (image.permute(1, 2, 0) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(array)
+
+
+def run_folder(
+    rows: list[Row],
+    name: str,
+    case: str,
+    pipeline: PisaPipeline,
+    sizes: list[int],
+    options: UpscaleOptions,
+) -> Row:
+    """Write ``sizes`` images to a folder and upscale it with the runner, measured."""
+    with tempfile.TemporaryDirectory(prefix="pisa-bench-") as folder:
+        inputs, outputs = Path(folder) / "in", Path(folder) / "out"
+        inputs.mkdir()
+        for index, size in enumerate(sizes):
+            noise_photo(size, index).save(inputs / f"image{index:03d}.png")
+        jobs = discover([inputs], outputs).jobs
+        outputs.mkdir()
+        with measured(rows, name, case, pipeline.device) as row:
+            results = list(run_jobs(pipeline, jobs, options))
+        stages: dict[str, float] = {}
+        for result in results:
+            if result.status != "done":
+                raise RuntimeError(f"bench image failed: {result.error}")
+            for stage, seconds in result.timings.items():
+                stages[stage] = stages.get(stage, 0.0) + seconds
+        row.figures.update({k: round(v, 2) for k, v in stages.items()})
+        notes = [note for result in results for note in getattr(result, "notes", [])]
+        if notes:
+            row.figures["notes"] = "; ".join(notes)
+    return row
+
+
+@scenario("upscale-512-2048")
+def upscale_large(device: torch.device, dtype: torch.dtype) -> list[Row]:
+    """A 512x512 photo to 2048x2048 with the automatic plan: wall time and peak memory."""
+    rows: list[Row] = []
+    pipeline = random_pipeline(device, dtype)
+    options = UpscaleOptions()
+    plan = pipeline.plan((512, 512), options)
+    row = run_folder(rows, "upscale-512-2048", "512->2048 auto plan", pipeline, [512], options)
+    row.figures["unet_tiles"] = len(plan.unet.tiles)
+    row.figures["unet_waste"] = round(plan.unet.waste, 3)
+    return rows

@@ -1,0 +1,61 @@
+"""`pisa bench`: measure this machine on the real SD 2.1-base architecture (random weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pisa_cli.cli import common
+
+DEFAULT_SCENARIOS = ("vae-exact", "vae-memory", "upscale-512-2048")
+
+
+def bench_command(
+    scenarios: Annotated[
+        list[str] | None,
+        typer.Argument(help="Scenarios to run (default: all). See --list.", show_default=False),
+    ] = None,
+    device: common.Device = "auto",
+    dtype: common.Dtype = "auto",
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")
+    ] = None,
+    list_only: Annotated[bool, typer.Option("--list", help="List the scenarios and exit.")] = False,
+) -> None:
+    """Benchmark scenarios on the full-size SD 2.1-base architecture with random weights.
+
+    Nothing is downloaded: the architecture comes from configs shipped with pisa-cli. Prints
+    a table of wall time, peak memory and per-scenario figures.
+    """
+    common.setup_logging()
+    import pisa_cli.bench.upscale
+    import pisa_cli.bench.vae  # noqa: F401 - registers the scenarios
+    from pisa_cli.bench import SCENARIOS, format_table, write_json
+    from pisa_cli.errors import PisaError
+    from pisa_cli.models.device import resolve_device, resolve_dtype
+
+    if list_only:
+        for name, function in SCENARIOS.items():
+            doc = (function.__doc__ or "").strip().splitlines()[0]
+            typer.echo(f"{name:<20} {doc}")
+        return
+    chosen = scenarios or [name for name in DEFAULT_SCENARIOS if name in SCENARIOS]
+    unknown = [name for name in chosen if name not in SCENARIOS]
+    if unknown:
+        typer.echo(f"error: unknown scenario {unknown[0]!r}; see pisa bench --list", err=True)
+        raise typer.Exit(2)
+    try:
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+    except PisaError as error:
+        raise common.fail(error) from None
+    rows = []
+    for name in chosen:
+        typer.echo(f"running {name} ...", err=True)
+        rows += SCENARIOS[name](torch_device, torch_dtype)
+        typer.echo(format_table(rows))
+    if json_path is not None:
+        write_json(rows, json_path)
+        typer.echo(f"wrote {json_path}")
