@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +25,8 @@ from pisa_cli.engine.denoise import combine_eps, predict_eps, variants_needed, x
 from pisa_cli.engine.tiles import TilePlan
 from pisa_cli.errors import OptionsError
 from pisa_cli.imaging.resize import ResizePlan, restore_size, upsample_input
+from pisa_cli.models import cache
+from pisa_cli.models.base import unet_from_state
 from pisa_cli.models.checkpoint import PisaCheckpoint, load_checkpoint, resolve_weights_path
 from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
 from pisa_cli.models.lora import PisaUNet
@@ -331,27 +334,68 @@ def load_pipeline(
     )
     torch_device = resolve_device(model.device)
     torch_dtype = resolve_dtype(model.dtype, torch_device)
-    checkpoint = load_checkpoint(resolve_weights_path(model.resolved_weights()))
+    weights_path = resolve_weights_path(model.resolved_weights())
+    checkpoint = load_checkpoint(weights_path)
     second = None
     if options is not None and options.second_pass.kind == "tudsr":
         second = load_second_lora(options.second_pass.weights)
     folder = resolve_base_model(model.resolved_base_model())
     check_base_folder(folder)
     log.info("base model %s, weights %s", folder, checkpoint.source)
+    merged = merged_variant(options)
+    key = _merged_key(folder, weights_path, merged, torch_dtype, second)
+    state = cache.load_tensors("merged", key)
+    unet = load_part(folder, "unet") if state is None else unet_from_state(folder, state)
     prompts = PromptEncoder(
-        lambda: load_part(folder, "tokenizer"), lambda: load_part(folder, "text_encoder")
+        lambda: load_part(folder, "tokenizer"),
+        lambda: load_part(folder, "text_encoder"),
+        cache_key=_text_key(folder),
     )
-    return build_pipeline(
-        unet=load_part(folder, "unet"),
+    pipeline = build_pipeline(
+        unet=unet,
         vae_model=load_part(folder, "vae"),
         prompts=prompts,
         scheduler=load_part(folder, "scheduler"),
         checkpoint=checkpoint,
         device=torch_device,
         dtype=torch_dtype,
-        merged=merged_variant(options),
+        merged=merged,
         second=second,
+        premerged=state is not None,
     )
+    if state is None:
+        cache.save_tensors("merged", key, pipeline.unet.unet.state_dict(), keep=cache.MAX_MERGED)
+    return pipeline
+
+
+def _merged_key(
+    folder: Path, weights: Path, merged: str, dtype: torch.dtype, second: SecondLora | None
+) -> str:
+    """Cache key of a merged UNet: digests of everything the merged weights depend on."""
+    from pisa_cli.models.base import weights_file
+
+    second_files = []
+    if second is not None:
+        source = Path(second.source)
+        files = sorted(source.glob("*")) if source.is_dir() else [source]
+        second_files = [cache.file_digest(f) for f in files if f.is_file()]
+    return cache.make_key(
+        unet=cache.file_digest(weights_file(folder, "unet")),
+        unet_config=cache.file_digest(folder / "unet" / "config.json"),
+        weights=cache.file_digest(weights),
+        merged=merged,
+        dtype=str(dtype),
+        second=second_files,
+    )
+
+
+def _text_key(folder: Path) -> str:
+    """Digest of what a prompt embedding depends on: text encoder and tokenizer files."""
+    from pisa_cli.models.base import weights_file
+
+    files = [weights_file(folder, "text_encoder"), folder / "text_encoder" / "config.json"]
+    files += sorted((folder / "tokenizer").glob("*"))
+    return cache.make_key(files=[cache.file_digest(f) for f in files if f.is_file()])
 
 
 def build_pipeline(
@@ -364,13 +408,16 @@ def build_pipeline(
     dtype: torch.dtype,
     merged: str = "pisa",
     second: SecondLora | None = None,
+    premerged: bool = False,
 ) -> PisaPipeline:
-    """Assemble a pipeline from float32 CPU parts: merge the LoRAs, then move to the device."""
+    """Assemble a pipeline from CPU parts: merge the LoRAs (unless ``premerged``: the UNet's
+    weights come merged from the cache), then move everything to the device."""
     unet.eval().requires_grad_(False)
     vae_model.eval().requires_grad_(False)
     layers = list(second.layers) if second else None
     source = second.source if second else ""
-    pisa_unet = PisaUNet(unet, checkpoint, merged, layers, source).to(device, dtype)
+    pisa_unet = PisaUNet(unet, checkpoint, merged, layers, source, premerged)
+    pisa_unet.to(device, dtype)
     vae_model.to(device=device)
     if vae_model.dtype != dtype:  # type: ignore[attr-defined]
         vae_model.to(dtype=dtype)

@@ -107,6 +107,7 @@ class PisaUNet:
         merged: str = "pisa",
         second: list[LoraLayer] | None = None,
         second_source: str = "second-pass LoRA",
+        premerged: bool = False,
     ):
         self.variants = {k: v for k, v in VARIANT_ADAPTERS.items() if k != "second" or second}
         if merged not in self.variants:
@@ -126,7 +127,8 @@ class PisaUNet:
             for layer in second:
                 check_layer_fits(layer, modules.get(layer.module), second_source)
             adapters["second"] = second
-        self._merge([layer for a in self.variants[merged] for layer in adapters[a]], modules)
+        if not premerged:  # premerged: the weights come from the merged-UNet cache
+            self._merge([layer for a in self.variants[merged] for layer in adapters[a]], modules)
         self._install_side_paths(adapters, modules)
 
     @property
