@@ -40,6 +40,8 @@ class ModelOptions:
     """``auto`` (CUDA, then MPS, then CPU), ``cuda``, ``cuda:N``, ``mps`` or ``cpu``."""
     dtype: str = "auto"
     """Compute precision: ``auto``, ``fp32``, ``fp16`` or ``bf16``."""
+    compile: bool = False
+    """Run the UNet and the VAE through torch.compile (eager again wherever that fails)."""
 
     def __post_init__(self) -> None:
         device = self.device.split(":")[0]

@@ -122,6 +122,15 @@ class PisaPipeline:
         """The timestep stored in the second-pass LoRA file, if it has one."""
         self.second_source = ""
 
+    def compile(self) -> None:
+        """torch.compile the UNet and the untiled VAE passes (eager where that fails)."""
+        from pisa_cli.models.compiled import CompiledOrEager
+
+        self.unet.compile()
+        for name in ("encoder", "decoder"):
+            part = getattr(self.vae, name)
+            part.forward = CompiledOrEager(part.forward, f"VAE {name}")
+
     # --- stages -------------------------------------------------------------------------
     def plan(
         self,
@@ -331,6 +340,7 @@ def load_pipeline(
         weights=weights if weights is not None else model.weights,
         device=device if device is not None else model.device,
         dtype=dtype if dtype is not None else model.dtype,
+        compile=model.compile,
     )
     torch_device = resolve_device(model.device)
     torch_dtype = resolve_dtype(model.dtype, torch_device)
@@ -365,6 +375,8 @@ def load_pipeline(
     )
     if state is None:
         cache.save_tensors("merged", key, pipeline.unet.unet.state_dict(), keep=cache.MAX_MERGED)
+    if model.compile:
+        pipeline.compile()
     return pipeline
 
 

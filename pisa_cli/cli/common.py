@@ -74,6 +74,15 @@ Dtype = Annotated[
         rich_help_panel=MODEL,
     ),
 ]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="Compile the UNet and VAE with torch.compile (slow first image, faster after; "
+        "falls back to normal execution where compiling fails).",
+        rich_help_panel=MODEL,
+    ),
+]
 Scale = Annotated[
     int,
     typer.Option(
@@ -228,7 +237,8 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print debugging 
 
 def build_options(values: dict[str, object]) -> tuple[ModelOptions, UpscaleOptions]:
     """Model and upscale options from the CLI values (raises OptionsError when invalid)."""
-    model = ModelOptions(**{k: values.pop(k) for k in ("base_model", "weights", "device", "dtype")})
+    names = ("base_model", "weights", "device", "dtype", "compile")
+    model = ModelOptions(**{k: values.pop(k) for k in names})
     tiles = TileOptions(
         latent_tile=parse_tile("--latent-tile", values.pop("latent_tile")),
         latent_overlap=values.pop("latent_overlap"),

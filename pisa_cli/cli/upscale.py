@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import typer
@@ -35,6 +36,7 @@ def upscale_command(
     second_pass_prompt: common.SecondPassPrompt = "",
     device: common.Device = "auto",
     dtype: common.Dtype = "auto",
+    compile: common.Compile = False,
     dry_run: common.DryRun = False,
     quiet: common.Quiet = False,
     verbose: common.Verbose = False,
@@ -79,6 +81,8 @@ def upscale_command(
         pipeline = load_pipeline(model_options, options=options)
     except PisaError as error:
         raise common.fail(error) from None
+    dtype_name = str(pipeline.dtype).removeprefix("torch.")
+    logging.getLogger("pisa_cli").info("model ready on %s in %s", pipeline.device, dtype_name)
     counts: Counter = Counter()
     names = [str(job.source) for job in found.jobs]
     results = run_jobs(pipeline, found.jobs, options)
