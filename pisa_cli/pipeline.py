@@ -433,6 +433,9 @@ def build_pipeline(
     vae_model.to(device=device)
     if vae_model.dtype != dtype:  # type: ignore[attr-defined]
         vae_model.to(dtype=dtype)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        # Measured on a 2-core AMX CPU: the VAE in bf16 runs ~2x faster channels-last.
+        vae_model.to(memory_format=torch.channels_last)
     pipeline = PisaPipeline(pisa_unet, vae_model, prompts, scheduler, device, dtype)
     if second is not None:
         pipeline.second_timestep, pipeline.second_source = second.timestep, second.source

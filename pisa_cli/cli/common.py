@@ -70,7 +70,9 @@ Dtype = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="Compute precision: auto (bf16/fp16 on GPUs, fp32 on the CPU), fp32, fp16, bf16.",
+        help="Compute precision: auto (bf16 where the GPU or CPU has it natively, else fp16 "
+        "on GPUs and fp32 on CPUs), fp32, fp16, bf16. Use fp32 to compare with the "
+        "reference script.",
         rich_help_panel=MODEL,
     ),
 ]
