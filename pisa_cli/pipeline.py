@@ -22,6 +22,7 @@ from PIL import Image
 from pisa_cli.engine import color, memory, vae
 from pisa_cli.engine.denoise import combine_eps, predict_eps, variants_needed
 from pisa_cli.engine.tiles import TilePlan
+from pisa_cli.imaging.deep import DEEP_MAX, DeepImage
 from pisa_cli.imaging.resize import ResizePlan, restore_size, upsample_input
 from pisa_cli.models.checkpoint import PisaCheckpoint, load_checkpoint, resolve_weights_path
 from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
@@ -157,9 +158,12 @@ class PisaPipeline:
         return image.mul_(0.5).add_(0.5).clamp_(0, 1)  # in place: this can be a big buffer
 
     @staticmethod
-    def finish(decoded: torch.Tensor, source: torch.Tensor, method: str) -> torch.Tensor:
-        """The 8-bit output of the reference: truncate, colour-fix, (the writer truncates again)."""
-        return color.color_fix(method, color.quantize(decoded), source)
+    def finish(
+        decoded: torch.Tensor, source: torch.Tensor, method: str, levels: int = 255
+    ) -> torch.Tensor:
+        """The 8-bit output of the reference: truncate, colour-fix, (the writer truncates again).
+        ``levels`` DEEP_MAX: the same on the 16-bit grid, for 16-bit inputs."""
+        return color.color_fix(method, color.quantize(decoded, levels), source)
 
     # --- whole images -------------------------------------------------------------------
     def upscale(self, image: Image.Image, options: UpscaleOptions | None = None) -> Image.Image:
@@ -170,12 +174,14 @@ class PisaPipeline:
         self, image: Image.Image, options: UpscaleOptions | None = None
     ) -> UpscaleResult:
         """Upscale an RGB image, retrying a stage with smaller tiles when memory runs out and
-        in fp32 when a low-precision VAE pass gives inf or NaN."""
+        in fp32 when a low-precision VAE pass gives inf or NaN. A DeepImage (16-bit input)
+        goes through in float and comes back as a DeepImage."""
         options = options or UpscaleOptions()
         timings: dict[str, float] = {}
         notes: list[str] = []
+        deep = isinstance(image, DeepImage)
         with _timed(timings, "preprocess"):
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            rgb = image if deep or image.mode == "RGB" else image.convert("RGB")
             plan = self.plan(rgb.size, options)
             upsampled = upsample_input(rgb, plan.resize)
         with _timed(timings, "text"):
@@ -189,8 +195,9 @@ class PisaPipeline:
         with _timed(timings, "decode", self.device):
             decoded, plan = self.guard.decode(self, latents, encoded.size, plan, notes)
         with _timed(timings, "color"):
-            fixed = self.finish(decoded, encoded.source, options.color_fix)
-            result = restore_size(to_image(fixed), plan.resize)
+            levels = DEEP_MAX if deep else 255
+            fixed = self.finish(decoded, encoded.source, options.color_fix, levels)
+            result = restore_size(to_deep(fixed) if deep else to_image(fixed), plan.resize)
         return UpscaleResult(image=result, plan=plan, timings=timings, notes=notes)
 
 
@@ -203,8 +210,10 @@ def _timed(timings: dict[str, float], stage: str, device: torch.device | None = 
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """(1, 3, H, W) float32 in [0, 1] of an 8-bit RGB image."""
+def to_tensor(image: Image.Image | DeepImage) -> torch.Tensor:
+    """(1, 3, H, W) float32 in [0, 1] of an 8-bit RGB image or a DeepImage."""
+    if isinstance(image, DeepImage):
+        return torch.from_numpy(image.to_array()).permute(2, 0, 1)[None].contiguous()
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255
 
@@ -213,6 +222,11 @@ def to_image(tensor: torch.Tensor) -> Image.Image:
     """8-bit RGB image of a (1, 3, H, W) tensor in [0, 1], truncating like the reference."""
     array = (tensor[0].clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array, mode="RGB")
+
+
+def to_deep(tensor: torch.Tensor) -> DeepImage:
+    """DeepImage of a (1, 3, H, W) tensor in [0, 1] (16-bit inputs keep their precision)."""
+    return DeepImage.from_array(tensor[0].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy())
 
 
 def merged_variant(options: UpscaleOptions | None) -> str:

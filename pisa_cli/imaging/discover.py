@@ -1,12 +1,22 @@
-"""From the INPUT arguments to a sorted list of jobs: which file becomes which output."""
+"""From the INPUT arguments to a sorted list of jobs: which file becomes which output.
+
+Inputs are files (always tried), folders (their images; with ``recursive`` their sub-folders
+too, mirrored in the output folder) and glob patterns (``'shots/**/*.jpg'``). Only paths
+are listed here; images are decoded one at a time later, so a folder of any length costs
+a list of names.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import glob
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+
+from pisa_cli.imaging.formats import output_extension
+from pisa_cli.options import BatchOptions
 
 
 @dataclass(frozen=True)
@@ -23,9 +33,13 @@ class Discovery:
 
     jobs: list[Job] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
-    """Inputs that do not exist."""
+    """Inputs that do not exist (or patterns that match nothing)."""
     skipped: list[Path] = field(default_factory=list)
-    """Files in folders that are not images (by extension)."""
+    """Files in folders (or matched by patterns) that are not images, by extension."""
+    unsearched: list[Path] = field(default_factory=list)
+    """Sub-folders left out because ``recursive`` was off."""
+    conflicts: list[Job] = field(default_factory=list)
+    """Jobs whose output would replace their own input; they are not run."""
 
 
 def image_extensions() -> set[str]:
@@ -34,43 +48,129 @@ def image_extensions() -> set[str]:
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
-def discover(inputs: Sequence[str | Path], output_dir: Path, extension: str = ".png") -> Discovery:
-    """Files given directly are always tried; folders contribute the images they hold.
+@dataclass
+class _Walk:
+    output_dir: Path
+    recursive: bool
+    exclude: Collection[Path]
+    known: set[str] = field(default_factory=image_extensions)
+    found: Discovery = field(default_factory=Discovery)
+    sources: dict[Path, tuple[Path, Path]] = field(default_factory=dict)
+    """resolved path -> (source as given, sub-folder of the output), in discovery order."""
 
-    The output of ``photo.jpg`` is ``output_dir/photo.png``. When several inputs share a
-    stem (``a.png`` and ``a.jpg``), each of them keeps its extension in the name
-    (``a_png.png``, ``a_jpg.png``), and a name met again from another folder gets ``-2``,
-    ``-3``..., so that no output overwrites another.
+    def add(self, path: Path, relative: Path) -> None:
+        key = path.resolve()
+        if key not in self.exclude:
+            self.sources.setdefault(key, (path, relative))
+
+    def folder(self, folder: Path, relative: Path) -> None:
+        for child in sorted(folder.iterdir()):
+            if child.name.startswith("."):  # hidden files, our manifest and temporary files
+                continue
+            if child.is_dir():
+                if not self.recursive:
+                    self.found.unsearched.append(child)
+                elif child.resolve() != self.output_dir:
+                    self.folder(child, relative / child.name)
+            elif child.is_file():
+                self.candidate(child, relative)
+
+    def candidate(self, path: Path, relative: Path) -> None:
+        if path.suffix.lower() in self.known:
+            self.add(path, relative)
+        else:
+            self.found.skipped.append(path)
+
+    def pattern(self, pattern: str) -> None:
+        """Matches of a glob pattern (``**`` spans folders); with ``recursive`` they keep their
+        place below the pattern's fixed start (``in`` for ``in/**/*.png``)."""
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            self.found.missing.append(pattern)
+        base = _fixed_start(pattern)
+        for match in map(Path, matches):
+            relative = Path()
+            if self.recursive and match.parent.is_relative_to(base):
+                relative = match.parent.relative_to(base)
+            if match.is_dir():
+                self.folder(match, relative / match.name if self.recursive else relative)
+            elif match.is_file():
+                self.candidate(match, relative)
+
+
+def _fixed_start(pattern: str) -> Path:
+    parts = []
+    for part in Path(pattern).parts:
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path()
+
+
+def discover(
+    inputs: Sequence[str | Path],
+    output_dir: Path,
+    extension: str = ".png",
+    *,
+    batch: BatchOptions | None = None,
+    exclude: Collection[Path] = (),
+) -> Discovery:
+    """Jobs for ``inputs``: the output of ``photo.jpg`` is ``output_dir/photo.png``.
+
+    With ``batch``, its format (``same`` keeps each input's extension), suffix and
+    ``recursive`` apply instead of ``extension``. ``exclude`` holds resolved paths that are
+    never inputs (the outputs of earlier runs, from the manifest). Name collisions never
+    overwrite: see ``_name_outputs``.
     """
-    found = Discovery()
-    known = image_extensions()
-    sources: list[Path] = []
+    walk = _Walk(output_dir.resolve(), bool(batch and batch.recursive), frozenset(exclude))
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            for child in sorted(path.iterdir()):
-                if not child.is_file() or child.name.startswith("."):
-                    continue
-                if child.suffix.lower() in known:
-                    sources.append(child)
-                else:
-                    found.skipped.append(child)
+            walk.folder(path, Path())
         elif path.exists():
-            sources.append(path)
+            walk.add(path, Path())
+        elif glob.has_magic(str(item)):
+            walk.pattern(str(item))
         else:
-            found.missing.append(str(item))
-    unique = list(dict.fromkeys(sources))
-    stems: dict[str, int] = {}
-    for source in unique:
-        stems[source.stem] = stems.get(source.stem, 0) + 1
-    taken: set[str] = set()
-    for source in unique:
-        name = source.stem
-        if stems[name] > 1:
-            name = f"{name}_{source.suffix.lstrip('.').lower()}"
-        candidate, number = name, 2
-        while candidate.lower() in taken:  # same name from two folders
-            candidate, number = f"{name}-{number}", number + 1
-        taken.add(candidate.lower())
-        found.jobs.append(Job(source=source, output=output_dir / f"{candidate}{extension}"))
+            walk.found.missing.append(str(item))
+    found = walk.found
+    for job in _name_outputs(list(walk.sources.values()), output_dir, extension, batch):
+        same = job.output.resolve() == job.source.resolve()
+        (found.conflicts if same else found.jobs).append(job)
     return found
+
+
+def _name_outputs(
+    sources: list[tuple[Path, Path]],
+    output_dir: Path,
+    extension: str,
+    batch: BatchOptions | None,
+) -> list[Job]:
+    """Output paths that never collide (names compared without case, for macOS and Windows).
+
+    Inputs that would share an output name and differ in extension keep it in the name
+    (``a.png`` and ``a.jpg`` -> ``a_png.png``, ``a_jpg.png``); a name met again (the same
+    name from two folders) gets ``-2``, ``-3``... in input order.
+    """
+    suffix = batch.suffix if batch else ""
+
+    def ext_of(source: Path) -> str:
+        return output_extension(batch.format, source) if batch else extension
+
+    groups: dict[tuple[Path, str], set[str]] = {}
+    for source, relative in sources:
+        key = (relative, f"{source.stem}{ext_of(source)}".lower())
+        groups.setdefault(key, set()).add(source.suffix.lower())
+    taken: set[tuple[Path, str]] = set()
+    jobs = []
+    for source, relative in sources:
+        ext = ext_of(source)
+        stem = source.stem
+        if len(groups[(relative, f"{stem}{ext}".lower())]) > 1:
+            stem = f"{stem}_{source.suffix.lstrip('.').lower()}"
+        candidate, number = stem, 2
+        while (relative, f"{candidate}{suffix}{ext}".lower()) in taken:
+            candidate, number = f"{stem}-{number}", number + 1
+        taken.add((relative, f"{candidate}{suffix}{ext}".lower()))
+        jobs.append(Job(source=source, output=output_dir / relative / f"{candidate}{suffix}{ext}"))
+    return jobs
