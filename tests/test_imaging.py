@@ -63,6 +63,13 @@ def test_name_collisions_never_overwrite(tmp_path):
     assert names(same.jobs, out) == ["a.jpg", "a.png", "b.png"]
 
 
+def test_folders_are_listed_in_natural_order(tmp_path):
+    for name in ("img10.png", "img2.png", "IMG1.png"):
+        noise_image(8, 8).save(tmp_path / name)
+    found = discover([tmp_path], tmp_path / "out")
+    assert [job.source.name for job in found.jobs] == ["IMG1.png", "img2.png", "img10.png"]
+
+
 def test_suffix_and_format(tmp_path):
     noise_image(8, 8).save(tmp_path / "photo.jpg")
     found = discover([tmp_path / "photo.jpg"], tmp_path / "o", batch=BatchOptions(format="webp"))

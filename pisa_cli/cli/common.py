@@ -315,3 +315,6 @@ def _quiet_libraries(verbose: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    if not verbose and "transformers" in sys.modules:
+        # imported before us (a second run in one process): it read the variable already
+        sys.modules["transformers"].utils.logging.disable_progress_bar()

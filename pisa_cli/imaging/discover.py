@@ -9,6 +9,7 @@ a list of names.
 from __future__ import annotations
 
 import glob
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,12 @@ class Discovery:
     """Jobs whose output would replace their own input; they are not run."""
 
 
+def natural_key(text: str) -> list:
+    """Sort key that puts ``img2`` before ``img10`` (numbers compared as numbers)."""
+    parts = re.split(r"(\d+)", text.lower())
+    return [int(part) if part.isdigit() else part for part in parts]
+
+
 def image_extensions() -> set[str]:
     """File extensions Pillow can open (lower case, with the dot)."""
     Image.init()
@@ -64,7 +71,7 @@ class _Walk:
             self.sources.setdefault(key, (path, relative))
 
     def folder(self, folder: Path, relative: Path) -> None:
-        for child in sorted(folder.iterdir()):
+        for child in sorted(folder.iterdir(), key=lambda child: natural_key(child.name)):
             if child.name.startswith("."):  # hidden files, our manifest and temporary files
                 continue
             if child.is_dir():
@@ -84,7 +91,7 @@ class _Walk:
     def pattern(self, pattern: str) -> None:
         """Matches of a glob pattern (``**`` spans folders); with ``recursive`` they keep their
         place below the pattern's fixed start (``in`` for ``in/**/*.png``)."""
-        matches = sorted(glob.glob(pattern, recursive=True))
+        matches = sorted(glob.glob(pattern, recursive=True), key=natural_key)
         if not matches:
             self.found.missing.append(pattern)
         base = _fixed_start(pattern)
