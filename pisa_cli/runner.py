@@ -57,6 +57,8 @@ class JobResult:
     notes: list[str] = field(default_factory=list)
     """What was changed on the way (first frame of an animation, CMYK converted,
     transparency flattened, out-of-memory retries, fp32 redos)."""
+    warnings: list[str] = field(default_factory=list)
+    """The notes of reading and writing, for the display (the pipeline logs its own)."""
 
     @property
     def model_seconds(self) -> float:
@@ -130,7 +132,7 @@ def _upscale(pipeline, loaded: Loaded, options: UpscaleOptions, on_start):
         return _closed(result), None, None
     picture: Picture = loaded.value  # type: ignore[assignment]
     result.input_size, result.input_mode = picture.size, picture.mode
-    result.notes = list(picture.notes)
+    result.notes, result.warnings = list(picture.notes), list(picture.notes)
     if on_start is not None:
         on_start(job)
     try:
@@ -185,6 +187,7 @@ def _complete(result: JobResult, future: Future) -> None:
         result.status = DONE
         result.output_size = written.output_size
         result.notes += written.notes
+        result.warnings += written.notes
         result.timings["compose"] = written.compose_seconds
         result.timings["write"] = written.write_seconds
     _closed(result)

@@ -89,7 +89,7 @@ def test_recursive_mirrors_the_tree_and_skips_the_output_folder(tmp_path):
     noise_image(8, 8).save(out / "top.png")
     flat = discover([root], out)
     assert names(flat.jobs, out) == ["top.png"]
-    assert len(flat.unsearched) == 2  # trips/ and upscaled/
+    assert [p.name for p in flat.unsearched] == ["trips"]  # upscaled/ is the output
     deep = discover([root], out, batch=BatchOptions(recursive=True))
     assert names(deep.jobs, out) == ["top.png", "trips/2024/beach.png"]
     assert [p.name for p in deep.skipped] == ["readme.txt"]
@@ -207,6 +207,14 @@ def test_16bit_colour_png_is_read_without_truncation(tmp_path, channels):
     assert np.array_equal(colour[..., 0], values[..., 0])
     if channels in (2, 4):
         assert np.array_equal(np.rint(np.asarray(picture.alpha) * 65535), values[..., -1])
+
+
+def test_16bit_planar_tiff_is_read(tmp_path):
+    values = ramp16(40, 30, 3)
+    planes = np.moveaxis(values, -1, 0)
+    tifffile.imwrite(tmp_path / "p.tif", planes, photometric="rgb", planarconfig="separate")
+    picture = read_picture(tmp_path / "p.tif")
+    assert np.array_equal(np.rint(picture.color.to_array() * 65535), values)
 
 
 def test_16bit_rgb_tiff_is_read_without_truncation_and_upright(tmp_path):

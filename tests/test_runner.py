@@ -3,6 +3,7 @@ model with bounded memory, clean stops, and the manifest's resume decisions."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -335,3 +336,25 @@ def test_a_torn_last_line_is_ignored_and_the_next_starts_clean(written):
     lines = path.read_text().splitlines()
     assert json.loads(lines[-1])["output"] == "in.png"
     assert Manifest(output.parent, {"a": 1}).unreadable_lines == 1
+
+
+def test_the_bar_shows_count_rate_time_left_and_the_current_file(tmp_path):
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from pisa_cli.cli.progress import BarDisplay
+    from pisa_cli.runner import JobResult
+
+    buffer = io.StringIO()
+    bar = BarDisplay(Console(file=buffer, force_terminal=True, width=150), total=2)
+    first = Job(Path("in/first.png"), Path("out/first.png"))
+    with bar.progress:
+        bar.started(first)
+        time.sleep(0.01)
+        bar.finished(JobResult(first, "done", warnings=["only the first frame is upscaled"]))
+        bar.started(Job(Path("in/second.png"), Path("out/second.png")))
+        bar.progress.refresh()
+    text = buffer.getvalue()
+    assert "1/2" in text and "img/s" in text and "eta" in text and "in/second.png" in text
+    assert "warning" in text and "in/first.png: only the first frame is upscaled" in text

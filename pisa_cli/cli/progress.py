@@ -32,7 +32,7 @@ class Result(Protocol):
     status: str
     error: str
     seconds: float
-    notes: list[str]
+    warnings: list[str]
 
     @property
     def job(self) -> object: ...
@@ -89,8 +89,8 @@ class LineDisplay:
         else:
             source, output = job.source, job.output  # type: ignore[attr-defined]
             self._print(f"{prefix} {result.status} {source} -> {output} ({result.seconds:.1f} s)")
-        for note in result.notes:
-            self.warn(f"{job.source}: {note}")  # type: ignore[attr-defined]
+        for warning in result.warnings:
+            self.warn(f"{job.source}: {warning}")  # type: ignore[attr-defined]
 
     def warn(self, text: str) -> None:
         self._print(f"warning: {text}")
@@ -123,8 +123,8 @@ class BarDisplay:
         console = self.progress.console
         if result.status == "failed":
             console.print(f"[red]failed[/red] {escape(result.error)}", soft_wrap=True)
-        for note in result.notes:
-            self.warn(f"{result.job.source}: {note}")  # type: ignore[attr-defined]
+        for warning in result.warnings:
+            self.warn(f"{result.job.source}: {warning}")  # type: ignore[attr-defined]
         self.done += 1
         elapsed = time.perf_counter() - self.start
         rate = f"{self.done / elapsed:.2f} img/s" if elapsed > 0 else ""

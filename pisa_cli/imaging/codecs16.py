@@ -101,15 +101,17 @@ def read_tiff16(path: Path) -> np.ndarray:
 
     try:
         with tifffile.TiffFile(path) as tiff:
-            array = tiff.pages[0].asarray()
-    except (ValueError, ImportError, ModuleNotFoundError) as error:
+            page = tiff.pages[0]
+            array = page.asarray()
+            planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE
+    except (ValueError, ImportError) as error:
         if "imagecodecs" in str(error) or isinstance(error, ImportError):
             raise CodecMissing(str(error)) from None
         raise
-    if array.ndim != 3 or array.dtype != np.uint16:
-        raise ValueError(f"unexpected TIFF layout {array.shape} {array.dtype}")
-    if array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):  # planar configuration
+    if planar:  # one plane per channel: (C, H, W)
         array = np.moveaxis(array, 0, -1)
+    if array.ndim != 3 or array.dtype != np.uint16 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"unexpected 16-bit TIFF layout {array.shape} {array.dtype}")
     return array
 
 

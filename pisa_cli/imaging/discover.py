@@ -75,10 +75,12 @@ class _Walk:
             if child.name.startswith("."):  # hidden files, our manifest and temporary files
                 continue
             if child.is_dir():
-                if not self.recursive:
-                    self.found.unsearched.append(child)
-                elif child.resolve() != self.output_dir:
+                if child.resolve() == self.output_dir:  # our outputs are never inputs
+                    continue
+                if self.recursive:
                     self.folder(child, relative / child.name)
+                else:
+                    self.found.unsearched.append(child)
             elif child.is_file():
                 self.candidate(child, relative)
 
