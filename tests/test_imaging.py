@@ -119,8 +119,11 @@ def test_an_output_replacing_its_input_is_refused(tmp_path):
 def test_excluded_paths_are_not_inputs(tmp_path):
     noise_image(8, 8).save(tmp_path / "a.png")
     noise_image(8, 8).save(tmp_path / "a_x4.png")
-    found = discover([tmp_path], tmp_path, exclude={(tmp_path / "a_x4.png").resolve()})
+    excluded = {(tmp_path / "a_x4.png").resolve()}
+    found = discover([tmp_path], tmp_path, exclude=excluded)
     assert [job.source.name for job in found.jobs + found.conflicts] == ["a.png"]
+    named = discover([tmp_path / "a_x4.png"], tmp_path / "again", exclude=excluded)
+    assert [job.source.name for job in named.jobs] == ["a_x4.png"]  # asked for by name
 
 
 # --- reading every mode ------------------------------------------------------------------
@@ -352,3 +355,22 @@ def test_compose_reattaches_alpha_and_grey():
     assert np.array_equal(np.asarray(pixels.image.getchannel("A")), np.asarray(expected))
     deep = compose(picture, DeepImage.from_array(np.asarray(upscaled) / 255.0))
     assert deep.deep.shape == (64, 64, 2)
+
+
+def test_an_unlistable_folder_is_one_line_not_a_crash(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    noise_image(8, 8).save(tmp_path / "fine.png")
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    found = discover([locked, tmp_path / "fine.png"], tmp_path / "out")
+    assert found.unreadable == [f"{locked}: cannot list (Permission denied)"]
+    assert [job.source.name for job in found.jobs] == ["fine.png"]

@@ -358,3 +358,16 @@ def test_the_bar_shows_count_rate_time_left_and_the_current_file(tmp_path):
     text = buffer.getvalue()
     assert "1/2" in text and "img/s" in text and "eta" in text and "in/second.png" in text
     assert "warning" in text and "in/first.png: only the first frame is upscaled" in text
+
+
+def test_track_displays_any_result_iterator(capsys):
+    from pathlib import Path
+
+    from pisa_cli.cli.progress import track
+    from pisa_cli.runner import JobResult
+
+    jobs = [Job(Path(f"in/{n}.png"), Path(f"out/{n}.png")) for n in ("a", "b")]
+    results = [JobResult(jobs[0], "done"), JobResult(jobs[1], "failed", error="in/b.png: bad")]
+    assert list(track(iter(results), 2, [str(j.source) for j in jobs], quiet=False)) == results
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["[1/2] done in/a.png -> out/a.png (0.0 s)", "[2/2] failed in/b.png: bad"]

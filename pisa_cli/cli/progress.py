@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -32,14 +32,19 @@ class Result(Protocol):
     status: str
     error: str
     seconds: float
-    warnings: list[str]
 
     @property
     def job(self) -> object: ...
 
 
+def _warnings(result: Result) -> list[str]:
+    return list(getattr(result, "warnings", ()))
+
+
 class Display(Protocol):
     def started(self, job: object) -> None: ...
+
+    def show(self, name: str) -> None: ...
 
     def finished(self, result: Result) -> None: ...
 
@@ -57,6 +62,9 @@ class QuietDisplay:
         self.console = console
 
     def started(self, job: object) -> None:
+        pass
+
+    def show(self, name: str) -> None:
         pass
 
     def finished(self, result: Result) -> None:
@@ -80,6 +88,9 @@ class LineDisplay:
     def started(self, job: object) -> None:
         pass
 
+    def show(self, name: str) -> None:
+        pass
+
     def finished(self, result: Result) -> None:
         self.count += 1
         prefix = f"[{self.count}/{self.total}]"
@@ -89,7 +100,7 @@ class LineDisplay:
         else:
             source, output = job.source, job.output  # type: ignore[attr-defined]
             self._print(f"{prefix} {result.status} {source} -> {output} ({result.seconds:.1f} s)")
-        for warning in result.warnings:
+        for warning in _warnings(result):
             self.warn(f"{job.source}: {warning}")  # type: ignore[attr-defined]
 
     def warn(self, text: str) -> None:
@@ -116,14 +127,17 @@ class BarDisplay:
         self.done = 0
 
     def started(self, job: object) -> None:
-        name = escape(_short(str(job.source)))  # type: ignore[attr-defined]
-        self.progress.update(self.task, description=name)
+        self.show(str(job.source))  # type: ignore[attr-defined]
+
+    def show(self, name: str) -> None:
+        """Name the file being worked on next to the bar."""
+        self.progress.update(self.task, description=escape(_short(name)))
 
     def finished(self, result: Result) -> None:
         console = self.progress.console
         if result.status == "failed":
             console.print(f"[red]failed[/red] {escape(result.error)}", soft_wrap=True)
-        for warning in result.warnings:
+        for warning in _warnings(result):
             self.warn(f"{result.job.source}: {warning}")  # type: ignore[attr-defined]
         self.done += 1
         elapsed = time.perf_counter() - self.start
@@ -146,6 +160,19 @@ def display(total: int, quiet: bool) -> Iterator[Display]:
             yield bar
     else:
         yield LineDisplay(total)
+
+
+def track(results: Iterable[Result], total: int, names: list[str], quiet: bool) -> Iterator[Result]:
+    """Yield ``results`` unchanged while displaying them, for a runner without a start
+    hook; ``names[i]`` is job i's input, shown as the current file."""
+    with display(total, quiet) as shown:
+        if names:
+            shown.show(names[0])
+        for index, result in enumerate(results):
+            shown.finished(result)
+            if index + 1 < len(names):
+                shown.show(names[index + 1])
+            yield result
 
 
 def summary(counts: Counter, extra: str = "") -> str:

@@ -95,7 +95,7 @@ def upscale_command(
         raise common.fail(error) from None
     outcome = _upscale(inputs, output, model_options, options, batch, dry_run, quiet)
     if outcome is not None:
-        _finish(outcome, report, quiet)
+        _finish(outcome, report)
 
 
 def _upscale(
@@ -115,7 +115,8 @@ def _upscale(
     if dry_run:
         _print_plans(found.jobs, options, model_options)
         return None
-    outcome = Outcome(failed_early=len(found.missing) + len(found.conflicts))
+    outcome = Outcome(failed_early=len(found.missing) + len(found.unreadable))
+    outcome.results += [_conflict(job) for job in found.conflicts]
     try:
         settings = _settings(model_options, options, batch)
     except PisaError as error:
@@ -140,16 +141,22 @@ def _discover(inputs: list[Path], output: Path, batch: BatchOptions, manifest):
     found = discover(inputs, output, batch=batch, exclude=manifest.outputs())
     for missing in found.missing:
         typer.echo(f"error: {missing}: no such file or folder", err=True)
+    for line in found.unreadable:
+        typer.echo(f"error: {line}", err=True)
     for job in found.conflicts:
-        typer.echo(
-            f"error: {job.source}: the output would replace the input; "
-            "use --suffix or another --output",
-            err=True,
-        )
+        typer.echo(f"error: {_conflict(job).error}", err=True)
     if not found.jobs:
         typer.echo("error: no images to upscale in the given inputs", err=True)
         raise typer.Exit(1)
     return found
+
+
+def _conflict(job):
+    """The failed result of a job whose output would replace its input."""
+    from pisa_cli.runner import FAILED, JobResult
+
+    error = f"{job.source}: the output would replace the input; use --suffix or another --output"
+    return JobResult(job=job, status=FAILED, error=error)
 
 
 def _settings(model: ModelOptions, options: UpscaleOptions, batch: BatchOptions) -> dict:
@@ -271,7 +278,7 @@ def _stop_signals() -> tuple[int, ...]:
     return (signal.SIGINT, signal.SIGTERM)
 
 
-def _finish(outcome: Outcome, report: Path | None, quiet: bool) -> None:
+def _finish(outcome: Outcome, report: Path | None) -> None:
     counts = Counter(result.status for result in outcome.results)
     counts["failed"] += outcome.failed_early
     extra = outcome.extra

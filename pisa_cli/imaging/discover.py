@@ -41,6 +41,8 @@ class Discovery:
     """Sub-folders left out because ``recursive`` was off."""
     conflicts: list[Job] = field(default_factory=list)
     """Jobs whose output would replace their own input; they are not run."""
+    unreadable: list[str] = field(default_factory=list)
+    """Folders that could not be listed, each as one line saying why."""
 
 
 def natural_key(text: str) -> list:
@@ -65,13 +67,20 @@ class _Walk:
     sources: dict[Path, tuple[Path, Path]] = field(default_factory=dict)
     """resolved path -> (source as given, sub-folder of the output), in discovery order."""
 
-    def add(self, path: Path, relative: Path) -> None:
+    def add(self, path: Path, relative: Path, named: bool = False) -> None:
+        """Take ``path``; files found in folders or by patterns are left out when excluded,
+        files named on the command line never are."""
         key = path.resolve()
-        if key not in self.exclude:
+        if named or key not in self.exclude:
             self.sources.setdefault(key, (path, relative))
 
     def folder(self, folder: Path, relative: Path) -> None:
-        for child in sorted(folder.iterdir(), key=lambda child: natural_key(child.name)):
+        try:
+            children = sorted(folder.iterdir(), key=lambda child: natural_key(child.name))
+        except OSError as error:
+            self.found.unreadable.append(f"{folder}: cannot list ({error.strerror or error})")
+            return
+        for child in children:
             if child.name.startswith("."):  # hidden files, our manifest and temporary files
                 continue
             if child.is_dir():
@@ -127,9 +136,10 @@ def discover(
     """Jobs for ``inputs``: the output of ``photo.jpg`` is ``output_dir/photo.png``.
 
     With ``batch``, its format (``same`` keeps each input's extension), suffix and
-    ``recursive`` apply instead of ``extension``. ``exclude`` holds resolved paths that are
-    never inputs (the outputs of earlier runs, from the manifest). Name collisions never
-    overwrite: see ``_name_outputs``.
+    ``recursive`` apply instead of ``extension``. ``exclude`` holds resolved paths that
+    folders and patterns never contribute (the outputs of earlier runs, from the manifest);
+    files named directly are always taken. Name collisions never overwrite: see
+    ``_name_outputs``.
     """
     walk = _Walk(output_dir.resolve(), bool(batch and batch.recursive), frozenset(exclude))
     for item in inputs:
@@ -137,7 +147,7 @@ def discover(
         if path.is_dir():
             walk.folder(path, Path())
         elif path.exists():
-            walk.add(path, Path())
+            walk.add(path, Path(), named=True)
         elif glob.has_magic(str(item)):
             walk.pattern(str(item))
         else:

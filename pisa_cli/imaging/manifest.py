@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = ".pisa-manifest.jsonl"
 RUN, SKIP = "run", "skip"
@@ -91,7 +94,10 @@ class Manifest:
         self._open_line = False
         """The file ends in the middle of a line (a killed run): start the next on a new one."""
         if self.path.is_file():
-            self._load()
+            try:
+                self._load()
+            except OSError as error:  # its outputs then count as not written by pisa: kept
+                log.warning("%s: cannot read the manifest (%s)", self.path, error)
 
     def use_settings(self, settings: dict) -> None:
         """The settings of this run: outputs are checked and recorded against them."""
