@@ -143,6 +143,8 @@ class BarDisplay:
         elapsed = time.perf_counter() - self.start
         rate = f"{self.done / elapsed:.2f} img/s" if elapsed > 0 else ""
         self.progress.update(self.task, advance=1, rate=rate)
+        if self.done == self.progress.tasks[0].total:
+            self.show("done")
 
     def warn(self, text: str) -> None:
         self.progress.console.print(f"[yellow]warning[/yellow] {escape(text)}", soft_wrap=True)

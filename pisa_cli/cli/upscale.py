@@ -35,6 +35,9 @@ class Outcome:
     """Images left when the run was stopped."""
     interrupted: bool = False
     seconds: float = 0.0
+    """The whole command."""
+    run_seconds: float = 0.0
+    """From the first image into the model to the last written (the model's loading aside)."""
     extra: str = ""
     """The end of the summary line (files ignored, sub-folders not searched)."""
     settings: dict = field(default_factory=dict)
@@ -231,7 +234,7 @@ def _process(to_run, reasons, model_options, options, batch, manifest, quiet, ou
     except PisaError as error:
         raise common.fail(error) from None
     stop = threading.Event()
-    processed = 0
+    processed, start = 0, time.perf_counter()
     with display(len(to_run), quiet) as shown, _stop_on_signals(stop, shown.warn):
         results = run_jobs(
             pipeline, to_run, options, batch, manifest=manifest, on_start=shown.started, stop=stop
@@ -248,6 +251,7 @@ def _process(to_run, reasons, model_options, options, batch, manifest, quiet, ou
                 stop.set()  # keep draining: the runner yields what it finishes, then ends
     outcome.interrupted = stop.is_set()
     outcome.not_done = len(to_run) - processed
+    outcome.run_seconds = time.perf_counter() - start
 
 
 @contextmanager
@@ -285,7 +289,8 @@ def _finish(outcome: Outcome, report: Path | None) -> None:
     if outcome.interrupted:
         extra += f"; stopped, {outcome.not_done} not done (run again to resume)"
     done = counts["done"]
-    rate = f", {done / outcome.seconds:.2f} img/s" if done and outcome.seconds > 0 else ""
+    speed = done / outcome.run_seconds if done and outcome.run_seconds > 0 else 0
+    rate = f" ({speed:.2f} img/s)" if speed else ""
     typer.echo(summary(counts, extra) + f" in {outcome.seconds:.1f} s{rate}", err=True)
     report_failed = report is not None and not _write_report(report, outcome, counts)
     code = 1 if counts["failed"] or report_failed else 0
