@@ -17,6 +17,7 @@ DEFAULT_SCENARIOS = (
     "cold-start",
     "precision",
 )
+"""What `pisa bench` runs without arguments; the other scenarios run by name."""
 
 
 def bench_command(
@@ -39,6 +40,7 @@ def bench_command(
     common.setup_logging()
     import pisa_cli.bench.coldstart
     import pisa_cli.bench.perf
+    import pisa_cli.bench.streaming
     import pisa_cli.bench.upscale
     import pisa_cli.bench.vae  # noqa: F401 - registers the scenarios
     from pisa_cli.bench import SCENARIOS, format_table, write_json

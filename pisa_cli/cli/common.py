@@ -17,6 +17,7 @@ from pisa_cli.options import (
     BASE_MODEL_ENV,
     DEFAULT_BASE_MODEL,
     WEIGHTS_ENV,
+    BatchOptions,
     ModelOptions,
     SecondPassOptions,
     TileOptions,
@@ -28,10 +29,14 @@ MODEL = "Model"
 QUALITY = "Lambdas and quality"
 TILES = "Tiles and memory"
 OUTPUT = "Output"
+INPUT = "Input"
 
 Inputs = Annotated[
     list[Path],
-    typer.Argument(help="Image files and/or folders of images.", show_default=False),
+    typer.Argument(
+        help="Image files, folders of images, and/or glob patterns ('shots/**/*.jpg').",
+        show_default=False,
+    ),
 ]
 OutputDir = Annotated[
     Path, typer.Option("--output", "-o", help="Folder for the results (created if needed).")
@@ -192,6 +197,70 @@ TileBatch = Annotated[
         rich_help_panel=TILES,
     ),
 ]
+Recursive = Annotated[
+    bool,
+    typer.Option(
+        "--recursive",
+        "-r",
+        help="Also upscale the images in sub-folders, mirroring the tree in the output folder.",
+        rich_help_panel=INPUT,
+    ),
+]
+MaxPixels = Annotated[
+    int,
+    typer.Option(
+        "--max-pixels",
+        help="Refuse inputs with more pixels (width x height) than this, before decoding them "
+        "(also stops decompression bombs).",
+        rich_help_panel=INPUT,
+    ),
+]
+Format = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        "-f",
+        help="Output format: png, jpg, webp, tiff, or same (the input's; png when it cannot be "
+        "written). 16 bits per channel need png or tiff; transparency needs png, webp or tiff.",
+        rich_help_panel=OUTPUT,
+    ),
+]
+Quality = Annotated[
+    int,
+    typer.Option(
+        "--quality",
+        help="jpg and webp quality, 1-100 (webp 100 is lossless); png and tiff are lossless.",
+        rich_help_panel=OUTPUT,
+    ),
+]
+Suffix = Annotated[
+    str,
+    typer.Option(
+        "--suffix",
+        help="Added to output names before the extension (--suffix _x4: photo_x4.png).",
+        rich_help_panel=OUTPUT,
+    ),
+]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Redo outputs that exist. Without it, outputs that the manifest says were made "
+        "with these settings from this input are skipped (resume), outputs made with other "
+        "settings are redone, and files pisa did not write are kept.",
+        rich_help_panel=OUTPUT,
+    ),
+]
+Report = Annotated[
+    Path | None,
+    typer.Option(
+        "--report",
+        help="Write what happened to each image (status, error, sizes, seconds per stage) to "
+        "this .json or .csv file.",
+        rich_help_panel=OUTPUT,
+        show_default=False,
+    ),
+]
 DryRun = Annotated[
     bool,
     typer.Option(
@@ -257,6 +326,12 @@ def build_options(values: dict[str, object]) -> tuple[ModelOptions, UpscaleOptio
     return model, UpscaleOptions(tiles=tiles, second_pass=second, **values)
 
 
+def build_batch(values: dict[str, object]) -> BatchOptions:
+    """Batch options from the CLI values (pops them; raises OptionsError when invalid)."""
+    names = ("recursive", "format", "quality", "suffix", "overwrite", "max_pixels")
+    return BatchOptions(**{name: values.pop(name) for name in names})  # type: ignore[arg-type]
+
+
 def fail(error: PisaError) -> typer.Exit:
     """Print ``error`` as one line on stderr; return the Exit to raise."""
     typer.echo(f"error: {error}", err=True)
@@ -291,3 +366,6 @@ def _quiet_libraries(verbose: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    if not verbose and "transformers" in sys.modules:
+        # imported before us (a second run in one process): it read the variable already
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
