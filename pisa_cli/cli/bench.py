@@ -9,7 +9,7 @@ import typer
 
 from pisa_cli.cli import common
 
-DEFAULT_SCENARIOS = ("vae-exact", "vae-memory", "upscale-512-2048")
+DEFAULT_SCENARIOS = ("vae-exact", "vae-memory", "upscale-512-2048", "sweep-5x5")
 
 
 def bench_command(
@@ -30,6 +30,7 @@ def bench_command(
     a table of wall time, peak memory and per-scenario figures.
     """
     common.setup_logging()
+    import pisa_cli.bench.sweep
     import pisa_cli.bench.upscale
     import pisa_cli.bench.vae  # noqa: F401 - registers the scenarios
     from pisa_cli.bench import SCENARIOS, format_table, write_json
