@@ -125,6 +125,42 @@ class TileOptions:
         )
 
 
+SECOND_PASSES = ("none", "tudsr", "pisa")
+
+
+@dataclass(frozen=True)
+class SecondPassOptions:
+    """An optional x2 pass after the x4 one (TUDSR-style: x8 as x4 then x2)."""
+
+    kind: str = "none"
+    """none; tudsr (a second LoRA on the same backbone); pisa (PiSA-SR again, a fallback)."""
+    weights: str = ""
+    """The second pass's LoRA: a peft adapter folder or a diffusers LoRA .safetensors."""
+    timestep: int | None = None
+    """UNet timestep of the second pass; None: the one stored in the LoRA file."""
+    prompt: str = ""
+    """Prompt of the second pass (tudsr)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.kind in SECOND_PASSES,
+            f"--second-pass {self.kind!r} is not one of {', '.join(SECOND_PASSES)}",
+        )
+        _check(
+            self.kind != "tudsr" or bool(self.weights),
+            "--second-pass tudsr needs --second-pass-weights PATH (a peft adapter folder or a "
+            "LoRA .safetensors)",
+        )
+        _check(
+            self.kind == "tudsr" or not self.weights,
+            "--second-pass-weights is only used with --second-pass tudsr",
+        )
+        _check(
+            self.timestep is None or self.timestep >= 0,
+            f"--second-pass-timestep {self.timestep} must be 0 or more",
+        )
+
+
 @dataclass(frozen=True)
 class UpscaleOptions:
     """What one upscale does to an image; the same for every image of a run."""
@@ -147,6 +183,12 @@ class UpscaleOptions:
     """Seed for --vae-sample; None draws a fresh one."""
     tiles: TileOptions = field(default_factory=TileOptions)
     """Tile sizes for the UNet and the VAE."""
+    second_pass: SecondPassOptions = field(default_factory=SecondPassOptions)
+    """An optional x2 pass after this one: the output is then 2 x scale times the input."""
+
+    @property
+    def total_scale(self) -> int:
+        return self.scale * (1 if self.second_pass.kind == "none" else 2)
 
     def __post_init__(self) -> None:
         _check(1 <= self.scale <= 16, f"--scale {self.scale} must be a whole number from 1 to 16")

@@ -12,7 +12,8 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,14 +21,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pisa_cli.engine import color, memory, vae
-from pisa_cli.engine.denoise import combine_eps, predict_eps, variants_needed
+from pisa_cli.engine.denoise import combine_eps, predict_eps, variants_needed, x0_from_eps
 from pisa_cli.engine.tiles import TilePlan
+from pisa_cli.errors import OptionsError
 from pisa_cli.imaging.resize import ResizePlan, restore_size, upsample_input
+from pisa_cli.models import cache
+from pisa_cli.models.base import unet_from_state
 from pisa_cli.models.checkpoint import PisaCheckpoint, load_checkpoint, resolve_weights_path
 from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
 from pisa_cli.models.lora import PisaUNet
+from pisa_cli.models.second_lora import SecondLora, load_second_lora
 from pisa_cli.models.text import PromptEncoder
-from pisa_cli.options import ModelOptions, UpscaleOptions
+from pisa_cli.options import ModelOptions, SecondPassOptions, UpscaleOptions
 from pisa_cli.planning import ImagePlan, plan_image
 from pisa_cli.recovery import StageGuard
 
@@ -49,6 +54,21 @@ class Encoded:
     """(H, W) of the unpadded image."""
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One pass of the model over an image."""
+
+    name: str
+    """"" for the PiSA-SR pass, "second" for the x2 pass (prefix of its timings)."""
+    variants: tuple[str, ...]
+    """UNet weight sets the pass needs."""
+    timestep: int
+    rule: str
+    """pisa: z_H = z_L - eps (lambdas combined); x0: the DDPM one-step formula."""
+    options: UpscaleOptions
+    """Scale, prompt, colour fix, tiles and lambdas of this pass."""
+
+
 @dataclass
 class UpscaleResult:
     """An upscaled image and how it was made."""
@@ -60,6 +80,8 @@ class UpscaleResult:
     """Seconds per stage: preprocess, text, encode, unet, decode, color."""
     notes: list[str] = field(default_factory=list)
     """What had to be changed on the way (out-of-memory retries, fp32 redos)."""
+    second_plan: ImagePlan | None = None
+    """The plan of the x2 pass, when there was one."""
 
     @property
     def resize(self) -> ResizePlan:
@@ -96,11 +118,20 @@ class PisaPipeline:
             vae_factor=self.vae_factor,
         )
         self.guard = StageGuard(self.vae, dtype)
+        self.second_timestep: int | None = None
+        """The timestep stored in the second-pass LoRA file, if it has one."""
+        self.second_source = ""
 
     # --- stages -------------------------------------------------------------------------
-    def plan(self, size: tuple[int, int], options: UpscaleOptions) -> ImagePlan:
+    def plan(
+        self,
+        size: tuple[int, int],
+        options: UpscaleOptions,
+        variants: tuple[str, ...] | None = None,
+    ) -> ImagePlan:
         """The plan for an input of ``size`` (width, height) in the memory free right now."""
-        return plan_image(size, options, self.widths, self.dtype.itemsize, free_memory(self.device))
+        free = free_memory(self.device)
+        return plan_image(size, options, self.widths, self.dtype.itemsize, free, variants)
 
     @torch.inference_mode()
     def embed(self, prompt: str) -> torch.Tensor:
@@ -139,9 +170,10 @@ class PisaPipeline:
         variants: tuple[str, ...],
         tiles: TilePlan,
         tile_batch: int = 1,
+        timestep: int = TIMESTEP,
     ) -> dict[str, torch.Tensor]:
-        """eps of each UNet variant (``pix``, ``pisa``) over the latent tiles."""
-        return predict_eps(self.unet, latents, cond, tiles, variants, tile_batch)
+        """eps of each UNet variant (``pix``, ``pisa``, ``second``) over the latent tiles."""
+        return predict_eps(self.unet, latents, cond, tiles, variants, tile_batch, timestep)
 
     @torch.inference_mode()
     def decode(
@@ -169,29 +201,79 @@ class PisaPipeline:
     def upscale_with_info(
         self, image: Image.Image, options: UpscaleOptions | None = None
     ) -> UpscaleResult:
-        """Upscale an RGB image, retrying a stage with smaller tiles when memory runs out and
-        in fp32 when a low-precision VAE pass gives inf or NaN."""
+        """Upscale an RGB image (and run the second pass, if any), retrying a stage with
+        smaller tiles when memory runs out and in fp32 when a low-precision VAE pass gives
+        inf or NaN."""
         options = options or UpscaleOptions()
         timings: dict[str, float] = {}
         notes: list[str] = []
-        with _timed(timings, "preprocess"):
+        plans = []
+        for stage in self.stages(options):
+            image, plan = self._run_stage(image, stage, timings, notes)
+            plans.append(plan)
+        second = plans[1] if len(plans) > 1 else None
+        return UpscaleResult(image, plans[0], timings, notes, second)
+
+    def stages(self, options: UpscaleOptions) -> list[Stage]:
+        """The passes ``options`` ask for: PiSA-SR at ``scale``, then the optional x2 pass."""
+        lambdas = (options.lambda_pix, options.lambda_sem)
+        first = Stage("", variants_needed(*lambdas), TIMESTEP, "pisa", options)
+        second = options.second_pass
+        if second.kind == "none":
+            return [first]
+        plain = replace(options, scale=2, second_pass=SecondPassOptions())
+        if second.kind == "pisa":
+            return [first, Stage("second", first.variants, TIMESTEP, "pisa", plain)]
+        if "second" not in self.unet.variants:
+            raise OptionsError(
+                "this pipeline was loaded without a second-pass LoRA; load it with "
+                "options that name --second-pass-weights"
+            )
+        timestep = second.timestep if second.timestep is not None else self.second_timestep
+        if timestep is None:
+            raise OptionsError(
+                f"{self.second_source}: the LoRA file does not say its timestep; pass "
+                "--second-pass-timestep T"
+            )
+        steps = len(self.scheduler.alphas_cumprod)  # type: ignore[attr-defined]
+        if not 0 <= timestep < steps:
+            raise OptionsError(f"--second-pass-timestep {timestep} must be from 0 to {steps - 1}")
+        tudsr = replace(plain, prompt=second.prompt)
+        return [first, Stage("second", ("second",), timestep, "x0", tudsr)]
+
+    def _run_stage(
+        self, image: Image.Image, stage: Stage, timings: dict[str, float], notes: list[str]
+    ) -> tuple[Image.Image, ImagePlan]:
+        options = stage.options
+        prefix = f"{stage.name}_" if stage.name else ""
+        with _timed(timings, prefix + "preprocess"):
             rgb = image if image.mode == "RGB" else image.convert("RGB")
-            plan = self.plan(rgb.size, options)
+            plan = self.plan(rgb.size, options, stage.variants)
             upsampled = upsample_input(rgb, plan.resize)
-        with _timed(timings, "text"):
+        with _timed(timings, prefix + "text"):
             cond = self.embed(options.prompt)
-        with _timed(timings, "encode", self.device):
+        with _timed(timings, prefix + "encode", self.device):
             encoded, plan = self.guard.encode(self, upsampled, options, plan, notes)
-        with _timed(timings, "unet", self.device):
-            eps, plan = self.guard.predict(self, encoded.latents, cond, plan, notes)
-            latents = encoded.latents - combine_eps(eps, options.lambda_pix, options.lambda_sem)
+        with _timed(timings, prefix + "unet", self.device):
+            eps, plan = self.guard.predict(self, encoded.latents, cond, plan, notes, stage.timestep)
+            latents = self.step(encoded.latents, eps, stage)
             del eps
-        with _timed(timings, "decode", self.device):
+        with _timed(timings, prefix + "decode", self.device):
             decoded, plan = self.guard.decode(self, latents, encoded.size, plan, notes)
-        with _timed(timings, "color"):
+        with _timed(timings, prefix + "color"):
             fixed = self.finish(decoded, encoded.source, options.color_fix)
             result = restore_size(to_image(fixed), plan.resize)
-        return UpscaleResult(image=result, plan=plan, timings=timings, notes=notes)
+        return result, plan
+
+    def step(
+        self, latents: torch.Tensor, eps: dict[str, torch.Tensor], stage: Stage
+    ) -> torch.Tensor:
+        """z_H from z_L and the eps of the stage's variants."""
+        if stage.rule == "x0":
+            alpha_bar = float(self.scheduler.alphas_cumprod[stage.timestep])  # type: ignore[attr-defined]
+            return x0_from_eps(latents, eps[stage.variants[0]], alpha_bar)
+        options = stage.options
+        return latents - combine_eps(eps, options.lambda_pix, options.lambda_sem)
 
 
 @contextmanager
@@ -216,9 +298,13 @@ def to_image(tensor: torch.Tensor) -> Image.Image:
 
 
 def merged_variant(options: UpscaleOptions | None) -> str:
-    """The weight set worth merging for a run with these lambdas (the other is a side path)."""
+    """The weight set worth merging for a run (the others are side paths): the second pass's
+    when there is a LoRA second pass (it works on 4x the pixels), else PiSA's for equal
+    lambdas, else the pixel set."""
     if options is None:
         return "pisa"
+    if options.second_pass.kind == "tudsr":
+        return "second"
     return "pisa" if variants_needed(options.lambda_pix, options.lambda_sem) == ("pisa",) else "pix"
 
 
@@ -231,7 +317,8 @@ def load_pipeline(
     dtype: str | None = None,
     options: UpscaleOptions | None = None,
 ) -> PisaPipeline:
-    """Load SD 2.1-base and the PiSA-SR weights, merged for ``options``' lambdas.
+    """Load SD 2.1-base, the PiSA-SR weights and, when ``options`` ask for a TUDSR-style
+    second pass, its LoRA; the weights are merged for ``options``.
 
     Keyword arguments override the fields of ``model``. Raises WeightsError, ModelError or
     DeviceError with a message naming what is wrong.
@@ -247,23 +334,68 @@ def load_pipeline(
     )
     torch_device = resolve_device(model.device)
     torch_dtype = resolve_dtype(model.dtype, torch_device)
-    checkpoint = load_checkpoint(resolve_weights_path(model.resolved_weights()))
+    weights_path = resolve_weights_path(model.resolved_weights())
+    checkpoint = load_checkpoint(weights_path)
+    second = None
+    if options is not None and options.second_pass.kind == "tudsr":
+        second = load_second_lora(options.second_pass.weights)
     folder = resolve_base_model(model.resolved_base_model())
     check_base_folder(folder)
     log.info("base model %s, weights %s", folder, checkpoint.source)
+    merged = merged_variant(options)
+    key = _merged_key(folder, weights_path, merged, torch_dtype, second)
+    state = cache.load_tensors("merged", key)
+    unet = load_part(folder, "unet") if state is None else unet_from_state(folder, state)
     prompts = PromptEncoder(
-        lambda: load_part(folder, "tokenizer"), lambda: load_part(folder, "text_encoder")
+        lambda: load_part(folder, "tokenizer"),
+        lambda: load_part(folder, "text_encoder"),
+        cache_key=_text_key(folder),
     )
-    return build_pipeline(
-        unet=load_part(folder, "unet"),
+    pipeline = build_pipeline(
+        unet=unet,
         vae_model=load_part(folder, "vae"),
         prompts=prompts,
         scheduler=load_part(folder, "scheduler"),
         checkpoint=checkpoint,
         device=torch_device,
         dtype=torch_dtype,
-        merged=merged_variant(options),
+        merged=merged,
+        second=second,
+        premerged=state is not None,
     )
+    if state is None:
+        cache.save_tensors("merged", key, pipeline.unet.unet.state_dict(), keep=cache.MAX_MERGED)
+    return pipeline
+
+
+def _merged_key(
+    folder: Path, weights: Path, merged: str, dtype: torch.dtype, second: SecondLora | None
+) -> str:
+    """Cache key of a merged UNet: digests of everything the merged weights depend on."""
+    from pisa_cli.models.base import weights_file
+
+    second_files = []
+    if second is not None:
+        source = Path(second.source)
+        files = sorted(source.glob("*")) if source.is_dir() else [source]
+        second_files = [cache.file_digest(f) for f in files if f.is_file()]
+    return cache.make_key(
+        unet=cache.file_digest(weights_file(folder, "unet")),
+        unet_config=cache.file_digest(folder / "unet" / "config.json"),
+        weights=cache.file_digest(weights),
+        merged=merged,
+        dtype=str(dtype),
+        second=second_files,
+    )
+
+
+def _text_key(folder: Path) -> str:
+    """Digest of what a prompt embedding depends on: text encoder and tokenizer files."""
+    from pisa_cli.models.base import weights_file
+
+    files = [weights_file(folder, "text_encoder"), folder / "text_encoder" / "config.json"]
+    files += sorted((folder / "tokenizer").glob("*"))
+    return cache.make_key(files=[cache.file_digest(f) for f in files if f.is_file()])
 
 
 def build_pipeline(
@@ -275,12 +407,21 @@ def build_pipeline(
     device: torch.device,
     dtype: torch.dtype,
     merged: str = "pisa",
+    second: SecondLora | None = None,
+    premerged: bool = False,
 ) -> PisaPipeline:
-    """Assemble a pipeline from float32 CPU parts: merge the LoRAs, then move to the device."""
+    """Assemble a pipeline from CPU parts: merge the LoRAs (unless ``premerged``: the UNet's
+    weights come merged from the cache), then move everything to the device."""
     unet.eval().requires_grad_(False)
     vae_model.eval().requires_grad_(False)
-    pisa_unet = PisaUNet(unet, checkpoint, merged=merged).to(device, dtype)
+    layers = list(second.layers) if second else None
+    source = second.source if second else ""
+    pisa_unet = PisaUNet(unet, checkpoint, merged, layers, source, premerged)
+    pisa_unet.to(device, dtype)
     vae_model.to(device=device)
     if vae_model.dtype != dtype:  # type: ignore[attr-defined]
         vae_model.to(dtype=dtype)
-    return PisaPipeline(pisa_unet, vae_model, prompts, scheduler, device, dtype)
+    pipeline = PisaPipeline(pisa_unet, vae_model, prompts, scheduler, device, dtype)
+    if second is not None:
+        pipeline.second_timestep, pipeline.second_source = second.timestep, second.source
+    return pipeline

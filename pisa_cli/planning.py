@@ -73,14 +73,17 @@ def plan_image(
     widths: memory.Widths,
     dtype_bytes: int,
     free_bytes: int,
+    variants: tuple[str, ...] | None = None,
 ) -> ImagePlan:
-    """The plan for an input of ``size`` (width, height) under ``free_bytes`` of memory."""
+    """The plan for an input of ``size`` (width, height) under ``free_bytes`` of memory.
+
+    ``variants`` are the UNet weight sets the pass needs (default: those of the lambdas)."""
     factor = widths.vae_factor
     resize = plan_resize(size, options.scale, options.process_size, factor)
     width, height = resize.model_size
     width, height = width + (-width) % factor, height + (-height) % factor
     latent_h, latent_w = height // factor, width // factor
-    variants = variants_needed(options.lambda_pix, options.lambda_sem)
+    variants = variants or variants_needed(options.lambda_pix, options.lambda_sem)
     tiles = options.tiles
 
     latent_tile = tiles.latent_tile or memory.auto_latent_tile(

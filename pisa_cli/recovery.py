@@ -69,9 +69,11 @@ class StageGuard:
 
         return self._retry("VAE encoder", plan, run, shrink, _encoder_tile, notes)
 
-    def predict(self, pipe, latents, cond, plan: ImagePlan, notes: list[str]):
+    def predict(self, pipe, latents, cond, plan: ImagePlan, notes: list[str], timestep: int = 1):
         def run(current: ImagePlan):
-            return pipe.predict(latents, cond, current.variants, current.unet, current.tile_batch)
+            return pipe.predict(
+                latents, cond, current.variants, current.unet, current.tile_batch, timestep
+            )
 
         def shrink(current: ImagePlan) -> ImagePlan | None:
             if current.tile_batch > 1:

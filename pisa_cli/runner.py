@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pisa_cli.errors import ImageError, PisaError
 from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.io import read_image, write_image
-from pisa_cli.options import ModelOptions, UpscaleOptions
+from pisa_cli.options import ModelOptions, SecondPassOptions, UpscaleOptions
 from pisa_cli.planning import ImagePlan
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ def run_job(pipeline, job: Job, options: UpscaleOptions) -> JobResult:
 
 def dry_run(
     jobs: Iterable[Job], options: UpscaleOptions, model: ModelOptions
-) -> Iterator[tuple[Job, ImagePlan | str]]:
-    """The plan of each job from its image header, without loading any model.
+) -> Iterator[tuple[Job, list[ImagePlan] | str]]:
+    """The plans of each job (one per pass) from its image header, without loading a model.
 
     Channel widths come from the base model's configs when it is on disk, else from SD
     2.1-base's; the free memory is that of the device the run would use.
@@ -104,4 +104,11 @@ def dry_run(
         except ImageError as error:
             yield job, str(error)
             continue
-        yield job, plan_image(size, options, widths, dtype.itemsize, free_memory(device))
+        plans = [plan_image(size, options, widths, dtype.itemsize, free_memory(device))]
+        if options.second_pass.kind != "none":
+            second = replace(options, scale=2, second_pass=SecondPassOptions())
+            variants = ("second",) if options.second_pass.kind == "tudsr" else None
+            size = plans[0].resize.output_size
+            free = free_memory(device)
+            plans.append(plan_image(size, second, widths, dtype.itemsize, free, variants))
+        yield job, plans

@@ -97,3 +97,65 @@ def assert_close(ours: Image.Image, theirs: Image.Image, mean: float = 0.5) -> N
     assert ours.size == theirs.size
     diff = np.abs(np.asarray(ours, dtype=int) - np.asarray(theirs, dtype=int))
     assert diff.max() <= 3 and diff.mean() < mean, (diff.max(), diff.mean())
+
+
+SECOND_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out"]
+
+
+def second_lora_unet(base: Path, rank: int = 8, alpha: float = 16.0, seed: int = 2):
+    """The base UNet with a random second-pass LoRA attached by peft (active, unmerged)."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet").eval()
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=SECOND_TARGETS
+    )
+    torch.manual_seed(seed)
+    unet.add_adapter(config)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    return unet, config
+
+
+def write_second_lora(
+    base: Path,
+    folder: Path,
+    layout: str = "peft",
+    timestep: int | None = 250,
+    alpha_in_file: bool = True,
+) -> Path:
+    """A second-pass LoRA as peft (adapter folder) or diffusers (one .safetensors) save it."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    unet, config = second_lora_unet(base)
+    state = get_peft_model_state_dict(unet)
+    metadata = {} if timestep is None else {"timestep": str(timestep)}
+    folder.mkdir(parents=True, exist_ok=True)
+    if layout == "peft":
+        config.save_pretrained(folder)
+        save_file(state, str(folder / "adapter_model.safetensors"), metadata=metadata)
+        return folder
+    from diffusers import StableDiffusionPipeline
+
+    adapter = config.to_dict() if alpha_in_file else None
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=state, unet_lora_adapter_metadata=adapter
+    )
+    path = folder / "pytorch_lora_weights.safetensors"
+    if metadata:  # rewrite with our timestep in the header, the tensors unchanged
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            header = {**(handle.metadata() or {}), **metadata}
+        save_file(tensors, str(path), metadata=header)
+    return path
+
+
+@pytest.fixture(scope="session")
+def second_lora(tiny_base, tmp_path_factory) -> Path:
+    return write_second_lora(tiny_base, tmp_path_factory.mktemp("second") / "tudsr-lora")

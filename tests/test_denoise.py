@@ -70,7 +70,7 @@ def test_pointwise_model_is_unchanged_by_tiling(latent):
     exactly the untiled result, whatever the tiles."""
     z, cond = latent
 
-    def pointwise(batch, cond, variants):
+    def pointwise(batch, cond, variants, timestep=1):
         return torch.cat([torch.tanh(batch) * (k + 1) for k in range(len(variants))])
 
     untiled = predict_eps(pointwise, z, cond, plan_latent_tiles(20, 28, 96, 32), ("pix", "pisa"))

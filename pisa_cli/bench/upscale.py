@@ -10,15 +10,27 @@ from PIL import Image
 
 from pisa_cli.bench import Row, measured, scenario
 from pisa_cli.imaging.discover import discover
-from pisa_cli.models.synthetic import build_random_base, random_checkpoint, write_tokenizer
+from pisa_cli.models.second_lora import SecondLora
+from pisa_cli.models.synthetic import (
+    build_random_base,
+    random_checkpoint,
+    random_lora_layers,
+    write_tokenizer,
+)
 from pisa_cli.models.text import PromptEncoder
-from pisa_cli.options import UpscaleOptions
+from pisa_cli.options import SecondPassOptions, UpscaleOptions
 from pisa_cli.pipeline import PisaPipeline, build_pipeline
 from pisa_cli.runner import run_jobs
 
+SECOND_PASS_TIMESTEP = 200
+"""Timestep of the random second-pass LoRA (TUDSR's own value is not published)."""
 
-def random_pipeline(device: torch.device, dtype: torch.dtype, merged: str = "pisa") -> PisaPipeline:
-    """The full SD 2.1-base architecture with random weights and a random PiSA-SR LoRA."""
+
+def random_pipeline(
+    device: torch.device, dtype: torch.dtype, merged: str = "pisa", second_rank: int = 0
+) -> PisaPipeline:
+    """The full SD 2.1-base architecture with random weights and a random PiSA-SR LoRA (and
+    a random second-pass LoRA of ``second_rank``, TUDSR-S uses 32)."""
     from transformers import CLIPTokenizer
 
     from pisa_cli.models.synthetic import config_dir
@@ -29,8 +41,12 @@ def random_pipeline(device: torch.device, dtype: torch.dtype, merged: str = "pis
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     prompts = PromptEncoder(lambda: tokenizer, lambda: parts.text_encoder)  # type: ignore[arg-type,return-value]
     checkpoint = random_checkpoint(parts.unet, seed=1)
+    second = None
+    if second_rank:
+        layers = tuple(random_lora_layers(parts.unet, second_rank, seed=2))
+        second = SecondLora(layers, SECOND_PASS_TIMESTEP, "random second-pass LoRA")
     return build_pipeline(
-        parts.unet, parts.vae, prompts, parts.scheduler, checkpoint, device, dtype, merged
+        parts.unet, parts.vae, prompts, parts.scheduler, checkpoint, device, dtype, merged, second
     )
 
 
@@ -84,4 +100,15 @@ def upscale_large(device: torch.device, dtype: torch.dtype) -> list[Row]:
     row = run_folder(rows, "upscale-512-2048", "512->2048 auto plan", pipeline, [512], options)
     row.figures["unet_tiles"] = len(plan.unet.tiles)
     row.figures["unet_waste"] = round(plan.unet.waste, 3)
+    return rows
+
+
+@scenario("second-pass")
+def second_pass(device: torch.device, dtype: torch.dtype) -> list[Row]:
+    """64x64 -> 512x512 as x4 (PiSA-SR) then x2 (a rank-32 second LoRA): time per stage."""
+    rows: list[Row] = []
+    pipeline = random_pipeline(device, dtype, merged="second", second_rank=32)
+    second = SecondPassOptions(kind="tudsr", weights="(random)")
+    options = UpscaleOptions(second_pass=second)
+    run_folder(rows, "second-pass", "64->256->512 x4+x2", pipeline, [64], options)
     return rows

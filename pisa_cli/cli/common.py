@@ -18,6 +18,7 @@ from pisa_cli.options import (
     DEFAULT_BASE_MODEL,
     WEIGHTS_ENV,
     ModelOptions,
+    SecondPassOptions,
     TileOptions,
     UpscaleOptions,
     parse_tile,
@@ -187,6 +188,38 @@ DryRun = Annotated[
         help="Print each image's plan (sizes, tiles, estimated memory) without loading the model.",
     ),
 ]
+SECOND = "Second pass (x8)"
+SecondPass = Annotated[
+    str,
+    typer.Option(
+        "--second-pass",
+        help="After the x4 pass, one more x2 pass: tudsr (a second LoRA on the same backbone, "
+        "TUDSR-style; needs --second-pass-weights) or pisa (PiSA-SR again on its own output, "
+        "a fallback without extra weights); none by default.",
+        rich_help_panel=SECOND,
+    ),
+]
+SecondPassWeights = Annotated[
+    str,
+    typer.Option(
+        "--second-pass-weights",
+        help="LoRA of the tudsr pass: a peft adapter folder (adapter_config.json + "
+        "adapter_model.safetensors) or a diffusers LoRA .safetensors.",
+        rich_help_panel=SECOND,
+    ),
+]
+SecondPassTimestep = Annotated[
+    int | None,
+    typer.Option(
+        "--second-pass-timestep",
+        help="UNet timestep of the tudsr pass (default: the one stored in the LoRA file).",
+        rich_help_panel=SECOND,
+    ),
+]
+SecondPassPrompt = Annotated[
+    str,
+    typer.Option("--second-pass-prompt", help="Prompt of the tudsr pass.", rich_help_panel=SECOND),
+]
 Quiet = Annotated[
     bool, typer.Option("--quiet", "-q", help="Only print errors and the final summary.")
 ]
@@ -203,7 +236,13 @@ def build_options(values: dict[str, object]) -> tuple[ModelOptions, UpscaleOptio
         vae_decoder_tile=parse_tile("--vae-decoder-tile", values.pop("vae_decoder_tile")),
         tile_batch=parse_tile("--tile-batch", values.pop("tile_batch")),
     )
-    return model, UpscaleOptions(tiles=tiles, **values)
+    second = SecondPassOptions(
+        kind=values.pop("second_pass"),
+        weights=values.pop("second_pass_weights"),
+        timestep=values.pop("second_pass_timestep"),
+        prompt=values.pop("second_pass_prompt"),
+    )
+    return model, UpscaleOptions(tiles=tiles, second_pass=second, **values)
 
 
 def fail(error: PisaError) -> typer.Exit:

@@ -13,8 +13,8 @@ import torch
 
 from pisa_cli.engine.tiles import Tile, TilePlan, gaussian_weights
 
-UNetFn = Callable[[torch.Tensor, torch.Tensor, Sequence[str]], torch.Tensor]
-"""(latent tiles (N, C, h, w), prompt embedding, variants) -> eps, variant-major."""
+UNetFn = Callable[..., torch.Tensor]
+"""(latent tiles (N, C, h, w), prompt embedding, variants, timestep=t) -> eps, variant-major."""
 
 
 def variants_needed(lambda_pix: float, lambda_sem: float) -> tuple[str, ...]:
@@ -37,6 +37,12 @@ def combine_eps(eps: dict[str, torch.Tensor], lambda_pix: float, lambda_sem: flo
     raise ValueError(f"eps of {sorted(eps)} cannot give lambdas ({lambda_pix}, {lambda_sem})")
 
 
+def x0_from_eps(latents: torch.Tensor, eps: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """One DDPM step to the clean latent at a timestep with cumulative alpha ``alpha_bar``:
+    z_H = (z_L - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) (REFERENCE section 7)."""
+    return (latents - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
+
+
 def predict_eps(
     unet: UNetFn,
     latents: torch.Tensor,
@@ -44,6 +50,7 @@ def predict_eps(
     plan: TilePlan,
     variants: Sequence[str],
     tile_batch: int = 1,
+    timestep: int = 1,
 ) -> dict[str, torch.Tensor]:
     """eps of each variant for the (1, C, H, W) ``latents``, tile by tile.
 
@@ -54,7 +61,7 @@ def predict_eps(
     if latents.shape[0] != 1:
         raise ValueError("predict_eps works on one latent at a time")
     if not plan.tiled:
-        out = unet(latents, cond, variants)
+        out = unet(latents, cond, variants, timestep=timestep)
         return {v: out[i : i + 1].float() for i, v in enumerate(variants)}
     tile_batch = max(1, tile_batch)
     _, channels, height, width = latents.shape
@@ -64,7 +71,7 @@ def predict_eps(
     for start in range(0, len(plan.tiles), tile_batch):
         group: tuple[Tile, ...] = plan.tiles[start : start + tile_batch]
         batch = torch.cat([latents[:, :, t.rows, t.cols] for t in group])
-        out = unet(batch, cond, variants).float()
+        out = unet(batch, cond, variants, timestep=timestep).float()
         for index, tile in enumerate(group):
             for k, variant in enumerate(variants):
                 eps_tile = out[k * len(group) + index]

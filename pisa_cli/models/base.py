@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pisa_cli.errors import ModelError
 
 LAYOUT_HINT = (
@@ -224,3 +226,21 @@ def load_part(folder: Path, part: str):
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"{folder / part}: cannot load the {part} ({reason[:300]})") from None
     raise ValueError(f"unknown part {part!r}")
+
+
+def weights_file(folder: Path, part: str) -> Path:
+    """The weights file of ``part`` (safetensors preferred), for hashing."""
+    for name in WEIGHT_FILES[part]:
+        if (folder / part / name).is_file():
+            return folder / part / name
+    raise ModelError(f"{folder / part}: no weights file ({' or '.join(WEIGHT_FILES[part])})")
+
+
+def unet_from_state(folder: Path, state: dict) -> object:
+    """A UNet built from ``folder``'s config and given weights, without random init."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(read_part_config(folder, "unet"))
+    unet.load_state_dict(state, assign=True, strict=True)
+    return unet.eval()

@@ -22,8 +22,12 @@ from torch import nn
 from pisa_cli.errors import WeightsError
 from pisa_cli.models.checkpoint import LoraLayer, PisaCheckpoint
 
+VARIANT_ADAPTERS = {"pix": ("pix",), "pisa": ("pix", "sem"), "second": ("second",)}
+"""Each UNet weight set is the base weights plus these LoRAs: PiSA-SR's pixel LoRA, pixel +
+semantic LoRA, and the LoRA of an optional second pass (TUDSR-style x2), which is trained
+on the plain backbone."""
 VARIANTS = ("pix", "pisa")
-"""The two UNet weight sets of PiSA-SR: pixel LoRA only, pixel + semantic LoRA."""
+"""The two weight sets of PiSA-SR itself."""
 
 
 def lora_delta(layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
@@ -81,21 +85,33 @@ class _SideBranch:
 
 @dataclass
 class _SideState:
-    segments: list[tuple[int, int, float]] = field(default_factory=list)
-    """(start, stop, sign) slices of the batch that get the side path."""
+    segments: list[tuple[int, int, dict[str, float]]] = field(default_factory=list)
+    """(start, stop, {adapter: sign}) slices of the batch that get side paths."""
 
 
 class PisaUNet:
-    """The UNet of SD 2.1-base with PiSA-SR's LoRAs, ready for the one-step prediction.
+    """The UNet of SD 2.1-base with PiSA-SR's LoRAs (and a second-pass LoRA), ready for one
+    step.
 
-    ``merged`` picks which weight set lives in the parameters (``pix`` for runs that need the
-    pixel weights, ``pisa`` for the default mode); the other is reached through the semantic
-    side path. ``calls`` counts UNet forward passes (a batch of any size is one call).
+    ``merged`` picks the weight set that lives in the parameters (``pix`` for runs that
+    need the pixel weights, ``pisa`` for the default mode, ``second`` when a second pass
+    does most of the work); every other set is reached through its LoRAs applied unmerged,
+    with sign +1 (added) or -1 (taken away), so the parameters never change after loading.
+    ``calls`` counts UNet forward passes (a batch of any size is one call).
     """
 
-    def __init__(self, unet: nn.Module, checkpoint: PisaCheckpoint, merged: str = "pisa"):
-        if merged not in VARIANTS:
-            raise ValueError(f"merged must be one of {VARIANTS}, not {merged!r}")
+    def __init__(
+        self,
+        unet: nn.Module,
+        checkpoint: PisaCheckpoint,
+        merged: str = "pisa",
+        second: list[LoraLayer] | None = None,
+        second_source: str = "second-pass LoRA",
+        premerged: bool = False,
+    ):
+        self.variants = {k: v for k, v in VARIANT_ADAPTERS.items() if k != "second" or second}
+        if merged not in self.variants:
+            raise ValueError(f"merged must be one of {tuple(self.variants)}, not {merged!r}")
         self.unet = unet
         self.merged = merged
         self.calls = 0
@@ -103,13 +119,17 @@ class PisaUNet:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._branches: list[_SideBranch] = []
         modules = dict(unet.named_modules())
-        source = checkpoint.source or "weights"
-        for branch in ("pix", "sem"):
-            for layer in checkpoint.layers(branch):
-                check_layer_fits(layer, modules.get(layer.module), source)
-        branches = ["pix", "sem"] if merged == "pisa" else ["pix"]
-        self._merge(checkpoint, branches, modules)
-        self._install_side_path(checkpoint, modules)
+        adapters = {"pix": list(checkpoint.layers("pix")), "sem": list(checkpoint.layers("sem"))}
+        for name in ("pix", "sem"):
+            for layer in adapters[name]:
+                check_layer_fits(layer, modules.get(layer.module), checkpoint.source or "weights")
+        if second:
+            for layer in second:
+                check_layer_fits(layer, modules.get(layer.module), second_source)
+            adapters["second"] = second
+        if not premerged:  # premerged: the weights come from the merged-UNet cache
+            self._merge([layer for a in self.variants[merged] for layer in adapters[a]], modules)
+        self._install_side_paths(adapters, modules)
 
     @property
     def device(self) -> torch.device:
@@ -120,59 +140,64 @@ class PisaUNet:
         return next(self.unet.parameters()).dtype
 
     @torch.no_grad()
-    def _merge(self, checkpoint: PisaCheckpoint, branches: list[str], modules: dict) -> None:
+    def _merge(self, layers: list[LoraLayer], modules: dict) -> None:
         # Sum every delta of a module in float32 first, then add once: W + (d_pix + d_sem)
         # rounds once, whatever the dtype the weights are kept in.
         deltas: dict[str, torch.Tensor] = {}
-        for branch in branches:
-            for layer in checkpoint.layers(branch):
-                weight = modules[layer.module].weight
-                delta = lora_delta(layer, weight)
-                deltas[layer.module] = (
-                    deltas[layer.module] + delta if layer.module in deltas else delta
-                )
+        for layer in layers:
+            delta = lora_delta(layer, modules[layer.module].weight)
+            deltas[layer.module] = deltas[layer.module] + delta if layer.module in deltas else delta
         for name, delta in deltas.items():
             weight = modules[name].weight
             merged = weight.to(torch.float32) + delta.to(weight.device)
             weight.copy_(merged.to(weight.dtype))
 
-    def _install_side_path(self, checkpoint: PisaCheckpoint, modules: dict) -> None:
+    def _install_side_paths(self, adapters: dict[str, list[LoraLayer]], modules: dict) -> None:
         param = next(self.unet.parameters())
-        for layer in checkpoint.layers("sem"):
-            module = modules[layer.module]
-            conv = None
-            if isinstance(module, nn.Conv2d):
-                conv = {
-                    "stride": module.stride,
-                    "padding": module.padding,
-                    "dilation": module.dilation,
-                }
-            branch = _SideBranch(
-                down=layer.down.to(param.device, param.dtype),
-                up=(layer.up.to(torch.float32) * layer.scaling).to(param.device, param.dtype),
-                conv=conv,
-            )
-            self._branches.append(branch)
-            self._hooks.append(module.register_forward_hook(self._make_hook(branch)))
+        per_module: dict[str, dict[str, _SideBranch]] = {}
+        for adapter, layers in adapters.items():
+            for layer in layers:
+                module = modules[layer.module]
+                conv = None
+                if isinstance(module, nn.Conv2d):
+                    conv = {
+                        "stride": module.stride,
+                        "padding": module.padding,
+                        "dilation": module.dilation,
+                    }
+                branch = _SideBranch(
+                    down=layer.down.to(param.device, param.dtype),
+                    up=(layer.up.to(torch.float32) * layer.scaling).to(param.device, param.dtype),
+                    conv=conv,
+                )
+                self._branches.append(branch)
+                per_module.setdefault(layer.module, {})[adapter] = branch
+        for name, branches in per_module.items():
+            self._hooks.append(modules[name].register_forward_hook(self._make_hook(branches)))
 
-    def _make_hook(self, branch: _SideBranch) -> Callable:
+    def _make_hook(self, branches: dict[str, _SideBranch]) -> Callable:
         state = self._state
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if not state.segments:
                 return None
             x = args[0]
-            for start, stop, sign in state.segments:
-                if start == 0 and stop == output.shape[0]:
-                    output = output + sign * branch(x)
-                else:
-                    output[start:stop] += sign * branch(x[start:stop])
+            for start, stop, signs in state.segments:
+                whole = start == 0 and stop == output.shape[0]
+                for adapter, sign in signs.items():
+                    branch = branches.get(adapter)
+                    if branch is None:
+                        continue
+                    if whole:
+                        output = output + sign * branch(x)
+                    else:
+                        output[start:stop] += sign * branch(x[start:stop])
             return output
 
         return hook
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PisaUNet:
-        """Move the UNet and the side path together (the side path follows the weights)."""
+        """Move the UNet and the side paths together (the side paths follow the weights)."""
         self.unet.to(device=device)
         if dtype is not None and dtype != self.dtype:
             self.unet.to(dtype=dtype)
@@ -181,16 +206,17 @@ class PisaUNet:
             branch.up = branch.up.to(self.device, self.dtype)
         return self
 
-    def sign(self, variant: str) -> float:
-        """Side-path sign that turns the merged weights into ``variant``'s weights."""
-        if variant not in VARIANTS:
+    def signs(self, variant: str) -> dict[str, float]:
+        """Side-path signs per adapter that turn the merged weights into ``variant``'s."""
+        if variant not in self.variants:
             raise ValueError(f"unknown UNet variant {variant!r}")
-        if variant == self.merged:
-            return 0.0
-        return 1.0 if variant == "pisa" else -1.0
+        wanted, merged = set(self.variants[variant]), set(self.variants[self.merged])
+        signs = {adapter: 1.0 for adapter in wanted - merged}
+        signs.update({adapter: -1.0 for adapter in merged - wanted})
+        return signs
 
     @contextlib.contextmanager
-    def _side(self, segments: list[tuple[int, int, float]]) -> Iterator[None]:
+    def _side(self, segments: list[tuple[int, int, dict[str, float]]]) -> Iterator[None]:
         self._state.segments = segments
         try:
             yield
@@ -214,9 +240,9 @@ class PisaUNet:
         cond = cond.to(batch.dtype).expand(batch.shape[0], -1, -1)
         segments = []
         for index, variant in enumerate(variants):
-            sign = self.sign(variant)
-            if sign:
-                segments.append((index * n, (index + 1) * n, sign))
+            signs = self.signs(variant)
+            if signs:
+                segments.append((index * n, (index + 1) * n, signs))
         t = torch.tensor([timestep], device=batch.device, dtype=torch.long)
         self.calls += 1
         with self._side(segments):

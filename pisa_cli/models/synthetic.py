@@ -19,6 +19,7 @@ from pisa_cli.models.checkpoint import (
     BRANCHES,
     GROUPS,
     PEFT_DEFAULT_ALPHA,
+    LoraLayer,
     PisaCheckpoint,
     adapter_name,
 )
@@ -182,3 +183,21 @@ def random_checkpoint(
         tensors=tensors,
         source=f"random LoRA (seed {seed})",
     )
+
+
+def random_lora_layers(
+    unet: torch.nn.Module, rank: int = 32, seed: int = 0, std: float = 0.01
+) -> list[LoraLayer]:
+    """A random LoRA on the same modules as PiSA-SR's (alpha = rank), e.g. a second pass."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(unet.named_modules())
+    layers = []
+    for names in lora_target_modules(unet).values():
+        for name in names:
+            weight = modules[name].weight
+            down_shape = (rank, *weight.shape[1:])
+            up_shape = (weight.shape[0], rank) + (() if weight.dim() == 2 else (1, 1))
+            down = torch.randn(down_shape, generator=generator) * std
+            up = torch.randn(up_shape, generator=generator) * std
+            layers.append(LoraLayer(name, down, up, 1.0))
+    return layers

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from pisa_cli.models import cache
+
 
 class PromptEncoder:
     """Encodes prompts with the CLIP tokenizer and text encoder, loading them only when needed.
@@ -21,6 +23,7 @@ class PromptEncoder:
         load_tokenizer: Callable[[], object],
         load_text_encoder: Callable[[], torch.nn.Module],
         keep_loaded: bool = False,
+        cache_key: str = "",
     ):
         self._load_tokenizer = load_tokenizer
         self._load_text_encoder = load_text_encoder
@@ -28,13 +31,23 @@ class PromptEncoder:
         self._tokenizer: object | None = None
         self._encoder: torch.nn.Module | None = None
         self._cache: dict[str, torch.Tensor] = {}
+        self._cache_key = cache_key
+        """Digest of the tokenizer and text encoder files; empty: no on-disk cache."""
         self.encodes = 0
         """How many times the text encoder actually ran."""
 
     def __call__(self, prompt: str) -> torch.Tensor:
         """(1, 77, hidden) float32 embedding of ``prompt`` on the CPU."""
-        if prompt not in self._cache:
+        if prompt in self._cache:
+            return self._cache[prompt]
+        key = cache.make_key(encoder=self._cache_key, prompt=prompt) if self._cache_key else ""
+        stored = cache.load_tensors("prompts", key) if key else None
+        if stored is not None and "embedding" in stored:
+            self._cache[prompt] = stored["embedding"]
+        else:
             self._cache[prompt] = self._encode(prompt)
+            if key:
+                cache.save_tensors("prompts", key, {"embedding": self._cache[prompt]})
         return self._cache[prompt]
 
     @torch.inference_mode()

@@ -1,0 +1,117 @@
+"""On-disk cache of what every run would otherwise recompute: the merged UNet and the
+prompt embedding.
+
+A run merges PiSA-SR's LoRAs into 866 M UNet weights and encodes its prompt with a 1.4 GB
+text encoder; both depend only on files that rarely change. The merged weights are cached
+as safetensors in the compute dtype and the embedding as a tiny safetensors file, each
+under a key made of the SHA-256 digests of their inputs (and the settings that matter), so
+a changed file can never be served a stale result. Digests of large files are remembered
+by (path, size, modification time); files in the Hugging Face cache are named by their
+digest already.
+
+The cache lives in $PISA_CACHE_DIR or $XDG_CACHE_HOME/pisa-cli (~/.cache/pisa-cli);
+PISA_NO_CACHE=1 turns it off. Only the newest MAX_MERGED merged UNets are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from pisa_cli.fsutil import atomic_path
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = "1"
+MAX_MERGED = 2
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("PISA_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pisa-cli"
+
+
+def enabled() -> bool:
+    return os.environ.get("PISA_NO_CACHE", "") in ("", "0")
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, computed once per (path, size, mtime) and remembered."""
+    resolved = path.resolve()
+    if _SHA256.match(resolved.name):  # a Hugging Face blob is named by its digest
+        return resolved.name
+    stat = resolved.stat()
+    marker = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}"
+    index_path = cache_dir() / "digests.json"
+    index: dict[str, str] = {}
+    with contextlib.suppress(OSError, ValueError):
+        index = json.loads(index_path.read_text())
+    if marker in index:
+        return index[marker]
+    digest = hashlib.sha256()
+    with open(resolved, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    index[marker] = digest.hexdigest()
+    with contextlib.suppress(OSError):
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(index_path) as temp:
+            temp.write_text(json.dumps(index))
+    return index[marker]
+
+
+def make_key(**parts: object) -> str:
+    """A short digest of the named parts (strings, numbers, lists of them)."""
+    payload = json.dumps({"version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def load_tensors(kind: str, key: str) -> dict[str, torch.Tensor] | None:
+    """The cached tensors of ``kind`` (merged, prompts) under ``key``, or None."""
+    if not enabled():
+        return None
+    path = cache_dir() / kind / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:  # a damaged entry is rebuilt, not trusted
+        log.warning("cache entry %s unreadable (%s); rebuilding it", path, error)
+        path.unlink(missing_ok=True)
+        return None
+    os.utime(path)  # most recently used
+    return tensors
+
+
+def save_tensors(kind: str, key: str, tensors: dict[str, torch.Tensor], keep: int = 0) -> None:
+    """Store tensors atomically; with ``keep``, drop all but the ``keep`` newest entries."""
+    if not enabled():
+        return
+    from safetensors.torch import save_file
+
+    folder = cache_dir() / kind
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / f"{key}.safetensors") as temp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp))
+    except OSError as error:  # a full or read-only disk must not fail the run
+        log.warning("could not write the cache in %s (%s); continuing without", folder, error)
+        return
+    if keep:
+        entries = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+        for old in entries[:-keep]:
+            old.unlink(missing_ok=True)
