@@ -154,6 +154,10 @@ def sweep_command(
     for name in ("inputs", "output", "quiet", "verbose", "dry_run"):
         values.pop(name)
     sweep_values = {name: values.pop(name) for name in SWEEP_OPTIONS}
+    # The sweep explores the x4 pass; a second pass per grid point is not offered.
+    values.update(
+        second_pass="none", second_pass_weights="", second_pass_timestep=None, second_pass_prompt=""
+    )
     try:
         model_options, options = common.build_options(values)
         settings, metric_names = _settings(sweep_values, model_options, options)
@@ -250,11 +254,11 @@ def _print_plans(jobs: list, settings, model_options) -> None:
         f"{grid.size} decodes"
     )
     try:
-        for job, plan in dry_run(jobs, plan_options(settings.options), model_options):
-            if isinstance(plan, str):
-                typer.echo(f"error: {plan}", err=True)
+        for job, plans in dry_run(jobs, plan_options(settings.options), model_options):
+            if isinstance(plans, str):
+                typer.echo(f"error: {plans}", err=True)
             else:
                 typer.echo(f"{job.source} -> {job.output}/")
-                typer.echo(plan.describe())
+                typer.echo(plans[0].describe())
     except PisaError as error:
         raise common.fail(error) from None
