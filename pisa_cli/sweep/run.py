@@ -98,6 +98,13 @@ def sweep_job(
             truth = read_truth(settings.gt_dir, job.source, _output_size(image, settings.options))
         prepared = sweeper.prepare(image)
         result.unet_calls = prepared.unet_calls
+        log.info(
+            "%s: encoded, UNet pix + pisa in %d call(s); decoding %d points, %d per call",
+            job.source.name,
+            prepared.unet_calls,
+            settings.grid.size,
+            prepared.decode_batch,
+        )
         with staged_folder(job.output) as folder:
             result.best = write_sweep(folder, job, sweeper, prepared, settings, metrics, truth)
         result.decodes, result.timings, result.notes = (
