@@ -103,7 +103,7 @@ def sweep_job(
             job.source.name,
             prepared.unet_calls,
             settings.grid.size,
-            prepared.decode_batch,
+            min(prepared.decode_batch, settings.grid.size),
         )
         with staged_folder(job.output) as folder:
             result.best = write_sweep(folder, job, sweeper, prepared, settings, metrics, truth)
