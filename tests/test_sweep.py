@@ -3,12 +3,15 @@ image for its lambdas."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import torch
 
 from pisa_cli import TileOptions, UpscaleOptions, load_pipeline
 from pisa_cli.pipeline import merged_variant
-from pisa_cli.sweep.core import BASIS, Sweeper, blend_basis
+from pisa_cli.sweep.core import BASIS, MAX_DECODE_BATCH, Sweeper, blend_basis
 from pisa_cli.sweep.grid import GridPoint, parse_grid, plan_options
 from tests.conftest import assert_close, noise_image
 
@@ -77,10 +80,30 @@ def test_encoder_once_and_unet_twice_per_tile_whatever_the_grid(sweep_pipeline, 
     assert all(image.size == (256, 192) for image in images.values())
 
 
-def test_several_points_per_decoder_call(sweep_pipeline):
+def test_one_point_per_decoder_call_on_the_cpu(sweep_pipeline):
     grid = parse_grid("pix=0:1:0.5 sem=0,1")
     _, _, calls = count_sweep(sweep_pipeline, noise_image(40, 32, 2), TILED, grid)
-    assert len(calls["decoder"]) < grid.size and max(calls["decoder"]) > 1
+    assert calls["decoder"] == [1] * grid.size
+
+
+def test_several_points_per_decoder_call_where_memory_allows(sweep_pipeline, monkeypatch):
+    # as on an accelerator: a batch of as many points as fit, at most MAX_DECODE_BATCH
+    monkeypatch.setattr(sweep_pipeline, "device", torch.device("meta"))
+    sweeper = Sweeper(sweep_pipeline, TILED)
+    plan = sweep_pipeline.plan((40, 32), sweeper.options)
+    assert sweeper.decode_batch_size(plan) == MAX_DECODE_BATCH
+    tight = dataclasses.replace(plan, free_bytes=plan.free_bytes // 10**6)
+    assert sweeper.decode_batch_size(tight) == 1
+    monkeypatch.undo()
+    grid = parse_grid("pix=0:1:0.5 sem=0,1")
+    prepared = sweeper.prepare(noise_image(40, 32, 2))
+    prepared.decode_batch = 4
+    counter = Counter(sweep_pipeline.vae.decoder)
+    try:
+        images = dict(sweeper.images(prepared, grid.points))
+    finally:
+        counter.close()
+    assert counter.batches == [4, 2] and len(images) == grid.size
 
 
 def test_decoder_out_of_memory_falls_back_to_one_point_at_a_time(sweep_pipeline, monkeypatch):
@@ -93,7 +116,10 @@ def test_decoder_out_of_memory_falls_back_to_one_point_at_a_time(sweep_pipeline,
 
     monkeypatch.setattr(sweep_pipeline, "decode", small_memory)
     grid = parse_grid("pix=0,1 sem=0,1")
-    prepared, images, _ = count_sweep(sweep_pipeline, noise_image(40, 32, 3), TILED, grid)
+    sweeper = Sweeper(sweep_pipeline, TILED)
+    prepared = sweeper.prepare(noise_image(40, 32, 3))
+    prepared.decode_batch = 4
+    images = dict(sweeper.images(prepared, grid.points))
     assert len(images) == 4 and prepared.decode_batch == 1
     assert any("one point at a time" in note for note in prepared.notes)
 
@@ -115,11 +141,15 @@ def upscale_at(pipes, image, options, point):
     return pipes[merged_variant(options)].upscale(image, options)
 
 
-def test_points_equal_pisa_upscale_within_2_levels(sweep_pipeline, upscale_pipelines):
-    # Without a colour fix the only difference is float noise of batched decoding, which can
-    # flip the reference's 8-bit truncation by one level.
-    options = UpscaleOptions(process_size=64, color_fix="none")
-    image = noise_image(40, 32, 4)
+@pytest.mark.parametrize(("color_fix", "tiles"), [("none", None), ("wavelet", (16, 6))])
+def test_points_equal_pisa_upscale_within_2_levels(
+    sweep_pipeline, upscale_pipelines, color_fix, tiles
+):
+    # Points that need one UNet variant (sem 0, equal lambdas) come from a batch of two
+    # here and of one in `pisa upscale`: float noise that can flip an 8-bit level.
+    tile_options = TileOptions() if tiles is None else TileOptions(*tiles)
+    options = UpscaleOptions(process_size=64, color_fix=color_fix, tiles=tile_options)
+    image = noise_image(48, 40, 4)
     sweeper = Sweeper(sweep_pipeline, options)
     for point, ours in sweeper.images(sweeper.prepare(image), parse_grid(POINTS).points):
         theirs = upscale_at(upscale_pipelines, image, options, point)
@@ -127,22 +157,19 @@ def test_points_equal_pisa_upscale_within_2_levels(sweep_pipeline, upscale_pipel
         assert diff.max() <= 2, (point, diff.max())
 
 
-@pytest.mark.parametrize(("color_fix", "tiles"), [("adain", None), ("wavelet", (16, 6))])
-def test_points_equal_pisa_upscale_with_colour_fix(
-    sweep_pipeline, upscale_pipelines, color_fix, tiles
+@pytest.mark.parametrize("decode_batch", [1, MAX_DECODE_BATCH])
+def test_with_adain_points_stay_within_the_pipeline_bar(
+    sweep_pipeline, upscale_pipelines, decode_batch
 ):
-    # The colour fix stretches a flipped level by the contrast ratio of input and output,
-    # about 2.2 on the tiny random model (about 1 on real weights): the project's 3/255 bar.
-    options = UpscaleOptions(process_size=64, color_fix=color_fix)
-    if tiles:
-        options = UpscaleOptions(
-            process_size=64,
-            color_fix=color_fix,
-            tiles=TileOptions(latent_tile=tiles[0], latent_overlap=tiles[1]),
-        )
+    # adain stretches a flipped level by the contrast ratio of input and output: about 2.2
+    # on the tiny random model (about 1 on real weights), so the 3/255 bar of the pipeline
+    # tests. A decoder batch (accelerators) adds float noise of its own.
+    options = UpscaleOptions(process_size=64)
     image = noise_image(48, 40, 5)
     sweeper = Sweeper(sweep_pipeline, options)
-    for point, ours in sweeper.images(sweeper.prepare(image), parse_grid(POINTS).points):
+    prepared = sweeper.prepare(image)
+    prepared.decode_batch = decode_batch
+    for point, ours in sweeper.images(prepared, parse_grid(POINTS).points):
         assert_close(ours, upscale_at(upscale_pipelines, image, options, point))
 
 
