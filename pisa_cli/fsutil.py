@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TEMP_PREFIX = ".pisa-tmp-"
-"""Temporary files start with this, so a later run can recognise and remove leftovers."""
+"""Temporary files start with this and the writer's process id, so a later run can
+recognise and remove the leftovers of a killed one (``remove_stale_temp_files``)."""
 
 
 @contextlib.contextmanager
@@ -22,11 +23,14 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     descriptor, name = tempfile.mkstemp(
-        prefix=TEMP_PREFIX, suffix=final.suffix, dir=final.parent or "."
+        prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=final.suffix, dir=final.parent or "."
     )
     os.close(descriptor)
     temp = Path(name)
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would
+        # (or the replaced file's), so outputs are as readable as any other file.
+        os.chmod(temp, _mode_for(final))
         yield temp
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -38,6 +42,23 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         raise
 
 
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before any thread.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _mode_for(final: Path) -> int:
+    try:
+        return final.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_UMASK
+
+
 def _fsync_dir(folder: Path) -> None:
     # The rename is only durable once the directory entry is; not every OS allows this.
     with contextlib.suppress(OSError):
@@ -46,3 +67,34 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+def remove_stale_temp_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files that killed processes left in ``folder``; return them.
+
+    A temporary file whose writer is still running (another run into the same folder) is
+    left alone.
+    """
+    pattern = f"**/{TEMP_PREFIX}*" if recursive else f"{TEMP_PREFIX}*"
+    removed = []
+    for path in Path(folder).glob(pattern):
+        pid = path.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        if path.is_file() and not (pid.isdigit() and _alive(int(pid))):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # Windows' os.kill would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except OSError:
+        return False
+    return True

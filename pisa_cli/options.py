@@ -40,6 +40,8 @@ class ModelOptions:
     """``auto`` (CUDA, then MPS, then CPU), ``cuda``, ``cuda:N``, ``mps`` or ``cpu``."""
     dtype: str = "auto"
     """Compute precision: ``auto``, ``fp32``, ``fp16`` or ``bf16``."""
+    compile: bool = False
+    """Run the UNet and the VAE through torch.compile (eager again wherever that fails)."""
 
     def __post_init__(self) -> None:
         device = self.device.split(":")[0]
@@ -204,3 +206,48 @@ class UpscaleOptions:
             f"--color-fix {self.color_fix!r} is not one of {', '.join(COLOR_FIXES)}",
         )
         _check(self.seed is None or self.seed >= 0, f"--seed {self.seed} must be 0 or more")
+
+
+OUTPUT_FORMATS = ("png", "jpg", "webp", "tiff", "same")
+DEFAULT_MAX_PIXELS = 100_000_000
+"""Largest input (width x height) read by default: above this an image is refused before its
+pixels are decoded, which also stops decompression bombs."""
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How a batch finds its inputs, writes its outputs and streams between them."""
+
+    format: str = "png"
+    """Output format: png, jpg, webp, tiff, or same (the input's, png when Pillow cannot
+    write it)."""
+    quality: int = 95
+    """JPEG and WebP quality, 1 to 100 (WebP at 100 is lossless); other formats are lossless."""
+    suffix: str = ""
+    """Added to the output name before the extension (``photo_x4.png`` with ``_x4``)."""
+    recursive: bool = False
+    """Search folders' sub-folders too and mirror their tree in the output folder."""
+    overwrite: bool = False
+    """Redo outputs that exist even when the manifest says they are up to date."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Inputs with more pixels than this fail before being decoded."""
+    read_ahead: int = 2
+    """Images decoded ahead of the model on a background thread (0: read in turn)."""
+    write_behind: int = 2
+    """Finished images waiting to be encoded and saved on a background thread (0: in turn)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.format in OUTPUT_FORMATS,
+            f"--format {self.format!r} is not one of {', '.join(OUTPUT_FORMATS)}",
+        )
+        _check(1 <= self.quality <= 100, f"--quality {self.quality} must be from 1 to 100")
+        _check(
+            not any(char in self.suffix for char in "/\\\0"),
+            f"--suffix {self.suffix!r} must not hold a path separator",
+        )
+        _check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels} must be at least 1")
+        _check(
+            self.read_ahead >= 0 and self.write_behind >= 0,
+            "read-ahead and write-behind depths must be 0 or more",
+        )

@@ -24,6 +24,7 @@ from pisa_cli.engine import color, memory, vae
 from pisa_cli.engine.denoise import combine_eps, predict_eps, variants_needed, x0_from_eps
 from pisa_cli.engine.tiles import TilePlan
 from pisa_cli.errors import OptionsError
+from pisa_cli.imaging.deep import DEEP_MAX, DeepImage
 from pisa_cli.imaging.resize import ResizePlan, restore_size, upsample_input
 from pisa_cli.models import cache
 from pisa_cli.models.base import unet_from_state
@@ -122,6 +123,15 @@ class PisaPipeline:
         """The timestep stored in the second-pass LoRA file, if it has one."""
         self.second_source = ""
 
+    def compile(self) -> None:
+        """torch.compile the UNet and the untiled VAE passes (eager where that fails)."""
+        from pisa_cli.models.compiled import CompiledOrEager
+
+        self.unet.compile()
+        for name in ("encoder", "decoder"):
+            part = getattr(self.vae, name)
+            part.forward = CompiledOrEager(part.forward, f"VAE {name}")
+
     # --- stages -------------------------------------------------------------------------
     def plan(
         self,
@@ -189,9 +199,12 @@ class PisaPipeline:
         return image.mul_(0.5).add_(0.5).clamp_(0, 1)  # in place: this can be a big buffer
 
     @staticmethod
-    def finish(decoded: torch.Tensor, source: torch.Tensor, method: str) -> torch.Tensor:
-        """The 8-bit output of the reference: truncate, colour-fix, (the writer truncates again)."""
-        return color.color_fix(method, color.quantize(decoded), source)
+    def finish(
+        decoded: torch.Tensor, source: torch.Tensor, method: str, levels: int = 255
+    ) -> torch.Tensor:
+        """The 8-bit output of the reference: truncate, colour-fix, (the writer truncates again).
+        ``levels`` DEEP_MAX: the same on the 16-bit grid, for 16-bit inputs."""
+        return color.color_fix(method, color.quantize(decoded, levels), source)
 
     # --- whole images -------------------------------------------------------------------
     def upscale(self, image: Image.Image, options: UpscaleOptions | None = None) -> Image.Image:
@@ -203,7 +216,7 @@ class PisaPipeline:
     ) -> UpscaleResult:
         """Upscale an RGB image (and run the second pass, if any), retrying a stage with
         smaller tiles when memory runs out and in fp32 when a low-precision VAE pass gives
-        inf or NaN."""
+        inf or NaN. A DeepImage (16-bit input) goes through in float and comes back as one."""
         options = options or UpscaleOptions()
         timings: dict[str, float] = {}
         notes: list[str] = []
@@ -246,8 +259,9 @@ class PisaPipeline:
     ) -> tuple[Image.Image, ImagePlan]:
         options = stage.options
         prefix = f"{stage.name}_" if stage.name else ""
+        deep = isinstance(image, DeepImage)
         with _timed(timings, prefix + "preprocess"):
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            rgb = image if deep or image.mode == "RGB" else image.convert("RGB")
             plan = self.plan(rgb.size, options, stage.variants)
             upsampled = upsample_input(rgb, plan.resize)
         with _timed(timings, prefix + "text"):
@@ -261,8 +275,9 @@ class PisaPipeline:
         with _timed(timings, prefix + "decode", self.device):
             decoded, plan = self.guard.decode(self, latents, encoded.size, plan, notes)
         with _timed(timings, prefix + "color"):
-            fixed = self.finish(decoded, encoded.source, options.color_fix)
-            result = restore_size(to_image(fixed), plan.resize)
+            levels = DEEP_MAX if deep else 255
+            fixed = self.finish(decoded, encoded.source, options.color_fix, levels)
+            result = restore_size(to_deep(fixed) if deep else to_image(fixed), plan.resize)
         return result, plan
 
     def step(
@@ -285,8 +300,10 @@ def _timed(timings: dict[str, float], stage: str, device: torch.device | None = 
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """(1, 3, H, W) float32 in [0, 1] of an 8-bit RGB image."""
+def to_tensor(image: Image.Image | DeepImage) -> torch.Tensor:
+    """(1, 3, H, W) float32 in [0, 1] of an 8-bit RGB image or a DeepImage."""
+    if isinstance(image, DeepImage):
+        return torch.from_numpy(image.to_array()).permute(2, 0, 1)[None].contiguous()
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255
 
@@ -295,6 +312,11 @@ def to_image(tensor: torch.Tensor) -> Image.Image:
     """8-bit RGB image of a (1, 3, H, W) tensor in [0, 1], truncating like the reference."""
     array = (tensor[0].clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array, mode="RGB")
+
+
+def to_deep(tensor: torch.Tensor) -> DeepImage:
+    """DeepImage of a (1, 3, H, W) tensor in [0, 1] (16-bit inputs keep their precision)."""
+    return DeepImage.from_array(tensor[0].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy())
 
 
 def merged_variant(options: UpscaleOptions | None) -> str:
@@ -331,6 +353,7 @@ def load_pipeline(
         weights=weights if weights is not None else model.weights,
         device=device if device is not None else model.device,
         dtype=dtype if dtype is not None else model.dtype,
+        compile=model.compile,
     )
     torch_device = resolve_device(model.device)
     torch_dtype = resolve_dtype(model.dtype, torch_device)
@@ -365,6 +388,8 @@ def load_pipeline(
     )
     if state is None:
         cache.save_tensors("merged", key, pipeline.unet.unet.state_dict(), keep=cache.MAX_MERGED)
+    if model.compile:
+        pipeline.compile()
     return pipeline
 
 
@@ -421,6 +446,9 @@ def build_pipeline(
     vae_model.to(device=device)
     if vae_model.dtype != dtype:  # type: ignore[attr-defined]
         vae_model.to(dtype=dtype)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        # Measured on a 2-core AMX CPU: the VAE in bf16 runs ~2x faster channels-last.
+        vae_model.to(memory_format=torch.channels_last)
     pipeline = PisaPipeline(pisa_unet, vae_model, prompts, scheduler, device, dtype)
     if second is not None:
         pipeline.second_timestep, pipeline.second_source = second.timestep, second.source

@@ -19,22 +19,11 @@ import torch
 
 from pisa_cli.engine.tiles import plan_latent_tiles
 from pisa_cli.errors import OutOfMemoryError
+from pisa_cli.models.device import is_out_of_memory
 from pisa_cli.options import MIN_LATENT_TILE, MIN_VAE_DECODER_TILE, MIN_VAE_ENCODER_TILE
 from pisa_cli.planning import ImagePlan
 
 log = logging.getLogger(__name__)
-
-_OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for the out-of-memory errors of CUDA, MPS and the CPU allocator."""
-    if isinstance(error, MemoryError):
-        return True
-    oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom is not None and isinstance(error, oom):
-        return True
-    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _OOM_MESSAGES)
 
 
 def _release_memory() -> None:

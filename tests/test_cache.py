@@ -22,8 +22,10 @@ def cache_dir(tmp_path, monkeypatch):
     return folder
 
 
-def load(tiny_base, weights, **kw):
-    return load_pipeline(weights=str(weights), base_model=str(tiny_base), device="cpu", **kw)
+def load(tiny_base, weights, dtype="fp32", **kw):
+    return load_pipeline(
+        weights=str(weights), base_model=str(tiny_base), device="cpu", dtype=dtype, **kw
+    )
 
 
 def count_merges(monkeypatch) -> list[int]:

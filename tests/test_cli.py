@@ -40,6 +40,11 @@ def run(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def visible(folder):
+    """Names of the files in ``folder``, without hidden ones (the manifest)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def model_args(tiny_base, pisa_pkl):
     return ["--base-model", str(tiny_base), "--weights", str(pisa_pkl), "--device", "cpu"]
 
@@ -86,7 +91,8 @@ def test_upscale_a_folder(tiny_base, pisa_pkl, photos, tmp_path):
     assert result.exit_code == 0, result.output
     assert Image.open(out / "one.png").size == (80, 64)
     assert Image.open(out / "two.png").size == (72, 72)
-    assert sorted(p.name for p in out.iterdir()) == ["one.png", "two.png"]
+    assert visible(out) == ["one.png", "two.png"]
+    assert (out / ".pisa-manifest.jsonl").is_file()
     assert "2 done, 0 skipped, 0 failed" in result.output
     assert "1 non-image files ignored" in result.output
 
@@ -103,7 +109,7 @@ def test_a_broken_image_fails_alone(tiny_base, pisa_pkl, photos, tmp_path):
     failed = [line for line in result.output.splitlines() if "broken.png" in line]
     assert len(failed) == 1 and ("corrupt" in failed[0] or "not an image" in failed[0])
     assert any("empty.jpg" in line and "empty file" in line for line in result.output.splitlines())
-    assert sorted(p.name for p in out.iterdir()) == ["one.png", "two.png"]
+    assert visible(out) == ["one.png", "two.png"]
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ import torch
 from pisa_cli import load_pipeline
 from pisa_cli.engine import vae as vae_module
 from pisa_cli.errors import OutOfMemoryError
+from pisa_cli.models.device import is_out_of_memory
 from pisa_cli.options import UpscaleOptions
-from pisa_cli.recovery import is_out_of_memory
 from tests.conftest import assert_close, noise_image
 
 OPTIONS = UpscaleOptions(process_size=64)

@@ -127,3 +127,15 @@ def test_attention_without_a_fused_kernel_gives_the_same_decode(vae, monkeypatch
         expected = vae.decode(z).sample
         out = decode_tiled(vae, z, runner(3_000))
     assert (out - expected).abs().max() < 1e-4
+
+
+def test_channels_last_vae_gives_the_same_images(tiny_base):
+    contiguous = load_part(tiny_base, "vae").eval()
+    last = load_part(tiny_base, "vae").eval().to(memory_format=torch.channels_last)
+    z = torch.randn(1, 4, 12, 9, generator=torch.Generator().manual_seed(8))
+    image = torch.rand(1, 3, 64, 56, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    with torch.inference_mode():
+        expected = decode(contiguous, z)
+        assert (decode(last, z) - expected).abs().max() < 1e-4
+        assert (decode(last, z, tile=4) - expected).abs().max() < 1e-4
+        assert (encode(last, image, tile=32) - encode(contiguous, image)).abs().max() < 1e-4

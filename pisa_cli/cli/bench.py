@@ -9,7 +9,15 @@ import typer
 
 from pisa_cli.cli import common
 
-DEFAULT_SCENARIOS = ("vae-exact", "vae-memory", "upscale-512-2048", "sweep-5x5")
+DEFAULT_SCENARIOS = (
+    "default-128",
+    "adjustable-128",
+    "upscale-512-2048",
+    "folder-8",
+    "cold-start",
+    "precision",
+)
+"""What `pisa bench` runs without arguments; the other scenarios run by name."""
 
 
 def bench_command(
@@ -30,6 +38,9 @@ def bench_command(
     a table of wall time, peak memory and per-scenario figures.
     """
     common.setup_logging()
+    import pisa_cli.bench.coldstart
+    import pisa_cli.bench.perf
+    import pisa_cli.bench.streaming
     import pisa_cli.bench.sweep
     import pisa_cli.bench.upscale
     import pisa_cli.bench.vae  # noqa: F401 - registers the scenarios

@@ -17,6 +17,7 @@ from pisa_cli.options import (
     BASE_MODEL_ENV,
     DEFAULT_BASE_MODEL,
     WEIGHTS_ENV,
+    BatchOptions,
     ModelOptions,
     SecondPassOptions,
     TileOptions,
@@ -28,10 +29,14 @@ MODEL = "Model"
 QUALITY = "Lambdas and quality"
 TILES = "Tiles and memory"
 OUTPUT = "Output"
+INPUT = "Input"
 
 Inputs = Annotated[
     list[Path],
-    typer.Argument(help="Image files and/or folders of images.", show_default=False),
+    typer.Argument(
+        help="Image files, folders of images, and/or glob patterns ('shots/**/*.jpg').",
+        show_default=False,
+    ),
 ]
 OutputDir = Annotated[
     Path, typer.Option("--output", "-o", help="Folder for the results (created if needed).")
@@ -70,7 +75,18 @@ Dtype = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="Compute precision: auto (bf16/fp16 on GPUs, fp32 on the CPU), fp32, fp16, bf16.",
+        help="Compute precision: auto (bf16 where the GPU or CPU has it natively, else fp16 "
+        "on GPUs and fp32 on CPUs), fp32, fp16, bf16. Use fp32 to compare with the "
+        "reference script.",
+        rich_help_panel=MODEL,
+    ),
+]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="Compile the UNet and VAE with torch.compile (slow first image, faster after; "
+        "falls back to normal execution where compiling fails).",
         rich_help_panel=MODEL,
     ),
 ]
@@ -181,6 +197,70 @@ TileBatch = Annotated[
         rich_help_panel=TILES,
     ),
 ]
+Recursive = Annotated[
+    bool,
+    typer.Option(
+        "--recursive",
+        "-r",
+        help="Also upscale the images in sub-folders, mirroring the tree in the output folder.",
+        rich_help_panel=INPUT,
+    ),
+]
+MaxPixels = Annotated[
+    int,
+    typer.Option(
+        "--max-pixels",
+        help="Refuse inputs with more pixels (width x height) than this, before decoding them "
+        "(also stops decompression bombs).",
+        rich_help_panel=INPUT,
+    ),
+]
+Format = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        "-f",
+        help="Output format: png, jpg, webp, tiff, or same (the input's; png when it cannot be "
+        "written). 16 bits per channel need png or tiff; transparency needs png, webp or tiff.",
+        rich_help_panel=OUTPUT,
+    ),
+]
+Quality = Annotated[
+    int,
+    typer.Option(
+        "--quality",
+        help="jpg and webp quality, 1-100 (webp 100 is lossless); png and tiff are lossless.",
+        rich_help_panel=OUTPUT,
+    ),
+]
+Suffix = Annotated[
+    str,
+    typer.Option(
+        "--suffix",
+        help="Added to output names before the extension (--suffix _x4: photo_x4.png).",
+        rich_help_panel=OUTPUT,
+    ),
+]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Redo outputs that exist. Without it, outputs that the manifest says were made "
+        "with these settings from this input are skipped (resume), outputs made with other "
+        "settings are redone, and files pisa did not write are kept.",
+        rich_help_panel=OUTPUT,
+    ),
+]
+Report = Annotated[
+    Path | None,
+    typer.Option(
+        "--report",
+        help="Write what happened to each image (status, error, sizes, seconds per stage) to "
+        "this .json or .csv file.",
+        rich_help_panel=OUTPUT,
+        show_default=False,
+    ),
+]
 DryRun = Annotated[
     bool,
     typer.Option(
@@ -228,7 +308,8 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print debugging 
 
 def build_options(values: dict[str, object]) -> tuple[ModelOptions, UpscaleOptions]:
     """Model and upscale options from the CLI values (raises OptionsError when invalid)."""
-    model = ModelOptions(**{k: values.pop(k) for k in ("base_model", "weights", "device", "dtype")})
+    names = ("base_model", "weights", "device", "dtype", "compile")
+    model = ModelOptions(**{k: values.pop(k) for k in names})
     tiles = TileOptions(
         latent_tile=parse_tile("--latent-tile", values.pop("latent_tile")),
         latent_overlap=values.pop("latent_overlap"),
@@ -243,6 +324,12 @@ def build_options(values: dict[str, object]) -> tuple[ModelOptions, UpscaleOptio
         prompt=values.pop("second_pass_prompt"),
     )
     return model, UpscaleOptions(tiles=tiles, second_pass=second, **values)
+
+
+def build_batch(values: dict[str, object]) -> BatchOptions:
+    """Batch options from the CLI values (pops them; raises OptionsError when invalid)."""
+    names = ("recursive", "format", "quality", "suffix", "overwrite", "max_pixels")
+    return BatchOptions(**{name: values.pop(name) for name in names})  # type: ignore[arg-type]
 
 
 def fail(error: PisaError) -> typer.Exit:
@@ -279,3 +366,6 @@ def _quiet_libraries(verbose: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    if not verbose and "transformers" in sys.modules:
+        # imported before us (a second run in one process): it read the variable already
+        sys.modules["transformers"].utils.logging.disable_progress_bar()

@@ -43,12 +43,12 @@ class Plane:
 
     def write(self, top: int, band: torch.Tensor) -> None:
         """Store rows ``top:top+h`` from a (C, h, W) band and add them to the statistics."""
-        flat = band.detach().flatten(1)
-        var, mean = torch.var_mean(flat.float(), dim=1, correction=0)
-        count = flat.shape[1]
+        band = band.detach()
+        var, mean = torch.var_mean(band.float(), dim=(1, 2), correction=0)
+        count = band.shape[1] * band.shape[2]
         self.sums += (mean.double() * count).cpu()
         self.squares += ((var.double() + mean.double().square()) * count).cpu()
-        self._write(top, band.detach())
+        self._write(top, band)
 
     def read(self, top: int, bottom: int, device: torch.device) -> torch.Tensor:
         """Rows ``top:bottom`` as a (C, h, W) tensor on ``device``."""

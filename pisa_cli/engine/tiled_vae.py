@@ -114,6 +114,7 @@ class BandRunner:
         if norm is not None:
             affine = src.group_affine(norm.num_groups, norm.weight, norm.bias, norm.eps)
         weight, bias = conv.weight, conv.bias
+        layout_cl = weight.is_contiguous(memory_format=torch.channels_last) and kernel > 1
         step = self.rows(max(src.channels, conv.out_channels) * factor, out_w * stride)
         for top in range(0, out_h, step):
             bottom = min(out_h, top + step)
@@ -124,8 +125,10 @@ class BandRunner:
             if upsample:
                 band = band.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
                 band = band[:, lo - (lo // 2) * 2 : lo - (lo // 2) * 2 + (hi - lo)]
-            band = F.pad(band, (pad, pad + extra_pad, lo - first, last - hi))
-            result = F.conv2d(band[None], weight, bias, stride=stride)[0]
+            band = F.pad(band, (pad, pad + extra_pad, lo - first, last - hi))[None]
+            if layout_cl:
+                band = band.contiguous(memory_format=torch.channels_last)
+            result = F.conv2d(band, weight, bias, stride=stride)[0]
             if skip is not None:
                 residual = skip.read(top, bottom, self.device)
                 if skip_conv is not None:

@@ -1,12 +1,23 @@
-"""From the INPUT arguments to a sorted list of jobs: which file becomes which output."""
+"""From the INPUT arguments to a sorted list of jobs: which file becomes which output.
+
+Inputs are files (always tried), folders (their images; with ``recursive`` their sub-folders
+too, mirrored in the output folder) and glob patterns (``'shots/**/*.jpg'``). Only paths
+are listed here; images are decoded one at a time later, so a folder of any length costs
+a list of names.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import glob
+import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+
+from pisa_cli.imaging.formats import output_extension
+from pisa_cli.options import BatchOptions
 
 
 @dataclass(frozen=True)
@@ -23,9 +34,21 @@ class Discovery:
 
     jobs: list[Job] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
-    """Inputs that do not exist."""
+    """Inputs that do not exist (or patterns that match nothing)."""
     skipped: list[Path] = field(default_factory=list)
-    """Files in folders that are not images (by extension)."""
+    """Files in folders (or matched by patterns) that are not images, by extension."""
+    unsearched: list[Path] = field(default_factory=list)
+    """Sub-folders left out because ``recursive`` was off."""
+    conflicts: list[Job] = field(default_factory=list)
+    """Jobs whose output would replace their own input; they are not run."""
+    unreadable: list[str] = field(default_factory=list)
+    """Folders that could not be listed, each as one line saying why."""
+
+
+def natural_key(text: str) -> list:
+    """Sort key that puts ``img2`` before ``img10`` (numbers compared as numbers)."""
+    parts = re.split(r"(\d+)", text.lower())
+    return [int(part) if part.isdigit() else part for part in parts]
 
 
 def image_extensions() -> set[str]:
@@ -34,43 +57,139 @@ def image_extensions() -> set[str]:
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
-def discover(inputs: Sequence[str | Path], output_dir: Path, extension: str = ".png") -> Discovery:
-    """Files given directly are always tried; folders contribute the images they hold.
+@dataclass
+class _Walk:
+    output_dir: Path
+    recursive: bool
+    exclude: Collection[Path]
+    known: set[str] = field(default_factory=image_extensions)
+    found: Discovery = field(default_factory=Discovery)
+    sources: dict[Path, tuple[Path, Path]] = field(default_factory=dict)
+    """resolved path -> (source as given, sub-folder of the output), in discovery order."""
 
-    The output of ``photo.jpg`` is ``output_dir/photo.png``. When several inputs share a
-    stem (``a.png`` and ``a.jpg``), each of them keeps its extension in the name
-    (``a_png.png``, ``a_jpg.png``), and a name met again from another folder gets ``-2``,
-    ``-3``..., so that no output overwrites another.
+    def add(self, path: Path, relative: Path, named: bool = False) -> None:
+        """Take ``path``; files found in folders or by patterns are left out when excluded,
+        files named on the command line never are."""
+        key = path.resolve()
+        if named or key not in self.exclude:
+            self.sources.setdefault(key, (path, relative))
+
+    def folder(self, folder: Path, relative: Path) -> None:
+        try:
+            children = sorted(folder.iterdir(), key=lambda child: natural_key(child.name))
+        except OSError as error:
+            self.found.unreadable.append(f"{folder}: cannot list ({error.strerror or error})")
+            return
+        for child in children:
+            if child.name.startswith("."):  # hidden files, our manifest and temporary files
+                continue
+            if child.is_dir():
+                if child.resolve() == self.output_dir:  # our outputs are never inputs
+                    continue
+                if self.recursive:
+                    self.folder(child, relative / child.name)
+                else:
+                    self.found.unsearched.append(child)
+            elif child.is_file():
+                self.candidate(child, relative)
+
+    def candidate(self, path: Path, relative: Path) -> None:
+        if path.suffix.lower() in self.known:
+            self.add(path, relative)
+        else:
+            self.found.skipped.append(path)
+
+    def pattern(self, pattern: str) -> None:
+        """Matches of a glob pattern (``**`` spans folders); with ``recursive`` they keep their
+        place below the pattern's fixed start (``in`` for ``in/**/*.png``)."""
+        matches = sorted(glob.glob(pattern, recursive=True), key=natural_key)
+        if not matches:
+            self.found.missing.append(pattern)
+        base = _fixed_start(pattern)
+        for match in map(Path, matches):
+            relative = Path()
+            if self.recursive and match.parent.is_relative_to(base):
+                relative = match.parent.relative_to(base)
+            if match.is_dir():
+                self.folder(match, relative / match.name if self.recursive else relative)
+            elif match.is_file():
+                self.candidate(match, relative)
+
+
+def _fixed_start(pattern: str) -> Path:
+    parts = []
+    for part in Path(pattern).parts:
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path()
+
+
+def discover(
+    inputs: Sequence[str | Path],
+    output_dir: Path,
+    extension: str = ".png",
+    *,
+    batch: BatchOptions | None = None,
+    exclude: Collection[Path] = (),
+) -> Discovery:
+    """Jobs for ``inputs``: the output of ``photo.jpg`` is ``output_dir/photo.png``.
+
+    With ``batch``, its format (``same`` keeps each input's extension), suffix and
+    ``recursive`` apply instead of ``extension``. ``exclude`` holds resolved paths that
+    folders and patterns never contribute (the outputs of earlier runs, from the manifest);
+    files named directly are always taken. Name collisions never overwrite: see
+    ``_name_outputs``.
     """
-    found = Discovery()
-    known = image_extensions()
-    sources: list[Path] = []
+    walk = _Walk(output_dir.resolve(), bool(batch and batch.recursive), frozenset(exclude))
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            for child in sorted(path.iterdir()):
-                if not child.is_file() or child.name.startswith("."):
-                    continue
-                if child.suffix.lower() in known:
-                    sources.append(child)
-                else:
-                    found.skipped.append(child)
+            walk.folder(path, Path())
         elif path.exists():
-            sources.append(path)
+            walk.add(path, Path(), named=True)
+        elif glob.has_magic(str(item)):
+            walk.pattern(str(item))
         else:
-            found.missing.append(str(item))
-    unique = list(dict.fromkeys(sources))
-    stems: dict[str, int] = {}
-    for source in unique:
-        stems[source.stem] = stems.get(source.stem, 0) + 1
-    taken: set[str] = set()
-    for source in unique:
-        name = source.stem
-        if stems[name] > 1:
-            name = f"{name}_{source.suffix.lstrip('.').lower()}"
-        candidate, number = name, 2
-        while candidate.lower() in taken:  # same name from two folders
-            candidate, number = f"{name}-{number}", number + 1
-        taken.add(candidate.lower())
-        found.jobs.append(Job(source=source, output=output_dir / f"{candidate}{extension}"))
+            walk.found.missing.append(str(item))
+    found = walk.found
+    for job in _name_outputs(list(walk.sources.values()), output_dir, extension, batch):
+        same = job.output.resolve() == job.source.resolve()
+        (found.conflicts if same else found.jobs).append(job)
     return found
+
+
+def _name_outputs(
+    sources: list[tuple[Path, Path]],
+    output_dir: Path,
+    extension: str,
+    batch: BatchOptions | None,
+) -> list[Job]:
+    """Output paths that never collide (names compared without case, for macOS and Windows).
+
+    Inputs that would share an output name and differ in extension keep it in the name
+    (``a.png`` and ``a.jpg`` -> ``a_png.png``, ``a_jpg.png``); a name met again (the same
+    name from two folders) gets ``-2``, ``-3``... in input order.
+    """
+    suffix = batch.suffix if batch else ""
+
+    def ext_of(source: Path) -> str:
+        return output_extension(batch.format, source) if batch else extension
+
+    groups: dict[tuple[Path, str], set[str]] = {}
+    for source, relative in sources:
+        key = (relative, f"{source.stem}{ext_of(source)}".lower())
+        groups.setdefault(key, set()).add(source.suffix.lower())
+    taken: set[tuple[Path, str]] = set()
+    jobs = []
+    for source, relative in sources:
+        ext = ext_of(source)
+        stem = source.stem
+        if len(groups[(relative, f"{stem}{ext}".lower())]) > 1:
+            stem = f"{stem}_{source.suffix.lstrip('.').lower()}"
+        candidate, number = stem, 2
+        while (relative, f"{candidate}{suffix}{ext}".lower()) in taken:
+            candidate, number = f"{stem}-{number}", number + 1
+        taken.add((relative, f"{candidate}{suffix}{ext}".lower()))
+        jobs.append(Job(source=source, output=output_dir / relative / f"{candidate}{suffix}{ext}"))
+    return jobs

@@ -1,71 +1,266 @@
-"""Reading input images and writing outputs atomically, with one clear error per failure."""
+"""Reading inputs in every mode and writing outputs atomically, one clear error per failure.
+
+``read_picture`` decodes an input into a Picture (colour for the model, alpha apart, grey
+or 16-bit kept, EXIF orientation applied, ICC profile and EXIF kept for the output);
+``write_output`` encodes the output's Pixels into a temporary file in the output folder,
+fsyncs it and renames it into place.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import struct
 import warnings
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
+import png
 from PIL import Image, UnidentifiedImageError
 
 from pisa_cli.errors import ImageError
 from pisa_cli.fsutil import atomic_path
+from pisa_cli.imaging import codecs16
+from pisa_cli.imaging.formats import pillow_format, save_options, spec_of
+from pisa_cli.imaging.modes import (
+    DEEP_GREY_MODES,
+    Picture,
+    Pixels,
+    UnsupportedMode,
+    split_8bit,
+    split_deep_array,
+    split_deep_grey,
+)
+from pisa_cli.options import DEFAULT_MAX_PIXELS
+
+ORIENTATION = 0x0112
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""EXIF orientation -> the transposition that turns the stored pixels upright (as Pillow's
+``ImageOps.exif_transpose``)."""
+EXIF_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
+"""Formats whose EXIF is a block of its own; a TIFF's "EXIF" is its file structure."""
+CORRUPT = (OSError, ValueError, SyntaxError, EOFError, KeyError, IndexError)
+CORRUPT += (struct.error, zlib.error)
 
 
-def read_image(path: Path) -> Image.Image:
-    """Open and fully decode an image as RGB; raise ImageError naming the file and the reason."""
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn whatever reading ``path`` raises into one ImageError naming the file."""
     try:
-        if path.stat().st_size == 0:
-            raise ImageError(f"{path}: empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                return image.convert("RGB")
+        yield
     except ImageError:
         raise
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except PermissionError:
         raise ImageError(f"{path}: permission denied (cannot read)") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, not an image") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except Image.DecompressionBombError as error:
         raise ImageError(f"{path}: too many pixels ({error})") from None
-    except (OSError, ValueError, SyntaxError) as error:
+    except UnsupportedMode as error:
+        raise ImageError(f"{path}: {error}") from None
+    except MemoryError:
+        raise ImageError(f"{path}: out of memory while decoding") from None
+    except (*CORRUPT, png.Error) as error:
         reason = str(error) or type(error).__name__
         raise ImageError(f"{path}: corrupt or truncated image ({reason})") from None
 
 
+def _open(path: Path) -> Image.Image:
+    # Our --max-pixels check replaces Pillow's bomb warning; its hard limit (twice its
+    # warning level) still applies and is reported as "too many pixels".
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def read_picture(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
+    """Decode ``path`` for the model; ImageError naming the file and the reason on failure."""
+    with _reading(path):
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file (0 bytes)")
+        with _open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{path}: {width}x{height} is {width * height:,} pixels, more than "
+                    f"--max-pixels {max_pixels:,}"
+                )
+            return _decode(path, image)
+
+
+def _decode(path: Path, image: Image.Image) -> Picture:
+    notes: list[str] = []
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"animated ({frames} frames): only the first frame is upscaled")
+    exif = image.getexif()
+    stored_orientation = exif.get(ORIENTATION, 1)
+    carried = _carried_exif(image, exif)
+    deep = _read_deep_colour(path, image, notes)
+    if deep is not None:
+        color, alpha, grey, mode = split_deep_array(deep)
+        profile = image.info.get("icc_profile") or None
+        picture = Picture(color, alpha, grey, mode, profile, carried, notes)
+        return picture.transpose(UPRIGHT.get(stored_orientation))
+    image.load()
+    if image.mode in DEEP_GREY_MODES:
+        profile = image.info.get("icc_profile") or None
+        picture = Picture(split_deep_grey(image), None, True, image.mode, profile, carried, notes)
+    else:
+        color, alpha, grey, profile = split_8bit(image, notes)
+        picture = Picture(color, alpha, grey, image.mode, profile, carried, notes)
+    # Pillow turns a TIFF upright while loading it and drops its orientation: what is left
+    # in the EXIF after loading is what remains to be done.
+    return picture.transpose(UPRIGHT.get(image.getexif().get(ORIENTATION, 1)))
+
+
+def _carried_exif(image: Image.Image, exif: Image.Exif) -> bytes | None:
+    """The EXIF for the output, orientation set to normal, or None when there is none."""
+    if image.format not in EXIF_FORMATS or not len(exif):
+        return None
+    copy = Image.Exif()
+    copy.load(exif.tobytes())
+    if ORIENTATION in copy:
+        copy[ORIENTATION] = 1
+    return copy.tobytes()
+
+
+def _read_deep_colour(path: Path, image: Image.Image, notes: list[str]):
+    """(H, W, C) uint16 pixels when ``path`` is 16-bit colour (or 16-bit grey with alpha),
+    which Pillow would cut to 8 bits; None for everything else."""
+    if image.format == "PNG":
+        header = codecs16.png_header(path)
+        if header is not None and header[0] == 16 and header[1] in (2, 4, 6):
+            return codecs16.read_png16(path)
+    elif image.format == "TIFF" and codecs16.tiff_is_deep_colour(dict(image.tag_v2)):
+        try:
+            return codecs16.read_tiff16(path)
+        except codecs16.CodecMissing:
+            notes.append(
+                "16-bit TIFF read with 8 bits: its compression needs the imagecodecs package "
+                "(pip install imagecodecs)"
+            )
+    return None
+
+
 def read_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image header, without decoding the pixels."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except PermissionError:
-        raise ImageError(f"{path}: permission denied (cannot read)") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ImageError(f"{path}: corrupt image header ({error})") from None
+    """(width, height) from the image header, upright, without decoding the pixels."""
+    with _reading(path), _open(path) as image:
+        width, height = image.size
+        if image.format != "TIFF" and image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):
+            return height, width
+        return width, height
 
 
-def write_image(image: Image.Image, path: Path, **save_options: object) -> None:
-    """Save ``image`` to ``path`` atomically (temp file, fsync, rename); ImageError on failure."""
+def read_image(path: Path) -> Image.Image:
+    """Open and fully decode an image as 8-bit RGB, upright; ImageError on failure."""
+    picture = read_picture(path)
+    if picture.deep:
+        from pisa_cli.imaging.modes import compose
+
+        return compose(picture, picture.color).to_8bit().convert("RGB")
+    return picture.color  # type: ignore[return-value]
+
+
+def write_output(
+    pixels: Pixels,
+    path: Path,
+    quality: int = 95,
+    before_replace: Callable[[Path], None] | None = None,
+) -> list[str]:
+    """Encode ``pixels`` into ``path`` atomically; return what had to give (notes).
+
+    The format follows the extension. ``before_replace`` is called with the complete,
+    fsynced temporary file just before it replaces ``path`` (the manifest records it there).
+    """
+    fmt = pillow_format(path)
+    if not fmt:
+        raise ImageError(f"{path}: unknown output format {path.suffix!r}")
+    spec = spec_of(fmt)
+    if max(pixels.size) > spec.max_side:
+        raise ImageError(
+            f"{path}: {pixels.size[0]}x{pixels.size[1]} is too large for {fmt} (at most "
+            f"{spec.max_side} pixels a side); use --format png or tiff"
+        )
+    notes: list[str] = []
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as temp:
-            image.save(temp, format=_format_of(path), **save_options)
+            with open(temp, "wb") as handle:
+                _encode(pixels, fmt, handle, quality, notes)
+                handle.flush()
+            if before_replace is not None:
+                before_replace(temp)
     except PermissionError:
         raise ImageError(f"{path}: permission denied (output folder not writable)") from None
     except OSError as error:
         raise ImageError(f"{path}: cannot write ({error.strerror or error})") from None
+    return notes
 
 
-def _format_of(path: Path) -> str:
-    extension = path.suffix.lower()
-    formats = Image.registered_extensions()
-    if extension not in formats:
-        raise ImageError(f"{path}: unknown output format {extension!r}")
-    return formats[extension]
+def _encode(pixels: Pixels, fmt: str, handle: BinaryIO, quality: int, notes: list[str]) -> None:
+    spec = spec_of(fmt)
+    if pixels.deep is not None and spec.deep:
+        if fmt == "PNG":
+            codecs16.write_png16(pixels.deep, handle, pixels.icc_profile, pixels.exif)
+        else:
+            codecs16.write_tiff16(pixels.deep, handle, pixels.icc_profile)
+        return
+    if pixels.deep is not None:
+        notes.append(f"written with 8 bits per channel ({fmt} holds no more)")
+    image = pixels.to_8bit()
+    if image.mode in ("LA", "RGBA") and not spec.alpha:
+        notes.append(f"transparency flattened onto white ({fmt} has none)")
+        image = _flatten(image)
+    if image.mode in ("L", "LA") and not spec.grey:
+        image = image.convert("RGBA" if image.mode == "LA" else "RGB")
+    options = save_options(fmt, quality)
+    if spec.icc and pixels.icc_profile:
+        options["icc_profile"] = pixels.icc_profile
+    if spec.exif and pixels.exif:
+        options["exif"] = pixels.exif
+    try:
+        image.save(handle, format=fmt, **options)
+    except (OSError, ValueError) as error:
+        if "cannot write mode" not in str(error):
+            raise
+        handle.seek(0)
+        handle.truncate()
+        image.convert("RGBA" if image.mode in ("LA", "RGBA") else "RGB").save(handle, format=fmt)
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """Composite an image with alpha onto white."""
+    base = image.mode[:-1]
+    background = Image.new(base, image.size, 255 if base == "L" else (255, 255, 255))
+    background.paste(image.convert(base), mask=image.getchannel("A"))
+    return background
+
+
+def write_image(image: Image.Image, path: Path, **save_options: object) -> None:
+    """Save a PIL ``image`` to ``path`` atomically (temp file, fsync, rename); ImageError on
+    failure."""
+    fmt = pillow_format(path)
+    if not fmt:
+        raise ImageError(f"{path}: unknown output format {path.suffix!r}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as temp:
+            image.save(temp, format=fmt, **save_options)
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied (output folder not writable)") from None
+    except OSError as error:
+        raise ImageError(f"{path}: cannot write ({error.strerror or error})") from None

@@ -41,13 +41,14 @@ def _mps_available() -> bool:
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA GPUs that support it, else fp16 on CUDA/MPS, fp32 on the CPU."""
+    """``auto``: bf16 on CUDA GPUs and CPUs that support it, else fp16 on CUDA/MPS, fp32 on
+    other CPUs."""
     if spec == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "mps":
             return torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
     dtype = DTYPES[spec]
     if device.type == "cpu" and dtype == torch.float16:
         raise DeviceError("--dtype fp16 is not supported on the CPU; use bf16 or fp32")
@@ -76,3 +77,26 @@ def available_ram() -> int:
         return int(pages * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return 4 * 2**30
+
+
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the out-of-memory errors of CUDA, MPS and the CPU allocator."""
+    if isinstance(error, MemoryError):
+        return True
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(error, oom):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _OOM_MESSAGES)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX), where bf16 is fast."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:
+        return any(bool(getattr(cpu, name)()) for name in checks if hasattr(cpu, name))
+    except RuntimeError:
+        return False

@@ -113,6 +113,8 @@ class PisaUNet:
         if merged not in self.variants:
             raise ValueError(f"merged must be one of {tuple(self.variants)}, not {merged!r}")
         self.unet = unet
+        self.forward: Callable[..., object] = unet
+        """What runs the UNet: the module itself, or its compiled form."""
         self.merged = merged
         self.calls = 0
         self._state = _SideState()
@@ -246,4 +248,10 @@ class PisaUNet:
         t = torch.tensor([timestep], device=batch.device, dtype=torch.long)
         self.calls += 1
         with self._side(segments):
-            return self.unet(batch, t, encoder_hidden_states=cond, return_dict=False)[0]
+            return self.forward(batch, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+    def compile(self) -> None:
+        """Run the UNet through torch.compile from now on (eager again if that fails)."""
+        from pisa_cli.models.compiled import CompiledOrEager
+
+        self.forward = CompiledOrEager(self.unet, "UNet")

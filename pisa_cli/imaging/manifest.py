@@ -1,0 +1,180 @@
+"""The output folder's manifest: which settings and which input made each output.
+
+``.pisa-manifest.jsonl`` holds one JSON line per output written: its path (relative to
+the output folder), the input's size and modification time, the settings and their key
+(a hash), and the output's size, modification time and SHA-256. A record is appended
+(and fsynced) after the output's temporary file is complete and before it is renamed
+into place, so every output file the tool wrote has a record, whenever the process died.
+
+On a rerun an existing output is skipped only when it is the file a record describes and
+that record's settings key and input match this run; an output written with other
+settings or from a changed input is redone. A file the manifest does not describe was not
+written by this tool (or was edited since): it is kept, and said so, unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = ".pisa-manifest.jsonl"
+RUN, SKIP = "run", "skip"
+
+
+def settings_key(settings: dict) -> str:
+    """A short hash of the settings (canonical JSON): equal settings, equal key."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the manifest knows of one output it wrote."""
+
+    key: str
+    """The settings key the output was made with."""
+    source_bytes: int
+    source_mtime_ns: int
+    output_bytes: int
+    output_mtime_ns: int
+    output_sha256: str
+
+    @classmethod
+    def from_json(cls, line: dict) -> Record:
+        return cls(
+            key=str(line["settings_key"]),
+            source_bytes=int(line["source_bytes"]),
+            source_mtime_ns=int(line["source_mtime_ns"]),
+            output_bytes=int(line["output_bytes"]),
+            output_mtime_ns=int(line["output_mtime_ns"]),
+            output_sha256=str(line["output_sha256"]),
+        )
+
+    def describes(self, stat: os.stat_result) -> bool:
+        """Same size and modification time: this record's file, without reading it."""
+        return stat.st_size == self.output_bytes and stat.st_mtime_ns == self.output_mtime_ns
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether to run a job, and why (said in the report)."""
+
+    action: str
+    """run or skip."""
+    reason: str
+
+
+class Manifest:
+    """The manifest of one output folder: read once, appended to as outputs are written."""
+
+    def __init__(self, root: Path, settings: dict | None = None):
+        self.root = root
+        self.path = root / MANIFEST_NAME
+        self.settings = settings or {}
+        self.key = settings_key(self.settings)
+        self._records: dict[str, list[Record]] = {}
+        self._lock = threading.Lock()
+        self.unreadable_lines = 0
+        self._open_line = False
+        """The file ends in the middle of a line (a killed run): start the next on a new one."""
+        if self.path.is_file():
+            try:
+                self._load()
+            except OSError as error:  # its outputs then count as not written by pisa: kept
+                log.warning("%s: cannot read the manifest (%s)", self.path, error)
+
+    def use_settings(self, settings: dict) -> None:
+        """The settings of this run: outputs are checked and recorded against them."""
+        self.settings = settings
+        self.key = settings_key(settings)
+
+    def _load(self) -> None:
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
+            for text in handle:
+                self._open_line = not text.endswith("\n")
+                try:
+                    line = json.loads(text)
+                    record = Record.from_json(line)
+                except (ValueError, KeyError, TypeError):
+                    self.unreadable_lines += 1  # e.g. the last line of a killed run
+                    continue
+                self._records.setdefault(str(line["output"]), []).append(record)
+
+    def _name(self, output: Path) -> str:
+        try:
+            return output.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return output.resolve().as_posix()
+
+    def outputs(self) -> set[Path]:
+        """Resolved paths of every output the manifest records (never taken as inputs)."""
+        root = self.root.resolve()
+        return {(root / name).resolve() for name in self._records}
+
+    def decide(self, source: Path, output: Path, overwrite: bool = False) -> Decision:
+        """Run or skip ``source`` -> ``output`` under this manifest's settings."""
+        try:
+            stat = output.stat()
+        except FileNotFoundError:
+            return Decision(RUN, "new")
+        if overwrite:
+            return Decision(RUN, "--overwrite")
+        records = self._records.get(self._name(output), [])
+        record = next((r for r in reversed(records) if r.describes(stat)), None)
+        if record is None and records:
+            digest = file_sha256(output)  # copied or touched: same bytes still count
+            record = next((r for r in reversed(records) if r.output_sha256 == digest), None)
+        if record is None:
+            why = "was changed after pisa wrote it" if records else "was not written by pisa"
+            return Decision(SKIP, f"{output} exists and {why}: kept (--overwrite replaces it)")
+        if record.key != self.key:
+            return Decision(RUN, "settings changed")
+        source_stat = source.stat()
+        if (source_stat.st_size, source_stat.st_mtime_ns) != (
+            record.source_bytes,
+            record.source_mtime_ns,
+        ):
+            return Decision(RUN, "input changed")
+        return Decision(SKIP, "up to date")
+
+    def record(self, source: Path, output: Path, written: Path) -> None:
+        """Append the record of ``written`` (the complete temporary file that is about to
+        become ``output``) and fsync it. Called from writer threads."""
+        source_stat, stat = source.stat(), written.stat()
+        line = {
+            "output": self._name(output),
+            "source": str(source.resolve()),
+            "source_bytes": source_stat.st_size,
+            "source_mtime_ns": source_stat.st_mtime_ns,
+            "settings_key": self.key,
+            "settings": self.settings,
+            "output_bytes": stat.st_size,
+            "output_mtime_ns": stat.st_mtime_ns,
+            "output_sha256": file_sha256(written),
+            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        text = json.dumps(line, sort_keys=True, default=str) + "\n"
+        with self._lock:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write("\n" + text if self._open_line else text)
+                self._open_line = False
+                handle.flush()
+                os.fsync(handle.fileno())
+            record = Record.from_json(line)
+            self._records.setdefault(line["output"], []).append(record)
