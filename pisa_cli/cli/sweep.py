@@ -135,8 +135,13 @@ def sweep_command(
     vae_encoder_tile: common.VaeEncoderTile = "auto",
     vae_decoder_tile: common.VaeDecoderTile = "auto",
     tile_batch: common.TileBatch = "auto",
+    second_pass: common.SecondPass = "none",
+    second_pass_weights: common.SecondPassWeights = "",
+    second_pass_timestep: common.SecondPassTimestep = None,
+    second_pass_prompt: common.SecondPassPrompt = "",
     device: common.Device = "auto",
     dtype: common.Dtype = "auto",
+    compile: common.Compile = False,
     dry_run: common.DryRun = False,
     quiet: common.Quiet = False,
     verbose: common.Verbose = False,
@@ -154,10 +159,6 @@ def sweep_command(
     for name in ("inputs", "output", "quiet", "verbose", "dry_run"):
         values.pop(name)
     sweep_values = {name: values.pop(name) for name in SWEEP_OPTIONS}
-    # The sweep explores the x4 pass; a second pass per grid point is not offered.
-    values.update(
-        second_pass="none", second_pass_weights="", second_pass_timestep=None, second_pass_prompt=""
-    )
     try:
         model_options, options = common.build_options(values)
         settings, metric_names = _settings(sweep_values, model_options, options)
@@ -224,6 +225,7 @@ def _run(jobs, output: Path, settings, metric_names, crop_border: int, quiet: bo
 
     try:
         pipeline = load_pipeline(settings.model, options=plan_options(settings.options))
+        pipeline.stages(plan_options(settings.options))  # e.g. no second-pass timestep
         metric_set = None
         if metric_names:
             metric_set = MetricSet(metric_names, str(pipeline.device), crop_border)
@@ -259,6 +261,7 @@ def _print_plans(jobs: list, settings, model_options) -> None:
                 typer.echo(f"error: {plans}", err=True)
             else:
                 typer.echo(f"{job.source} -> {job.output}/")
-                typer.echo(plans[0].describe())
+                for index, plan in enumerate(plans):
+                    typer.echo(("second pass, per point: " if index else "") + plan.describe())
     except PisaError as error:
         raise common.fail(error) from None

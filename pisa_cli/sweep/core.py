@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from PIL import Image
 
 from pisa_cli.engine import memory
 from pisa_cli.engine.denoise import combine_eps
-from pisa_cli.imaging.resize import restore_size, upsample_input
+from pisa_cli.imaging.resize import plan_resize, restore_size, upsample_input
 from pisa_cli.options import UpscaleOptions
 from pisa_cli.pipeline import Encoded, PisaPipeline, to_image
 from pisa_cli.planning import ImagePlan
@@ -74,9 +74,10 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def output_size(self) -> tuple[int, int]:
-        return self.plan.resize.output_size
+    second_pass: bool = False
+    """Each point's image also went through the x2 second pass (lambdas: the point's)."""
+    output_size: tuple[int, int] = (0, 0)
+    """Each point's image size (twice the x4 result's with a second pass)."""
 
     def bicubic(self) -> Image.Image:
         """The input enlarged to the output size with PIL's bicubic filter (the "before")."""
@@ -89,6 +90,7 @@ class Sweeper:
     def __init__(self, pipeline: PisaPipeline, options: UpscaleOptions):
         self.pipeline = pipeline
         self.options = plan_options(options)
+        self.second_pass = options.second_pass.kind != "none"
 
     def prepare(self, image: Image.Image) -> Prepared:
         """Encode ``image`` and run both UNet passes (the whole cost shared by all points)."""
@@ -116,7 +118,17 @@ class Sweeper:
             decode_batch=self.decode_batch_size(plan),
             timings=timings,
             notes=notes,
+            second_pass=self.second_pass,
+            output_size=self.output_size(rgb.size),
         )
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The size of each point's image for an input of ``size``."""
+        options = self.options
+        size = plan_resize(size, options.scale, options.process_size).output_size
+        if self.second_pass:
+            size = plan_resize(size, 2, options.process_size).output_size
+        return size
 
     def decode_batch_size(self, plan: ImagePlan) -> int:
         """Points per decoder call: on an accelerator as many as fit (at most
@@ -157,7 +169,17 @@ class Sweeper:
                 result = restore_size(to_image(fixed), prepared.plan.resize)
                 _add(prepared.timings, "color", time.perf_counter() - start)
                 prepared.decodes += 1
-                yield point, result
+                yield point, self.second(prepared, point, result)
+
+    def second(self, prepared: Prepared, point: GridPoint, image: Image.Image) -> Image.Image:
+        """``image`` (the point's x4 result) through the x2 second pass, if there is one:
+        the stages of ``pisa upscale`` with the point's lambdas, so the image is the same."""
+        if not self.second_pass:
+            return image
+        options = replace(self.options, lambda_pix=point.pix, lambda_sem=point.sem)
+        for stage in self.pipeline.stages(options)[1:]:
+            image, _ = self.pipeline.run_stage(image, stage, prepared.timings, prepared.notes)
+        return image
 
     def _decode(self, prepared: Prepared, latents: torch.Tensor) -> list[torch.Tensor]:
         """Decoded images in [0, 1]: a batch in one call when it fits, else one by one

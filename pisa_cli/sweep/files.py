@@ -87,7 +87,8 @@ def _title(job: Job, prepared: Prepared, settings) -> list[str]:
     grid = settings.grid
     return [
         f"{job.source.name}: {iw}x{ih} -> {ow}x{oh}",
-        f"{len(grid.pix)} x {len(grid.sem)} lambdas, colour fix {options.color_fix}",
+        f"{len(grid.pix)} x {len(grid.sem)} lambdas, colour fix {options.color_fix}"
+        + (f", then x2 {options.second_pass.kind} pass" if prepared.second_pass else ""),
         "each point decoded exactly; encoder once, UNet pix + pisa once",
     ]
 

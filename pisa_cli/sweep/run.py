@@ -24,7 +24,6 @@ from pisa_cli.errors import ImageError, OptionsError, PisaError
 from pisa_cli.fsutil import TEMP_PREFIX
 from pisa_cli.imaging.discover import Job, image_extensions
 from pisa_cli.imaging.io import read_image
-from pisa_cli.imaging.resize import plan_resize
 from pisa_cli.options import ModelOptions, UpscaleOptions
 from pisa_cli.runner import DONE, FAILED
 from pisa_cli.sweep.core import Sweeper
@@ -95,7 +94,7 @@ def sweep_job(
         if metrics is not None and metrics.needs_gt:
             if settings.gt_dir is None:
                 raise OptionsError("metrics against the ground truth need --gt DIR")
-            truth = read_truth(settings.gt_dir, job.source, _output_size(image, settings.options))
+            truth = read_truth(settings.gt_dir, job.source, sweeper.output_size(image.size))
         prepared = sweeper.prepare(image)
         result.unet_calls = prepared.unet_calls
         log.info(
@@ -124,10 +123,6 @@ def sweep_job(
         result.error = f"{job.source}: internal error ({type(error).__name__}: {error})"
     result.seconds = time.perf_counter() - start
     return result
-
-
-def _output_size(image: Image.Image, options: UpscaleOptions) -> tuple[int, int]:
-    return plan_resize(image.size, options.scale, options.process_size).output_size
 
 
 def find_truth(folder: Path, source: Path) -> Path:
