@@ -222,7 +222,7 @@ class PisaPipeline:
         notes: list[str] = []
         plans = []
         for stage in self.stages(options):
-            image, plan = self._run_stage(image, stage, timings, notes)
+            image, plan = self.run_stage(image, stage, timings, notes)
             plans.append(plan)
         second = plans[1] if len(plans) > 1 else None
         return UpscaleResult(image, plans[0], timings, notes, second)
@@ -254,9 +254,10 @@ class PisaPipeline:
         tudsr = replace(plain, prompt=second.prompt)
         return [first, Stage("second", ("second",), timestep, "x0", tudsr)]
 
-    def _run_stage(
+    def run_stage(
         self, image: Image.Image, stage: Stage, timings: dict[str, float], notes: list[str]
     ) -> tuple[Image.Image, ImagePlan]:
+        """One pass of ``stage`` over ``image``: the finished image and the plan as run."""
         options = stage.options
         prefix = f"{stage.name}_" if stage.name else ""
         deep = isinstance(image, DeepImage)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +180,40 @@ def test_cli_tudsr_without_weights_is_a_usage_error(tmp_path):
     )
     assert result.exit_code == 2
     assert "--second-pass tudsr needs --second-pass-weights" in result.output
+
+
+@pytest.mark.parametrize("kind", ["tudsr", "pisa"])
+def test_sweep_points_go_through_the_second_pass_as_upscale_does(two_pass, second_lora, kind):
+    """The lambdas apply to the first pass; each point's image is `pisa upscale`'s."""
+    from pisa_cli.sweep.core import Sweeper
+    from pisa_cli.sweep.grid import GridPoint
+
+    second = tudsr(second_lora).second_pass if kind == "tudsr" else SecondPassOptions("pisa")
+    options = UpscaleOptions(process_size=64, second_pass=second)
+    image = noise_image(20, 16, 8)
+    sweeper = Sweeper(two_pass, options)
+    prepared = sweeper.prepare(image)
+    assert prepared.output_size == (160, 128)
+    points = [GridPoint(0.5, 0.7), GridPoint(1.3, 0.2)]
+    for point, ours in sweeper.images(prepared, points):
+        lambdas = {"lambda_pix": point.pix, "lambda_sem": point.sem}
+        theirs = two_pass.upscale(image, UpscaleOptions(**{**options.__dict__, **lambdas}))
+        assert ours.size == (160, 128)
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs)), point
+    assert {"second_unet", "second_decode"} <= set(prepared.timings)
+
+
+def test_cli_sweep_with_second_pass(tiny_base, pisa_pkl, second_lora, tmp_path):
+    noise_image(20, 16, 9).save(tmp_path / "in.png")
+    args = ["--base-model", tiny_base, "--weights", pisa_pkl, "--device", "cpu"]
+    args += ["--process-size", "64", "--second-pass", "tudsr", "--second-pass-weights", second_lora]
+    args += ["--lambda-grid", "pix=1 sem=0,1"]
+    result = CliRunner().invoke(
+        app, ["sweep", str(tmp_path / "in.png"), "-o", str(tmp_path / "o"), *map(str, args)]
+    )
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "o" / "in"
+    assert Image.open(folder / "pix1.00_sem0.00.png").size == (160, 128)
+    record = json.loads((folder / "sweep.json").read_text())
+    assert record["output_size"] == [160, 128]
+    assert record["settings"]["second_pass"]["kind"] == "tudsr"

@@ -11,6 +11,7 @@ from pisa_cli import __version__
 from pisa_cli.cli.bench import bench_command
 from pisa_cli.cli.convert import convert_command
 from pisa_cli.cli.doctor import doctor_command
+from pisa_cli.cli.sweep import sweep_command
 from pisa_cli.cli.upscale import upscale_command
 
 app = typer.Typer(
@@ -40,6 +41,7 @@ def _root(
 
 
 app.command("upscale")(upscale_command)
+app.command("sweep")(sweep_command)
 app.command("convert")(convert_command)
 app.command("doctor")(doctor_command)
 app.command("bench")(bench_command)

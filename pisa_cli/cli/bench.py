@@ -41,6 +41,7 @@ def bench_command(
     import pisa_cli.bench.coldstart
     import pisa_cli.bench.perf
     import pisa_cli.bench.streaming
+    import pisa_cli.bench.sweep
     import pisa_cli.bench.upscale
     import pisa_cli.bench.vae  # noqa: F401 - registers the scenarios
     from pisa_cli.bench import SCENARIOS, format_table, write_json

@@ -1,0 +1,222 @@
+"""The sweep of one image: the encoder once, the UNet's two passes once, then any number of
+grid points, each decoded exactly.
+
+REFERENCE section 3: every z_H is an affine combination of z_L, z_L - eps_pix and
+z_L - eps_pisa, so once eps_pix and eps_pisa are known, a grid point costs one VAE decode
+and a colour fix. The stages are PisaPipeline's, under the same StageGuard as
+``pisa upscale`` (out-of-memory retries, fp32 redo), so a point's image is what
+``pisa upscale`` gives for its lambdas.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pisa_cli.engine import memory
+from pisa_cli.engine.denoise import combine_eps
+from pisa_cli.imaging.resize import plan_resize, restore_size, upsample_input
+from pisa_cli.options import UpscaleOptions
+from pisa_cli.pipeline import Encoded, PisaPipeline, to_image
+from pisa_cli.planning import ImagePlan
+from pisa_cli.recovery import is_out_of_memory
+from pisa_cli.sweep.grid import GridPoint, plan_options
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("pix", "pisa")
+MAX_DECODE_BATCH = 4
+"""Grid points per decoder call at most on an accelerator: a batch fills the device better
+than one small image, and its output images all live at once."""
+
+BASIS = {"low": GridPoint(0.0, 0.0), "pix": GridPoint(1.0, 0.0), "pisa": GridPoint(1.0, 1.0)}
+"""The three basis latents of REFERENCE section 8 as grid points: (0, 0) is z_L,
+(1, 0) is z_L - eps_pix, (1, 1) is z_L - eps_pisa."""
+
+
+def blend_weights(pix: float, sem: float) -> tuple[float, float, float]:
+    """Weights of the low, pix and pisa basis for (lambda_pix, lambda_sem) (REFERENCE 3)."""
+    return 1.0 - pix, pix - sem, sem
+
+
+def blend_basis(basis: dict[str, np.ndarray], pix: float, sem: float) -> np.ndarray:
+    """The pixel-space blend of the three finished basis images (H, W, 3 uint8), rounded to
+    8 bits: what the viewer shows between grid points (REFERENCE section 8)."""
+    weights = blend_weights(pix, sem)
+    total = np.zeros(basis["low"].shape, dtype=np.float64)
+    for name, weight in zip(BASIS, weights, strict=True):
+        total += weight * basis[name].astype(np.float64)
+    return np.clip(np.rint(total), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class Prepared:
+    """An image after the encoder and the UNet: all that its grid points need."""
+
+    image: Image.Image
+    """The RGB input."""
+    encoded: Encoded
+    eps: dict[str, torch.Tensor]
+    """eps_pix and eps_pisa, aggregated over the latent tiles."""
+    plan: ImagePlan
+    """The plan as run so far (after any out-of-memory retry)."""
+    unet_calls: int = 0
+    """UNet calls the two passes took (one per tile batch, both variants in each call)."""
+    decodes: int = 0
+    """Grid points decoded so far."""
+    decode_batch: int = 1
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    second_pass: bool = False
+    """Each point's image also went through the x2 second pass (lambdas: the point's)."""
+    output_size: tuple[int, int] = (0, 0)
+    """Each point's image size (twice the x4 result's with a second pass)."""
+
+    def bicubic(self) -> Image.Image:
+        """The input enlarged to the output size with PIL's bicubic filter (the "before")."""
+        return self.image.resize(self.output_size, Image.Resampling.BICUBIC)
+
+
+class Sweeper:
+    """Runs the shared stages of a sweep and decodes grid points, for one pipeline."""
+
+    def __init__(self, pipeline: PisaPipeline, options: UpscaleOptions):
+        self.pipeline = pipeline
+        self.options = plan_options(options)
+        self.second_pass = options.second_pass.kind != "none"
+
+    def prepare(self, image: Image.Image) -> Prepared:
+        """Encode ``image`` and run both UNet passes (the whole cost shared by all points)."""
+        pipe, timings, notes = self.pipeline, {}, []
+        start = time.perf_counter()
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        plan = pipe.plan(rgb.size, self.options)
+        upsampled = upsample_input(rgb, plan.resize)
+        timings["preprocess"] = _lap(start)
+        start = time.perf_counter()
+        cond = pipe.embed(self.options.prompt)
+        timings["text"] = _lap(start)
+        start = time.perf_counter()
+        encoded, plan = pipe.guard.encode(pipe, upsampled, self.options, plan, notes)
+        timings["encode"] = _lap(start, pipe.device)
+        start, calls = time.perf_counter(), pipe.unet.calls
+        eps, plan = pipe.guard.predict(pipe, encoded.latents, cond, plan, notes)
+        timings["unet"] = _lap(start, pipe.device)
+        return Prepared(
+            image=rgb,
+            encoded=encoded,
+            eps=eps,
+            plan=plan,
+            unet_calls=pipe.unet.calls - calls,
+            decode_batch=self.decode_batch_size(plan),
+            timings=timings,
+            notes=notes,
+            second_pass=self.second_pass,
+            output_size=self.output_size(rgb.size),
+        )
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The size of each point's image for an input of ``size``."""
+        options = self.options
+        size = plan_resize(size, options.scale, options.process_size).output_size
+        if self.second_pass:
+            size = plan_resize(size, 2, options.process_size).output_size
+        return size
+
+    def decode_batch_size(self, plan: ImagePlan) -> int:
+        """Points per decoder call: on an accelerator as many as fit (at most
+        MAX_DECODE_BATCH), else one."""
+        pipe = self.pipeline
+        if plan.decoder_tile is not None:
+            return 1  # the banded decoder runs one image at a time
+        if pipe.device.type == "cpu":
+            # Measured on SD 2.1's VAE at 512 px: four points took 82.8 s in one call and
+            # 81.5 s one by one. A batch only costs memory there, and one by one each point
+            # decodes bit for bit as `pisa upscale` decodes it.
+            return 1
+        per_image = memory.decoder_untiled_bytes(
+            *plan.latent_size, pipe.widths, pipe.dtype.itemsize
+        )
+        fit = int(plan.free_bytes * memory.SAFETY // max(1, per_image))
+        return max(1, min(MAX_DECODE_BATCH, fit))
+
+    def latents(self, prepared: Prepared, point: GridPoint) -> torch.Tensor:
+        """z_H of ``point``: the same arithmetic as ``pisa upscale``."""
+        return prepared.encoded.latents - combine_eps(prepared.eps, point.pix, point.sem)
+
+    def images(
+        self, prepared: Prepared, points: Iterable[GridPoint]
+    ) -> Iterator[tuple[GridPoint, Image.Image]]:
+        """Each point's finished image (decoded exactly, colour-fixed, 8-bit), in order."""
+        pending = list(points)
+        while pending:
+            chunk, pending = pending[: prepared.decode_batch], pending[prepared.decode_batch :]
+            start = time.perf_counter()
+            latents = torch.cat([self.latents(prepared, point) for point in chunk])
+            decoded = self._decode(prepared, latents)
+            del latents
+            _add(prepared.timings, "decode", _lap(start, self.pipeline.device))
+            for point, image in zip(chunk, decoded, strict=True):
+                start = time.perf_counter()
+                fixed = self.pipeline.finish(image, prepared.encoded.source, self.options.color_fix)
+                result = restore_size(to_image(fixed), prepared.plan.resize)
+                _add(prepared.timings, "color", time.perf_counter() - start)
+                prepared.decodes += 1
+                yield point, self.second(prepared, point, result)
+
+    def second(self, prepared: Prepared, point: GridPoint, image: Image.Image) -> Image.Image:
+        """``image`` (the point's x4 result) through the x2 second pass, if there is one:
+        the stages of ``pisa upscale`` with the point's lambdas, so the image is the same."""
+        if not self.second_pass:
+            return image
+        options = replace(self.options, lambda_pix=point.pix, lambda_sem=point.sem)
+        for stage in self.pipeline.stages(options)[1:]:
+            image, _ = self.pipeline.run_stage(image, stage, prepared.timings, prepared.notes)
+        return image
+
+    def _decode(self, prepared: Prepared, latents: torch.Tensor) -> list[torch.Tensor]:
+        """Decoded images in [0, 1]: a batch in one call when it fits, else one by one
+        through the guard (tiled retries, fp32 redo)."""
+        pipe, size = self.pipeline, prepared.encoded.size
+        if latents.shape[0] > 1:
+            try:
+                decoded = pipe.decode(latents, size, None, prepared.plan.store)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                self._fall_back(prepared, f"out of memory at {latents.shape[0]} points per call")
+            else:
+                if pipe.dtype == torch.float32 or bool(torch.isfinite(decoded).all()):
+                    return list(decoded.split(1))
+                self._fall_back(prepared, "inf/NaN in a batch")
+        images = []
+        for latent in latents.split(1):
+            image, prepared.plan = pipe.guard.decode(
+                pipe, latent, size, prepared.plan, prepared.notes
+            )
+            images.append(image)
+        return images
+
+    @staticmethod
+    def _fall_back(prepared: Prepared, reason: str) -> None:
+        note = f"VAE decoder {reason}; decoding one point at a time"
+        log.warning(note)
+        prepared.notes.append(note)
+        prepared.decode_batch = 1
+
+
+def _lap(start: float, device: torch.device | None = None) -> float:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _add(timings: dict[str, float], stage: str, seconds: float) -> None:
+    timings[stage] = timings.get(stage, 0.0) + seconds
