@@ -29,7 +29,12 @@ from pisa_cli.imaging.resize import ResizePlan, restore_size, upsample_input
 from pisa_cli.models import cache
 from pisa_cli.models.base import unet_from_state
 from pisa_cli.models.checkpoint import PisaCheckpoint, load_checkpoint, resolve_weights_path
-from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
+from pisa_cli.models.device import (
+    free_memory,
+    keep_freed_memory,
+    resolve_device,
+    resolve_dtype,
+)
 from pisa_cli.models.lora import PisaUNet
 from pisa_cli.models.second_lora import SecondLora, load_second_lora
 from pisa_cli.models.text import PromptEncoder
@@ -440,6 +445,8 @@ def build_pipeline(
     weights come merged from the cache), then move everything to the device."""
     unet.eval().requires_grad_(False)
     vae_model.eval().requires_grad_(False)
+    if device.type == "cpu":
+        keep_freed_memory()
     layers = list(second.layers) if second else None
     source = second.source if second else ""
     pisa_unet = PisaUNet(unet, checkpoint, merged, layers, source, premerged)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import sys
 
 import torch
 
 from pisa_cli.errors import DeviceError
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,7 +65,7 @@ def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    return available_ram()
+    return available_ram() + heap_free_bytes()
 
 
 def available_ram() -> int:
@@ -100,3 +105,54 @@ def cpu_has_bf16() -> bool:
         return any(bool(getattr(cpu, name)()) for name in checks if hasattr(cpu, name))
     except RuntimeError:
         return False
+
+
+KEEP_BELOW = 1 << 30
+"""Allocations up to this size come from the heap and go back to it when freed."""
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of giving it back to the kernel.
+
+    By default glibc serves every allocation above 128 KiB-32 MiB with a fresh mmap and
+    unmaps it on free, so each new activation of the VAE (tens of MB at 512 px) costs a page
+    fault per 4 KiB page and the kernel zeroing it. Measured on a 2-core CPU, SD 2.1's VAE in
+    bf16 at 512 px: decoder 5.4 s -> 3.9 s, encoder 3.05 s -> 2.2 s. The price: the process
+    keeps its peak heap until it ends (the peak itself is unchanged). Linux glibc only;
+    True when set.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs: nothing to tune
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    done = mallopt(m_mmap_threshold, KEEP_BELOW) == 1
+    done = mallopt(m_trim_threshold, 2 * KEEP_BELOW) == 1 and done
+    log.debug("glibc keeps freed memory below %d bytes for reuse: %s", KEEP_BELOW, done)
+    return done
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def heap_free_bytes() -> int:
+    """Bytes freed by this process but kept in its heap (see keep_freed_memory): usable
+    again, though the system no longer counts them as available. 0 where unknown."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2  # glibc 2.33 and later
+    except (OSError, AttributeError):
+        return 0
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().fordblks)
