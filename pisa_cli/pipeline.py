@@ -22,6 +22,7 @@ from PIL import Image
 
 from pisa_cli.engine import color, memory, vae
 from pisa_cli.engine.denoise import combine_eps, predict_eps, variants_needed, x0_from_eps
+from pisa_cli.engine.lean import use_lean_resnets
 from pisa_cli.engine.tiles import TilePlan
 from pisa_cli.errors import OptionsError
 from pisa_cli.imaging.deep import DEEP_MAX, DeepImage
@@ -447,6 +448,8 @@ def build_pipeline(
     vae_model.eval().requires_grad_(False)
     if device.type == "cpu":
         keep_freed_memory()
+    use_lean_resnets(unet)  # the same values, fewer passes over memory
+    use_lean_resnets(vae_model)
     layers = list(second.layers) if second else None
     source = second.source if second else ""
     pisa_unet = PisaUNet(unet, checkpoint, merged, layers, source, premerged)

@@ -23,3 +23,28 @@ def test_freed_activations_stay_in_the_heap_and_count_as_free():
     assert kept >= 60 * MIB  # reused by the next activation, no page faults
     # the plan's free memory counts it: MemAvailable no longer does
     assert device.free_memory(torch.device("cpu")) >= device.available_ram() + kept - 16 * MIB
+
+
+def test_lean_resnets_give_diffusers_outputs_bit_for_bit(tiny_base):
+    from pisa_cli.engine.lean import use_lean_resnets
+    from pisa_cli.models.base import load_part
+
+    vae, unet = load_part(tiny_base, "vae"), load_part(tiny_base, "unet")
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 64, 48) * 2 - 1
+    latent = torch.randn(1, 4, 16, 16)
+    cond = torch.randn(1, 77, unet.config.cross_attention_dim)
+    with torch.inference_mode():
+        before = (
+            vae.encode(image).latent_dist.mean,
+            vae.decode(latent).sample,
+            unet(latent, 1, encoder_hidden_states=cond).sample,
+        )
+        assert use_lean_resnets(vae) > 0 and use_lean_resnets(unet) > 0
+        after = (
+            vae.encode(image).latent_dist.mean,
+            vae.decode(latent).sample,
+            unet(latent, 1, encoder_hidden_states=cond).sample,
+        )
+    for ours, theirs in zip(after, before, strict=True):
+        assert torch.equal(ours, theirs)
