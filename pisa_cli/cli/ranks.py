@@ -245,18 +245,15 @@ def _stop_flag(stopped: threading.Event) -> Iterator[None]:
             signal.signal(number, old)
 
 
-def worker_arguments() -> list[str]:
-    """This command's arguments, rebuilt from what click parsed, without --devices and
+def worker_arguments(context: typer.Context) -> list[str]:
+    """This command's arguments, rebuilt from what was parsed, without --devices and
     --device: every worker runs the same command on its own device."""
-    import click
-
-    context = click.get_current_context()
     options, inputs = [], []
     for param in context.command.params:
         value = context.params.get(param.name)
         if param.name in ("devices", "device") or value is None:
             continue
-        if isinstance(param, click.Argument):
+        if param.param_type_name == "argument":
             inputs = [str(item) for item in value]
         elif getattr(param, "is_flag", False):
             options += [param.opts[0]] if value else []
@@ -265,11 +262,11 @@ def worker_arguments() -> list[str]:
     return [*options, "--", *inputs]
 
 
-def run_devices(devices: list[str]) -> None:
+def run_devices(devices: list[str], context: typer.Context) -> None:
     """--devices: one worker process per device, ranks of one run on this machine; exit
     with rank 0's code. A worker that dies stops the others (as torchrun does): finished
     images are kept, and the same command run again does the rest."""
-    arguments = worker_arguments()
+    arguments = worker_arguments(context)
     port = _free_port()
     workers = []
     for rank, device in enumerate(devices):

@@ -48,6 +48,7 @@ class Outcome:
 
 
 def upscale_command(
+    context: typer.Context,
     inputs: common.Inputs,
     output: common.OutputDir,
     base_model: common.BaseModel = "",
@@ -97,7 +98,7 @@ def upscale_command(
     """
     common.setup_logging(quiet, verbose)
     values = dict(locals())
-    for name in CLI_ONLY:
+    for name in (*CLI_ONLY, "context"):
         values.pop(name)
     try:
         batch = common.build_batch(values)
@@ -113,7 +114,7 @@ def upscale_command(
         from pisa_cli.cli import ranks
 
         if isinstance(launch, list):
-            ranks.run_devices(launch)
+            ranks.run_devices(launch, context)
         else:
             ranks.upscale_as_rank(
                 launch, inputs, output, model_options, options, batch, quiet, report
