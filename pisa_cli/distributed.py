@@ -20,6 +20,7 @@ used before any model is loaded, and by ``pisa --help``'s import chain.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import logging
@@ -293,16 +294,14 @@ class Group:
         return values, sorted(lost)
 
     def ranks_progress(self) -> list[RankProgress]:
-        """Every rank's last published progress (rank 0's own included)."""
-        keys = [f"{PREFIX}progress/{rank}" for rank in range(self.env.world_size)]
+        """Every rank's last published progress (zeros for a rank not heard from yet)."""
         progress = []
-        for rank, key in enumerate(keys):
-            try:
-                done, total, seconds = (
-                    json.loads(self.store.get(key)) if self.store.check([key]) else (0, 0, 0.0)
-                )
-            except Exception:
-                done, total, seconds = 0, 0, 0.0
+        for rank in range(self.env.world_size):
+            key = f"{PREFIX}progress/{rank}"
+            done, total, seconds = 0, 0, 0.0
+            with contextlib.suppress(Exception):  # a display is never worth a crash
+                if self.store.check([key]):
+                    done, total, seconds = json.loads(self.store.get(key))
             progress.append(RankProgress(rank, int(done), int(total), float(seconds)))
         return progress
 

@@ -28,8 +28,8 @@ import typer
 
 from pisa_cli.cli import common
 from pisa_cli.cli import upscale as single
-from pisa_cli.distributed import Group, RankEnv, RankProgress
-from pisa_cli.errors import PisaError
+from pisa_cli.distributed import Group, RankEnv, RankProgress, parse_devices, rank_environment
+from pisa_cli.errors import LaunchError, OptionsError, PisaError
 
 PROGRESS_SECONDS = 1.0
 """How often rank 0 reads the other ranks' progress for its display."""
@@ -59,6 +59,30 @@ class RankReport:
     """From its first image into the model to its last written."""
     failed_to_start: bool = False
     """The model did not load on this rank (its own error line says why)."""
+
+
+def launch_of(devices: str, model, dry_run: bool) -> RankEnv | list[str] | None:
+    """None for a plain run; the devices to start workers on (--devices); or this process's
+    RankEnv under torchrun, accelerate launch or srun. A dry run is never distributed."""
+    env = rank_environment()
+    if devices:
+        if env.distributed:
+            raise LaunchError(
+                f"--devices starts its own processes: leave it out under {env.launcher}"
+            )
+        if model.device != "auto":
+            raise OptionsError("--device and --devices: give one or the other")
+        listed = parse_devices(devices)
+        if dry_run or len(listed) == 1:
+            return None
+        return listed
+    if not env.distributed:
+        return None
+    if dry_run:
+        if env.rank != 0:
+            raise typer.Exit(0)  # rank 0 prints the plans
+        return None
+    return env
 
 
 def upscale_as_rank(
@@ -111,8 +135,7 @@ def _lead(group: Group, inputs, output, model_options, options, batch, quiet, re
     stopped = threading.Event()
     with _stop_flag(stopped):
         names = {rank: f"report/{rank}" for rank in range(1, world)}
-        is_stopped = lambda: stopped.is_set() or own.interrupted  # noqa: E731
-        reports, lost = group.receive(names, is_stopped)
+        reports, lost = group.receive(names, lambda: stopped.is_set() or own.interrupted)
     reports[0] = own
     _merge(outcome, reports, lost, jobs, to_run)
     outcome.seconds = time.perf_counter() - start
@@ -120,10 +143,11 @@ def _lead(group: Group, inputs, output, model_options, options, batch, quiet, re
         for rank in lost:
             typer.echo(
                 f"error: rank {rank} stopped without reporting (killed, or its machine gone): "
-                f"its {len(jobs[rank])} images are counted as not done",
+                f"its {len(jobs[rank])} images are counted as not done (those it finished "
+                "are kept and skipped by the next run)",
                 err=True,
             )
-    single._finish(outcome, report)
+    single.finish(outcome, report)
 
 
 def _merge(outcome, reports: dict, lost: list[int], jobs: list[list], to_run: list) -> None:
@@ -236,8 +260,11 @@ def _stop_flag(stopped: threading.Event) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    handler = lambda number, frame: stopped.set()  # noqa: E731
-    previous = {number: signal.signal(number, handler) for number in single._stop_signals()}
+
+    def handler(number: int, frame: object) -> None:
+        stopped.set()
+
+    previous = {number: signal.signal(number, handler) for number in single.stop_signals()}
     try:
         yield
     finally:
@@ -295,7 +322,7 @@ def _wait_all(workers: list[subprocess.Popen]) -> list[int]:
             if worker.poll() is None:
                 worker.send_signal(number)
 
-    previous = {number: signal.signal(number, forward) for number in single._stop_signals()}
+    previous = {number: signal.signal(number, forward) for number in single.stop_signals()}
     try:
         stopping = False
         while any(worker.poll() is None for worker in workers):

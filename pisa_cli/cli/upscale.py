@@ -17,7 +17,7 @@ import typer
 
 from pisa_cli.cli import common
 from pisa_cli.cli.progress import display, summary
-from pisa_cli.errors import LaunchError, OptionsError, PisaError
+from pisa_cli.errors import PisaError
 from pisa_cli.options import DEFAULT_MAX_PIXELS, BatchOptions, ModelOptions, UpscaleOptions
 
 INTERRUPTED_EXIT = 130
@@ -107,7 +107,9 @@ def upscale_command(
             from pisa_cli.report import check_report_path
 
             check_report_path(report)
-        launch = _launch(devices, model_options, dry_run)
+        from pisa_cli.cli.ranks import launch_of
+
+        launch = launch_of(devices, model_options, dry_run)
     except PisaError as error:
         raise common.fail(error) from None
     if launch is not None:
@@ -122,33 +124,7 @@ def upscale_command(
         return
     outcome = _upscale(inputs, output, model_options, options, batch, dry_run, quiet)
     if outcome is not None:
-        _finish(outcome, report)
-
-
-def _launch(devices: str, model: ModelOptions, dry_run: bool):
-    """None for a plain run; the devices to start workers on (--devices); or this process's
-    RankEnv under torchrun, accelerate launch or srun. A dry run is never distributed."""
-    from pisa_cli.distributed import parse_devices, rank_environment
-
-    env = rank_environment()
-    if devices:
-        if env.distributed:
-            raise LaunchError(
-                f"--devices starts its own processes: leave it out under {env.launcher}"
-            )
-        if model.device != "auto":
-            raise OptionsError("--device and --devices: give one or the other")
-        listed = parse_devices(devices)
-        if dry_run or len(listed) == 1:
-            return None
-        return listed
-    if not env.distributed:
-        return None
-    if dry_run:
-        if env.rank != 0:
-            raise typer.Exit(0)  # rank 0 prints the plans
-        return None
-    return env
+        finish(outcome, report)
 
 
 def _upscale(
@@ -349,7 +325,7 @@ def _stop_on_signals(stop: threading.Event, warn) -> Iterator[None]:
         stop.set()
         raise KeyboardInterrupt
 
-    previous = {number: signal.signal(number, on_signal) for number in _stop_signals()}
+    previous = {number: signal.signal(number, on_signal) for number in stop_signals()}
     try:
         yield
     finally:
@@ -357,11 +333,11 @@ def _stop_on_signals(stop: threading.Event, warn) -> Iterator[None]:
             signal.signal(number, handler)
 
 
-def _stop_signals() -> tuple[int, ...]:
+def stop_signals() -> tuple[int, ...]:
     return (signal.SIGINT, signal.SIGTERM)
 
 
-def _finish(outcome: Outcome, report: Path | None) -> None:
+def finish(outcome: Outcome, report: Path | None) -> None:
     counts = Counter(result.status for result in outcome.results)
     counts["failed"] += outcome.failed_early
     extra = outcome.extra
