@@ -48,3 +48,9 @@ class OutOfMemoryError(PisaError):
     """A stage ran out of memory even with its smallest tile; this image fails, others go on."""
 
     exit_code = 1
+
+
+class LaunchError(PisaError):
+    """A multi-process launch cannot work: bad rank variables, no process group, a lost rank."""
+
+    exit_code = 1

@@ -81,6 +81,17 @@ Dtype = Annotated[
         rich_help_panel=MODEL,
     ),
 ]
+Devices = Annotated[
+    str,
+    typer.Option(
+        "--devices",
+        help="Run on several devices at once, one worker process each, the inputs shared by "
+        "pixel count: GPU numbers (0,1,2,3), cuda:N, or cpu,cpu for CPU workers. Under "
+        "torchrun, accelerate launch or srun leave it out: each process is one rank.",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
 Compile = Annotated[
     bool,
     typer.Option(

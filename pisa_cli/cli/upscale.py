@@ -9,7 +9,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from pisa_cli.options import DEFAULT_MAX_PIXELS, BatchOptions, ModelOptions, Ups
 
 INTERRUPTED_EXIT = 130
 """Exit code after Ctrl-C, as shells expect (128 + SIGINT)."""
-CLI_ONLY = ("inputs", "output", "quiet", "verbose", "dry_run", "report")
+CLI_ONLY = ("inputs", "output", "quiet", "verbose", "dry_run", "report", "devices")
 
 
 @dataclass
@@ -42,9 +42,13 @@ class Outcome:
     extra: str = ""
     """The end of the summary line (files ignored, sub-folders not searched)."""
     settings: dict = field(default_factory=dict)
+    lost_ranks: list[int] = field(default_factory=list)
+    """Ranks of a multi-process run that stopped without reporting (their images: not_done)."""
+    ranks: int = 1
 
 
 def upscale_command(
+    context: typer.Context,
     inputs: common.Inputs,
     output: common.OutputDir,
     base_model: common.BaseModel = "",
@@ -76,6 +80,7 @@ def upscale_command(
     suffix: common.Suffix = "",
     overwrite: common.Overwrite = False,
     report: common.Report = None,
+    devices: common.Devices = "",
     dry_run: common.DryRun = False,
     quiet: common.Quiet = False,
     verbose: common.Verbose = False,
@@ -88,11 +93,12 @@ def upscale_command(
     made with the same settings are skipped, so an interrupted run resumes (Ctrl-C stops
     after the current image; twice abandons it). Exit code 0 when every image worked, 1
     when some failed, 2 for bad options, 3 when the model or weights cannot be loaded, 130
-    when interrupted.
+    when interrupted. Under torchrun, accelerate launch or srun (or with --devices) each
+    process runs its share of the inputs and rank 0 prints the summary.
     """
     common.setup_logging(quiet, verbose)
     values = dict(locals())
-    for name in CLI_ONLY:
+    for name in (*CLI_ONLY, "context"):
         values.pop(name)
     try:
         batch = common.build_batch(values)
@@ -101,11 +107,24 @@ def upscale_command(
             from pisa_cli.report import check_report_path
 
             check_report_path(report)
+        from pisa_cli.cli.ranks import launch_of
+
+        launch = launch_of(devices, model_options, dry_run)
     except PisaError as error:
         raise common.fail(error) from None
+    if launch is not None:
+        from pisa_cli.cli import ranks
+
+        if isinstance(launch, list):
+            ranks.run_devices(launch, context)
+        else:
+            ranks.upscale_as_rank(
+                launch, inputs, output, model_options, options, batch, quiet, report
+            )
+        return
     outcome = _upscale(inputs, output, model_options, options, batch, dry_run, quiet)
     if outcome is not None:
-        _finish(outcome, report)
+        finish(outcome, report)
 
 
 def _upscale(
@@ -117,9 +136,23 @@ def _upscale(
     dry_run: bool,
     quiet: bool,
 ) -> Outcome | None:
+    start = time.perf_counter()
+    planned = plan_run(inputs, output, model_options, options, batch, dry_run, quiet)
+    if planned is None:
+        return None
+    outcome, to_run, reasons, manifest = planned
+    if to_run:
+        prepare_output(output, batch)
+        process(to_run, reasons, model_options, options, batch, manifest, quiet, outcome)
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def plan_run(inputs, output, model_options, options, batch, dry_run: bool, quiet: bool):
+    """(outcome so far, jobs to run, why each runs, manifest): discovery, settings and
+    resume decisions; None after a dry run. Exits on errors (typer.Exit)."""
     from pisa_cli.imaging.manifest import Manifest
 
-    start = time.perf_counter()
     manifest = Manifest(output)
     found = _discover(inputs, output, batch, manifest)
     if dry_run:
@@ -138,11 +171,7 @@ def _upscale(
     outcome.results += skipped
     _say_skipped(skipped, to_run, reasons, quiet)
     outcome.extra, outcome.settings = _extra(found), settings
-    if to_run:
-        _prepare_output(output, batch)
-        _process(to_run, reasons, model_options, options, batch, manifest, quiet, outcome)
-    outcome.seconds = time.perf_counter() - start
-    return outcome
+    return outcome, to_run, reasons, manifest
 
 
 def _discover(inputs: list[Path], output: Path, batch: BatchOptions, manifest):
@@ -224,7 +253,7 @@ def _extra(found) -> str:
     return extra
 
 
-def _prepare_output(output: Path, batch: BatchOptions) -> None:
+def prepare_output(output: Path, batch: BatchOptions) -> None:
     from pisa_cli.fsutil import remove_stale_temp_files
 
     try:
@@ -235,8 +264,13 @@ def _prepare_output(output: Path, batch: BatchOptions) -> None:
     remove_stale_temp_files(output, recursive=batch.recursive)
 
 
-def _process(to_run, reasons, model_options, options, batch, manifest, quiet, outcome) -> None:
-    """Load the model, run the jobs with a display, collect results into ``outcome``."""
+def process(
+    to_run, reasons, model_options, options, batch, manifest, quiet, outcome, watch=None
+) -> None:
+    """Load the model, run the jobs with a display, collect results into ``outcome``.
+
+    ``watch(shown, processed)`` (several ranks) returns a context manager around the run;
+    ``processed()`` is (images finished, seconds since the first started)."""
     from pisa_cli.pipeline import load_pipeline
     from pisa_cli.runner import run_jobs
 
@@ -248,7 +282,15 @@ def _process(to_run, reasons, model_options, options, batch, manifest, quiet, ou
     logging.getLogger("pisa_cli").info("model ready on %s in %s", pipeline.device, dtype_name)
     stop = threading.Event()
     processed, start = 0, time.perf_counter()
-    with display(len(to_run), quiet) as shown, _stop_on_signals(stop, shown.warn):
+
+    def progress() -> tuple[int, float]:
+        return processed, time.perf_counter() - start
+
+    with (
+        display(len(to_run), quiet) as shown,
+        _stop_on_signals(stop, shown.warn),
+        watch(shown, progress) if watch else nullcontext(),
+    ):
         results = run_jobs(
             pipeline, to_run, options, batch, manifest=manifest, on_start=shown.started, stop=stop
         )
@@ -283,7 +325,7 @@ def _stop_on_signals(stop: threading.Event, warn) -> Iterator[None]:
         stop.set()
         raise KeyboardInterrupt
 
-    previous = {number: signal.signal(number, on_signal) for number in _stop_signals()}
+    previous = {number: signal.signal(number, on_signal) for number in stop_signals()}
     try:
         yield
     finally:
@@ -291,22 +333,25 @@ def _stop_on_signals(stop: threading.Event, warn) -> Iterator[None]:
             signal.signal(number, handler)
 
 
-def _stop_signals() -> tuple[int, ...]:
+def stop_signals() -> tuple[int, ...]:
     return (signal.SIGINT, signal.SIGTERM)
 
 
-def _finish(outcome: Outcome, report: Path | None) -> None:
+def finish(outcome: Outcome, report: Path | None) -> None:
     counts = Counter(result.status for result in outcome.results)
     counts["failed"] += outcome.failed_early
     extra = outcome.extra
-    if outcome.interrupted:
+    if outcome.lost_ranks:
+        names = ", ".join(map(str, outcome.lost_ranks))
+        extra += f"; rank {names} stopped without reporting"
+    if outcome.interrupted or outcome.lost_ranks:
         extra += f"; stopped, {outcome.not_done} not done (run again to resume)"
     done = counts["done"]
     speed = done / outcome.run_seconds if done and outcome.run_seconds > 0 else 0
     rate = f" ({speed:.2f} img/s)" if speed else ""
     typer.echo(summary(counts, extra) + f" in {outcome.seconds:.1f} s{rate}", err=True)
     report_failed = report is not None and not _write_report(report, outcome, counts)
-    code = 1 if counts["failed"] or report_failed else 0
+    code = 1 if counts["failed"] or report_failed or outcome.lost_ranks else 0
     if outcome.interrupted:
         code = INTERRUPTED_EXIT
     if code:
@@ -324,6 +369,9 @@ def _write_report(report: Path, outcome: Outcome, counts: Counter) -> bool:
         "interrupted": outcome.interrupted,
         "seconds": round(outcome.seconds, 3),
     }
+    if outcome.ranks > 1:
+        totals["ranks"] = outcome.ranks
+        totals["lost_ranks"] = outcome.lost_ranks
     try:
         write_report(report, outcome.results, totals, outcome.settings)
     except OSError as error:

@@ -6,6 +6,13 @@ the output folder), the input's size and modification time, the settings and the
 (and fsynced) after the output's temporary file is complete and before it is renamed
 into place, so every output file the tool wrote has a record, whenever the process died.
 
+Several processes (the ranks of a multi-GPU or multi-machine run) write into one output
+folder at once. Each appends to a file of its own: rank 0 (and a single process) to
+``.pisa-manifest.jsonl``, rank N to ``.pisa-manifest.rankN.jsonl``; a manifest is read as
+all of them together. No lock is needed, which matters on shared storage: appends from
+several machines to one NFS file are not atomic, and file locks are not available on every
+network filesystem. A killed rank can only cut the last line of its own file.
+
 On a rerun an existing output is skipped only when it is the file a record describes and
 that record's settings key and input match this run; an output written with other
 settings or from a changed input is redone. A file the manifest does not describe was not
@@ -26,6 +33,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = ".pisa-manifest.jsonl"
+RANK_MANIFEST_GLOB = ".pisa-manifest.rank*.jsonl"
+
+
+def manifest_name(rank: int = 0) -> str:
+    """The file rank ``rank`` appends to (rank 0 and single processes: the main one)."""
+    return MANIFEST_NAME if rank == 0 else f".pisa-manifest.rank{rank}.jsonl"
+
+
 RUN, SKIP = "run", "skip"
 
 
@@ -41,6 +56,11 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _rank_of(path: Path) -> int:
+    number = path.name.removeprefix(".pisa-manifest.rank").removesuffix(".jsonl")
+    return int(number) if number.isdigit() else -1
 
 
 @dataclass(frozen=True)
@@ -81,11 +101,12 @@ class Decision:
 
 
 class Manifest:
-    """The manifest of one output folder: read once, appended to as outputs are written."""
+    """The manifest of one output folder: read once, appended to as outputs are written
+    (to ``rank``'s own file)."""
 
-    def __init__(self, root: Path, settings: dict | None = None):
+    def __init__(self, root: Path, settings: dict | None = None, rank: int = 0):
         self.root = root
-        self.path = root / MANIFEST_NAME
+        self.path = root / manifest_name(rank)
         self.settings = settings or {}
         self.key = settings_key(self.settings)
         self._records: dict[str, list[Record]] = {}
@@ -93,21 +114,28 @@ class Manifest:
         self.unreadable_lines = 0
         self._open_line = False
         """The file ends in the middle of a line (a killed run): start the next on a new one."""
-        if self.path.is_file():
+        for path in self.files():
             try:
-                self._load()
+                self._load(path)
             except OSError as error:  # its outputs then count as not written by pisa: kept
-                log.warning("%s: cannot read the manifest (%s)", self.path, error)
+                log.warning("%s: cannot read the manifest (%s)", path, error)
+
+    def files(self) -> list[Path]:
+        """The manifest files in the folder: the main one, then each rank's, in rank order."""
+        ranks = sorted(self.root.glob(RANK_MANIFEST_GLOB), key=_rank_of)
+        main = self.root / MANIFEST_NAME
+        return ([main] if main.is_file() else []) + [path for path in ranks if path.is_file()]
 
     def use_settings(self, settings: dict) -> None:
         """The settings of this run: outputs are checked and recorded against them."""
         self.settings = settings
         self.key = settings_key(settings)
 
-    def _load(self) -> None:
-        with open(self.path, encoding="utf-8", errors="replace") as handle:
+    def _load(self, path: Path) -> None:
+        with open(path, encoding="utf-8", errors="replace") as handle:
             for text in handle:
-                self._open_line = not text.endswith("\n")
+                if path == self.path:
+                    self._open_line = not text.endswith("\n")
                 try:
                     line = json.loads(text)
                     record = Record.from_json(line)
