@@ -37,7 +37,8 @@ def save_official_checkpoint(unet_folder: Path, path: Path) -> None:
 
 
 def _run(args: list[str], env: dict[str, str], output: Path) -> dict[str, float]:
-    """Start the command; seconds to the READY log line, to the output file, to the end."""
+    """Start the command; seconds to the READY log line, to the output file, to the end,
+    and the process's peak resident memory."""
     start = time.perf_counter()
     process = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
     marks: dict[str, float] = {}
@@ -45,8 +46,10 @@ def _run(args: list[str], env: dict[str, str], output: Path) -> dict[str, float]
     for line in process.stderr:
         if READY in line and "ready" not in marks:
             marks["ready"] = time.perf_counter() - start
-    process.wait()
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own resource usage
+    process.returncode = os.waitstatus_to_exitcode(status)
     marks["exit"] = time.perf_counter() - start
+    marks["peak_rss_gib"] = usage.ru_maxrss * 1024 / 2**30  # Linux reports KiB
     if process.returncode != 0 or not output.exists():
         raise RuntimeError(f"cold start run failed with exit code {process.returncode}")
     marks["first_output"] = marks["exit"]  # one image: the output is the run's last act
