@@ -123,3 +123,32 @@ def test_only_the_newest_merged_entries_are_kept(cache_dir):
         cache.save_tensors("merged", f"key{index}", {"w": torch.zeros(1)}, keep=2)
     assert sorted(p.stem for p in (cache_dir / "merged").iterdir()) == ["key2", "key3"]
     shutil.rmtree(cache_dir)
+
+
+def test_mapped_safetensors_equal_the_library_s_copies(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pisa_cli.models.cache import map_safetensors
+
+    tensors = {
+        "a.bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "b.byte": torch.arange(7, dtype=torch.uint8),  # an odd size among wider dtypes
+        "c.f32": torch.randn(4, 2, 3),
+        "d.i64": torch.arange(5),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    mapped, copied = map_safetensors(path), load_file(str(path))
+    assert mapped.keys() == copied.keys()
+    for name, tensor in copied.items():
+        assert mapped[name].dtype == tensor.dtype and torch.equal(mapped[name], tensor), name
+
+
+def test_a_damaged_mapped_file_is_refused(tmp_path):
+    from pisa_cli.models.cache import map_safetensors
+
+    path = tmp_path / "t.safetensors"
+    header = b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 64]}}'
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    with pytest.raises(ValueError, match="malformed"):
+        map_safetensors(path)
