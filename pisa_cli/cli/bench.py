@@ -23,7 +23,11 @@ DEFAULT_SCENARIOS = (
 def bench_command(
     scenarios: Annotated[
         list[str] | None,
-        typer.Argument(help="Scenarios to run (default: all). See --list.", show_default=False),
+        typer.Argument(
+            help=f"Scenarios to run (default: {', '.join(DEFAULT_SCENARIOS)}; the longer ones "
+            "by name). See --list.",
+            show_default=False,
+        ),
     ] = None,
     device: common.Device = "auto",
     dtype: common.Dtype = "auto",
