@@ -120,6 +120,32 @@ def test_devices_cpu_cpu_writes_what_one_process_writes(mixed, model, reference,
     check_complete_run(out, report, run.stderr, reference, mixed)
 
 
+@pytest.mark.slow
+def test_accelerate_launch_writes_what_one_process_writes(mixed, model, reference, tmp_path):
+    """accelerate's torchrun launcher (--multi_gpu): with no GPU here the ranks take the CPU
+    and gloo, as they would under torchrun."""
+    pytest.importorskip("accelerate")  # installed with peft; not a dependency of ours
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launcher += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launcher += ["--dynamo_backend", "no", "--main_process_port", "0"]
+    run = subprocess.run(
+        [
+            *launcher,
+            "-m",
+            "pisa_cli",
+            "upscale",
+            *map(str, (mixed, "-o", out, *model, "--report", report)),
+        ],
+        env=rank_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    check_complete_run(out, report, run.stderr, reference, mixed)
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (Linux /proc)."""
     found, todo = [], [pid]
