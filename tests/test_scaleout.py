@@ -91,58 +91,33 @@ def check_complete_run(out: Path, report: Path, stderr: str, reference: dict, mi
     assert all(path.read_text().strip() for path in manifest.files())
 
 
-@pytest.mark.slow
-def test_torchrun_two_ranks_write_what_one_process_writes(mixed, model, reference, tmp_path):
-    out, report = tmp_path / "out", tmp_path / "report.json"
-    run = subprocess.run(
-        torchrun(mixed, "-o", out, *model, "--report", report),
-        env=rank_environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
-    check_complete_run(out, report, run.stderr, reference, mixed)
-
-
-@pytest.mark.slow
-def test_devices_cpu_cpu_writes_what_one_process_writes(mixed, model, reference, tmp_path):
-    out, report = tmp_path / "out", tmp_path / "report.json"
-    run = subprocess.run(
-        pisa(mixed, "-o", out, *model, "--devices", "cpu,cpu", "--report", report),
-        env=rank_environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
-    assert "rank 1 of 2 joined" in run.stderr
-    check_complete_run(out, report, run.stderr, reference, mixed)
-
-
-@pytest.mark.slow
-def test_accelerate_launch_writes_what_one_process_writes(mixed, model, reference, tmp_path):
+def accelerate(*args: object) -> list[str]:
     """accelerate's torchrun launcher (--multi_gpu): with no GPU here the ranks take the CPU
     and gloo, as they would under torchrun."""
-    pytest.importorskip("accelerate")  # installed with peft; not a dependency of ours
-    out, report = tmp_path / "out", tmp_path / "report.json"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
     launcher += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
     launcher += ["--dynamo_backend", "no", "--main_process_port", "0"]
+    return [*launcher, "-m", "pisa_cli", "upscale", *map(str, args)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["torchrun", "devices", "accelerate"])
+def test_two_ranks_write_what_one_process_writes(launch, mixed, model, reference, tmp_path):
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    args = (mixed, "-o", out, *model, "--report", report)
+    if launch == "accelerate":
+        pytest.importorskip("accelerate")  # installed with peft; not a dependency of ours
+    command = {
+        "torchrun": lambda: torchrun(*args),
+        "devices": lambda: pisa(*args, "--devices", "cpu,cpu"),
+        "accelerate": lambda: accelerate(*args),
+    }[launch]()
     run = subprocess.run(
-        [
-            *launcher,
-            "-m",
-            "pisa_cli",
-            "upscale",
-            *map(str, (mixed, "-o", out, *model, "--report", report)),
-        ],
-        env=rank_environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        command, env=rank_environment(), capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr
+    if launch == "devices":
+        assert "rank 1 of 2 joined" in run.stderr
     check_complete_run(out, report, run.stderr, reference, mixed)
 
 

@@ -191,7 +191,6 @@ def _run_share(group, jobs, reasons, model_options, options, batch, manifest, qu
         return RankReport()
     outcome = single.Outcome()
     group.progress = (0, len(jobs), 0.0)
-    watch = _watch_all if group.env.rank == 0 else _watch_own
     try:
         single.process(
             jobs,
@@ -202,7 +201,7 @@ def _run_share(group, jobs, reasons, model_options, options, batch, manifest, qu
             manifest,
             quiet,
             outcome,
-            watch=lambda shown, processed: watch(group, shown, processed, len(jobs)),
+            watch=lambda shown, processed: _watch(group, shown, processed, len(jobs)),
         )
     except typer.Exit:  # the model did not load here; the line saying why is printed
         return RankReport(not_done=len(jobs), failed_to_start=True)
@@ -212,39 +211,23 @@ def _run_share(group, jobs, reasons, model_options, options, batch, manifest, qu
 
 
 @contextlib.contextmanager
-def _watch_own(group: Group, shown, processed, total: int) -> Iterator[None]:
-    """Publish this rank's progress (sent with each heartbeat)."""
+def _watch(group: Group, shown, processed, total: int) -> Iterator[None]:
+    """Publish this rank's progress (sent with each heartbeat); rank 0 also shows every
+    rank's, with the time left."""
     stop = threading.Event()
 
     def publish() -> None:
         while not stop.wait(PROGRESS_SECONDS):
             done, seconds = processed()
             group.progress = (done, total, seconds)
-
-    thread = threading.Thread(target=publish, name="pisa-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-@contextlib.contextmanager
-def _watch_all(group: Group, shown, processed, total: int) -> Iterator[None]:
-    """Rank 0: publish its own progress and show every rank's with the time left."""
-    stop = threading.Event()
-
-    def show() -> None:
-        while not stop.wait(PROGRESS_SECONDS):
-            done, seconds = processed()
-            group.progress = (done, total, seconds)
+            if group.env.rank != 0:
+                continue
             with contextlib.suppress(Exception):  # a display update is never worth a crash
                 progress = group.ranks_progress()
                 progress[0] = RankProgress(0, done, total, seconds)
                 shown.ranks(progress)
 
-    thread = threading.Thread(target=show, name="pisa-ranks", daemon=True)
+    thread = threading.Thread(target=publish, name="pisa-progress", daemon=True)
     thread.start()
     try:
         yield
