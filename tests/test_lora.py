@@ -137,3 +137,29 @@ def test_wrong_shape_is_named(tiny_base, pisa_pkl):
     broken = _with_module(broken, conv.module + "_x", conv.module)  # linear LoRA on a conv
     with pytest.raises(WeightsError, match=conv.module.replace(".", r"\.")):
         PisaUNet(load_part(tiny_base, "unet"), broken)
+
+
+@pytest.mark.parametrize(("dtype", "sizes"), [(torch.bfloat16, [1, 1, 1, 1]), (torch.float32, [4])])
+def test_in_bf16_on_the_cpu_a_batch_runs_sample_by_sample(
+    tiny_base, pisa_pkl, inputs, dtype, sizes
+):
+    """bf16 kernels round differently by batch size (measured on SD 2.1's UNet: 0.02), so on
+    the CPU each sample runs alone, with its own side paths, and comes out as it would in
+    a call of its own; fp32 keeps the batch."""
+    latents, cond = inputs
+    unet = PisaUNet(load_part(tiny_base, "unet").to(dtype), load_checkpoint(pisa_pkl), "pix")
+    seen: list[int] = []
+    forward = unet.forward
+    unet.forward = lambda x, *a, **k: (seen.append(len(x)), forward(x, *a, **k))[1]
+    latents, cond = latents.to(dtype), cond.to(dtype)
+    with torch.inference_mode():
+        both = unet(latents, cond, ("pix", "pisa"))
+        assert seen == sizes and unet.calls == 1
+        for index, variant in enumerate(("pix", "pisa")):
+            for sample in range(2):
+                alone = unet(latents[sample : sample + 1], cond, (variant,))
+                ours = both[index * 2 + sample]
+                if dtype == torch.float32:  # batched: float noise only
+                    assert torch.allclose(ours, alone[0], atol=1e-5), (variant, sample)
+                else:
+                    assert torch.equal(ours, alone[0]), (variant, sample)

@@ -200,3 +200,23 @@ def test_the_blend_is_exact_at_the_basis_and_affine_between():
     blended = blend_basis(basis, pix, sem)
     assert np.abs(blended - expected).max() <= 0.5 + 1e-9
     assert blend_basis(basis, 3.0, -2.0).dtype == np.uint8  # extrapolation clips, no wrap
+
+
+def test_in_bf16_on_the_cpu_points_are_upscale_s_images_bit_for_bit(tiny_base, pisa_pkl):
+    """bf16 kernels round differently with the batch size: the sweep's two-variant batch
+    must give one-variant points exactly what `pisa upscale` computes alone."""
+    pipe = load_pipeline(
+        weights=str(pisa_pkl),
+        base_model=str(tiny_base),
+        device="cpu",
+        dtype="bf16",
+        options=plan_options(UpscaleOptions()),
+    )
+    options = UpscaleOptions(process_size=64, color_fix="none")
+    image = noise_image(48, 40, 7)
+    sweeper = Sweeper(pipe, options)
+    points = [GridPoint(1.0, 0.0), GridPoint(1.0, 1.0), GridPoint(0.8, 0.3)]
+    for point, ours in sweeper.images(sweeper.prepare(image), points):
+        lambdas = {"lambda_pix": point.pix, "lambda_sem": point.sem}
+        theirs = pipe.upscale(image, dataclasses.replace(options, **lambdas))
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs)), point
