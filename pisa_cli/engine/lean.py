@@ -39,7 +39,9 @@ def lean_resnet_forward(
     if block.time_emb_proj is not None and temb is not None:
         if not block.skip_time_act:
             temb = F.silu(temb)
-        hidden.add_(block.time_emb_proj(temb)[:, :, None, None])
+        temb = block.time_emb_proj(temb)[:, :, None, None]
+    if temb is not None:  # as diffusers: added even when there is no projection
+        hidden.add_(temb)
     hidden = F.silu(block.norm2(hidden), inplace=True)
     hidden = block.conv2(hidden)  # dropout: identity in eval mode
     shortcut = input_tensor if block.conv_shortcut is None else block.conv_shortcut(input_tensor)
