@@ -235,8 +235,9 @@ class PisaUNet:
     ) -> torch.Tensor:
         """eps for every variant: a (len(variants) * N, C, h, w) tensor, variant-major.
 
-        All variants run in one UNet call; the side path is on for the batch slices whose
-        variant differs from the merged weights.
+        All variants run in one UNet call (on a CPU in bf16 its samples run one after the
+        other, see _one_by_one); the side path is on for the batch slices whose variant
+        differs from the merged weights.
         """
         n = latents.shape[0]
         batch = latents.repeat(len(variants), 1, 1, 1) if len(variants) > 1 else latents
