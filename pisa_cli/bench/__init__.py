@@ -7,7 +7,6 @@ noisy: compare two things measured in the same run.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import platform
@@ -77,8 +76,11 @@ def _reset_rss_peak() -> None:
 
 def _trim_heap() -> None:
     # Freed memory stays in the process's heap; give it back so a peak starts from here.
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    from pisa_cli.models.device import glibc_function
+
+    malloc_trim = glibc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -121,12 +122,8 @@ def keep_freed_memory() -> bool:
     keeps its peak heap until it ends (the peak itself is unchanged). Linux glibc only;
     True when set.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other libcs: nothing to tune
+    mallopt = glibc_function("mallopt")
+    if mallopt is None:  # not glibc: nothing to tune
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     done = mallopt(m_mmap_threshold, KEEP_BELOW) == 1
@@ -148,11 +145,20 @@ class _MallInfo2(ctypes.Structure):
 def heap_free_bytes() -> int:
     """Bytes freed by this process but kept in its heap (see keep_freed_memory): usable
     again, though the system no longer counts them as available. 0 where unknown."""
-    if not sys.platform.startswith("linux"):
-        return 0
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2  # glibc 2.33 and later
-    except (OSError, AttributeError):
+    mallinfo2 = glibc_function("mallinfo2")  # glibc 2.33 and later
+    if mallinfo2 is None:
         return 0
     mallinfo2.restype = _MallInfo2
     return int(mallinfo2().fordblks)
+
+
+@functools.cache
+def glibc_function(name: str):
+    """A function of the process's glibc (loaded once), or None on other systems and C
+    libraries. The planner asks for the heap's free bytes for every image."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
