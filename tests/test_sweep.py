@@ -16,18 +16,22 @@ from pisa_cli.sweep.grid import GridPoint, parse_grid, plan_options
 from tests.conftest import assert_close, noise_image
 
 
-@pytest.fixture(scope="module")
-def sweep_pipeline(tiny_base, pisa_pkl):
+def load_as_sweep(tiny_base, pisa_pkl, dtype: str):
     """Loaded as `pisa sweep` loads it: pixel weights merged, PiSA through the side path."""
     pipe = load_pipeline(
         weights=str(pisa_pkl),
         base_model=str(tiny_base),
         device="cpu",
-        dtype="fp32",
+        dtype=dtype,
         options=plan_options(UpscaleOptions()),
     )
     assert pipe.unet.merged == "pix"
     return pipe
+
+
+@pytest.fixture(scope="module")
+def sweep_pipeline(tiny_base, pisa_pkl):
+    return load_as_sweep(tiny_base, pisa_pkl, "fp32")
 
 
 class Counter:
@@ -205,13 +209,7 @@ def test_the_blend_is_exact_at_the_basis_and_affine_between():
 def test_in_bf16_on_the_cpu_points_are_upscale_s_images_bit_for_bit(tiny_base, pisa_pkl):
     """bf16 kernels round differently with the batch size: the sweep's two-variant batch
     must give one-variant points exactly what `pisa upscale` computes alone."""
-    pipe = load_pipeline(
-        weights=str(pisa_pkl),
-        base_model=str(tiny_base),
-        device="cpu",
-        dtype="bf16",
-        options=plan_options(UpscaleOptions()),
-    )
+    pipe = load_as_sweep(tiny_base, pisa_pkl, "bf16")
     options = UpscaleOptions(process_size=64, color_fix="none")
     image = noise_image(48, 40, 7)
     sweeper = Sweeper(pipe, options)
