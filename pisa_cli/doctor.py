@@ -109,11 +109,11 @@ def _self_test(model: ModelOptions) -> Check:
     """Upscale a small random image with a tiny random model on the chosen device."""
     from PIL import Image
 
+    from pisa_cli.loading import build_pipeline
     from pisa_cli.models.device import resolve_device, resolve_dtype
     from pisa_cli.models.synthetic import build_random_base, random_checkpoint, write_tokenizer
     from pisa_cli.models.text import PromptEncoder
     from pisa_cli.options import UpscaleOptions
-    from pisa_cli.pipeline import build_pipeline
 
     try:
         device = resolve_device(model.device)

@@ -87,7 +87,6 @@ def test_prompt_embedding_is_cached_so_the_text_encoder_is_not_loaded(
         return original(folder, part)
 
     monkeypatch.setattr(base, "load_part", no_text_encoder)
-    monkeypatch.setattr("pisa_cli.pipeline.load_part", no_text_encoder, raising=False)
     second = load(tiny_base, pisa_pkl)
     assert torch.equal(second.embed(""), expected)
     assert second.prompts.encodes == 0

@@ -39,6 +39,7 @@ def tiny_pipeline(device: torch.device, dtype: torch.dtype) -> PisaPipeline:
     """The tiny random model (as `pisa doctor`'s self-test builds it)."""
     from transformers import CLIPTokenizer
 
+    from pisa_cli.loading import build_pipeline
     from pisa_cli.models.synthetic import (
         build_random_base,
         config_dir,
@@ -46,7 +47,6 @@ def tiny_pipeline(device: torch.device, dtype: torch.dtype) -> PisaPipeline:
         write_tokenizer,
     )
     from pisa_cli.models.text import PromptEncoder
-    from pisa_cli.pipeline import build_pipeline
 
     parts = build_random_base("tiny", seed=0)
     with tempfile.TemporaryDirectory(prefix="pisa-bench-tokenizer-") as folder:

@@ -218,7 +218,7 @@ def _run(jobs, output: Path, settings, metric_names, crop_border: int, quiet: bo
         typer.echo(f"error: {output}: cannot create the output folder ({error.strerror})", err=True)
         raise typer.Exit(1) from None
 
-    from pisa_cli.pipeline import load_pipeline
+    from pisa_cli.loading import load_pipeline
     from pisa_cli.sweep.grid import plan_options
     from pisa_cli.sweep.metrics import MetricSet
     from pisa_cli.sweep.run import sweep_jobs

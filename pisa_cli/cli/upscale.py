@@ -271,7 +271,7 @@ def process(
 
     ``watch(shown, processed)`` (several ranks) returns a context manager around the run;
     ``processed()`` is (images finished, seconds since the first started)."""
-    from pisa_cli.pipeline import load_pipeline
+    from pisa_cli.loading import load_pipeline
     from pisa_cli.runner import run_jobs
 
     try:
