@@ -73,6 +73,22 @@ def start_and_wait_for_outputs(args: list[str], out: Path, count: int) -> subpro
     raise AssertionError(f"no {count} outputs in time: {process.communicate()}")
 
 
+def check_partial_then_rerun(
+    args: list[str], env: dict[str, str], out: Path, expected: dict[str, bytes]
+) -> None:
+    """What a killed run left in ``out`` is complete and right, and running ``args`` again
+    does exactly the rest: the whole expected set, no temporaries."""
+    partial = visible(out)
+    for name, data in partial.items():
+        assert data == expected[name], name
+    again = subprocess.run(args, env=env, text=True, capture_output=True)
+    assert again.returncode == 0, again.stderr
+    done, skipped = len(expected) - len(partial), len(partial)
+    assert f"{done} done, {skipped} skipped, 0 failed" in again.stderr
+    assert visible(out) == expected
+    assert not temporaries(out)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_gives_the_complete_identical_set(
     tiny_base, pisa_pkl, inputs, tmp_path
@@ -94,16 +110,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_complete_identical_set(
     assert process.returncode == -signal.SIGKILL
     partial = visible(out)
     assert 3 <= len(partial) < IMAGES
-    for name, data in partial.items():  # whatever is there is complete, and right
-        assert data == expected[name], name
-
-    again = subprocess.run(
-        pisa(inputs, "-o", out, *common), env=environment(), text=True, capture_output=True
-    )
-    assert again.returncode == 0, again.stderr
-    assert f"{IMAGES - len(partial)} done, {len(partial)} skipped, 0 failed" in again.stderr
-    assert visible(out) == expected
-    assert not temporaries(out)
+    check_partial_then_rerun(pisa(inputs, "-o", out, *common), environment(), out, expected)
 
 
 @pytest.mark.slow
