@@ -177,9 +177,9 @@ HEADER_THREADS = 8
 """Image headers read at once: on network storage the time is latency, not bandwidth."""
 
 
-def pixel_weights(sources: Sequence[Path]) -> list[int]:
+def pixel_weights(sources: Sequence[Path], max_pixels: int | None = None) -> list[int]:
     """Each input's pixel count from its header (no decoding); 1 for a file whose header
-    cannot be read (it fails fast wherever it lands)."""
+    cannot be read or that has more than ``max_pixels`` (it fails fast wherever it lands)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pisa_cli.errors import ImageError
@@ -189,6 +189,8 @@ def pixel_weights(sources: Sequence[Path]) -> list[int]:
         try:
             width, height = read_size(source)
         except (ImageError, OSError):
+            return 1
+        if max_pixels is not None and width * height > max_pixels:
             return 1
         return max(1, width * height)
 

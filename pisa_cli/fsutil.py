@@ -42,6 +42,13 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         raise
 
 
+def probe_writable(folder: Path) -> None:
+    """Create and remove a temporary file in ``folder``; OSError when it cannot be written."""
+    descriptor, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-probe-", dir=folder)
+    os.close(descriptor)
+    os.unlink(name)
+
+
 def _read_umask() -> int:
     # os.umask can only be read by setting it; done once, at import, before any thread.
     mask = os.umask(0o022)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pisa_cli.engine import memory
 from pisa_cli.engine.denoise import variants_needed
 from pisa_cli.engine.tiles import TilePlan, plan_latent_tiles
+from pisa_cli.errors import ImageError
 from pisa_cli.imaging.resize import ResizePlan, plan_resize
 from pisa_cli.options import UpscaleOptions
 
@@ -144,3 +145,28 @@ def plan_image(
         peak_bytes=max(enc_bytes, unet_bytes, dec_bytes),
         free_bytes=free_bytes,
     )
+
+
+def check_pixels(
+    source: object, size: tuple[int, int], options: UpscaleOptions, limit: int
+) -> None:
+    """Refuse an input whose pixels, or whose enlargement for the model, exceed ``limit``
+    (``--max-pixels``), with one line naming the file, the limit and how to raise it.
+
+    The small-input path enlarges an input whose short side is below process_size / scale
+    to that short side: a 20000x1 strip would become a 2560000x128 model input."""
+    width, height = size
+    if width * height > limit:
+        raise ImageError(
+            f"{source}: {width}x{height} is {width * height:,} pixels, more than --max-pixels "
+            f"{limit:,}"
+        )
+    work = plan_resize(size, options.scale, options.process_size).work_size
+    if work[0] * work[1] > limit:
+        least = options.process_size // options.scale
+        raise ImageError(
+            f"{source}: {width}x{height} would be enlarged to {work[0]}x{work[1]} "
+            f"({work[0] * work[1]:,} pixels, its short side to --process-size / --scale = "
+            f"{least}) for the model, more than --max-pixels {limit:,}; crop it, lower "
+            "--process-size or raise --max-pixels"
+        )

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from pisa_cli.errors import OptionsError
 from pisa_cli.fsutil import atomic_path
+from pisa_cli.imaging.names import csv_cell
 
 STAGES = ("read", "preprocess", "text", "encode", "unet", "decode", "color", "compose", "write")
 COLUMNS = (
@@ -96,7 +97,8 @@ class JsonReport:
 
 
 class CsvReport:
-    """One row per image, the columns of COLUMNS (empty cells for missing values)."""
+    """One row per image, the columns of COLUMNS (empty cells for missing values). A text
+    cell that a spreadsheet would run as a formula starts with ``'`` (``imaging.names``)."""
 
     @staticmethod
     def render(rows: list[dict], summary: dict, settings: dict) -> str:
@@ -104,7 +106,7 @@ class CsvReport:
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+            writer.writerow({k: "" if v is None else csv_cell(v) for k, v in row.items()})
         return buffer.getvalue()
 
 

@@ -25,8 +25,14 @@ from pisa_cli.imaging.io import read_picture, write_output
 from pisa_cli.imaging.manifest import RUN, Decision, Manifest
 from pisa_cli.imaging.modes import Picture, compose
 from pisa_cli.imaging.stream import Loaded, WriteBehind, read_ahead
-from pisa_cli.options import BatchOptions, ModelOptions, SecondPassOptions, UpscaleOptions
-from pisa_cli.planning import ImagePlan
+from pisa_cli.options import (
+    DEFAULT_MAX_PIXELS,
+    BatchOptions,
+    ModelOptions,
+    SecondPassOptions,
+    UpscaleOptions,
+)
+from pisa_cli.planning import ImagePlan, check_pixels
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +103,7 @@ def run_jobs(
     """
     batch = batch or BatchOptions()
     stop = stop or threading.Event()
-    read = partial(_read, max_pixels=batch.max_pixels)
+    read = partial(_read, options=options, max_pixels=batch.max_pixels)
     loads = read_ahead(jobs, read, batch.read_ahead)
     pending: deque[tuple[JobResult, Future | None]] = deque()
     with WriteBehind(batch.write_behind) as writer:
@@ -119,8 +125,10 @@ def run_jobs(
         yield from _finished(pending, wait=True)
 
 
-def _read(job: Job, max_pixels: int) -> Picture:
-    return read_picture(job.source, max_pixels)
+def _read(job: Job, options: UpscaleOptions, max_pixels: int) -> Picture:
+    picture = read_picture(job.source, max_pixels)
+    check_pixels(job.source, picture.size, options, max_pixels)
+    return picture
 
 
 def _upscale(pipeline, loaded: Loaded, options: UpscaleOptions, on_start):
@@ -242,6 +250,26 @@ def sort_jobs(
     return to_run, reasons, skipped
 
 
+def screen(
+    jobs: list[Job], options: UpscaleOptions, max_pixels: int
+) -> tuple[list[Job], list[tuple[Job, str]]]:
+    """(jobs left, refused jobs with their error): image headers are checked (readable,
+    within ``max_pixels``, see ``check_pixels``) up to the first image that can run, so a
+    batch of nothing but bad inputs fails in a moment without loading the model. The
+    images after the first good one are checked as they are read."""
+    from pisa_cli.imaging.io import read_size
+
+    refused = []
+    for index, job in enumerate(jobs):
+        try:
+            check_pixels(job.source, read_size(job.source), options, max_pixels)
+        except ImageError as error:
+            refused.append((job, str(error)))
+            continue
+        return jobs[index:], refused
+    return [], refused
+
+
 def run_job(pipeline, job: Job, options: UpscaleOptions) -> JobResult:
     """One job, start to end, in this thread."""
     batch = BatchOptions(read_ahead=0, write_behind=0)
@@ -249,9 +277,13 @@ def run_job(pipeline, job: Job, options: UpscaleOptions) -> JobResult:
 
 
 def dry_run(
-    jobs: Iterable[Job], options: UpscaleOptions, model: ModelOptions
+    jobs: Iterable[Job],
+    options: UpscaleOptions,
+    model: ModelOptions,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[tuple[Job, list[ImagePlan] | str]]:
-    """The plans of each job (one per pass) from its image header, without loading a model.
+    """The plans of each job (one per pass) from its image header, without loading a model;
+    an image the run would refuse (``max_pixels``, see ``check_pixels``) gets its error.
 
     Channel widths come from the base model's configs when it is on disk, else from SD
     2.1-base's; the free memory is that of the device the run would use.
@@ -273,6 +305,7 @@ def dry_run(
     for job in jobs:
         try:
             size = read_size(job.source)
+            check_pixels(job.source, size, options, max_pixels)
         except ImageError as error:
             yield job, str(error)
             continue

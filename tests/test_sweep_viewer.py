@@ -42,9 +42,11 @@ GRID = "pix=0:1:0.5 sem=0:1:0.5"
 def test_the_viewer_is_one_file_with_no_network():
     grid = LambdaGrid((0.0, 1.0), (0.0, 1.0))
     images = {name: Image.new("RGB", (4, 3), (i * 80, 0, 0)) for i, name in enumerate(BASIS)}
-    html = build_viewer("a</script>.png", "x", grid, images, images["low"], {})
+    html = build_viewer("a</script><!--<script>.png", "x", grid, images, images["low"], {})
     assert re.search(r"(?:https?|wss?|ftp):", html) is None
-    assert "a<\\/script>.png" in html  # a file name cannot end the data script
+    data = html.split('type="application/json">', 1)[1].split("</script>", 1)[0]
+    assert "<" not in data and ">" not in data  # no name can end the data script or open a comment
+    assert "a\\u003c/script\\u003e\\u003c!--\\u003cscript\\u003e.png" in data
     assert html.count("data:image/png;base64,") == 4
     assert "default-src 'none'" in html  # the page itself forbids fetching anything
 
@@ -103,6 +105,31 @@ def wait_for_point(driver, key: str) -> None:
     WebDriverWait(driver, 10).until(
         lambda d: d.execute_script("return document.getElementById('stage').dataset.point") == key
     )
+
+
+HOSTILE_NAMES = (
+    "x<!--<script>.png",
+    "</script><script>document.title='owned'</script>.png",
+    "a&amp;<b>\u2028\u2029\"'.png",
+)
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_the_viewer_survives_any_file_name(browser, tmp_path, name):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    grid = LambdaGrid((0.0, 1.0), (0.0, 1.0))
+    images = {name: noise_image(8, 6, i) for i, name in enumerate(BASIS)}
+    page = tmp_path / "viewer.html"
+    page.write_text(build_viewer(name, name, grid, images, images["low"], {}), encoding="utf-8")
+    browser.get(page.as_uri())
+    WebDriverWait(browser, 20).until(
+        lambda d: d.execute_script("return document.body.dataset.ready")
+    )
+    assert browser.find_element(By.ID, "title").get_attribute("textContent") == name
+    assert browser.find_element(By.ID, "settings").get_attribute("textContent") == name
+    assert browser.execute_script("return document.title") != "owned"
 
 
 def test_sliders_blend_on_the_canvas_and_show_exact_points(browser, viewer_folder):

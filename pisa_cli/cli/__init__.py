@@ -11,11 +11,13 @@ from pisa_cli import __version__
 from pisa_cli.cli.bench import bench_command
 from pisa_cli.cli.convert import convert_command
 from pisa_cli.cli.doctor import doctor_command
+from pisa_cli.cli.helptext import Command, Group
 from pisa_cli.cli.sweep import sweep_command
 from pisa_cli.cli.upscale import upscale_command
 
 app = typer.Typer(
     name="pisa",
+    cls=Group,
     help="Batch image upscaling with PiSA-SR: one-step diffusion super-resolution with "
     "adjustable fidelity (--lambda-pix) and detail (--lambda-sem).",
     no_args_is_help=True,
@@ -40,11 +42,14 @@ def _root(
     """Batch image upscaling with PiSA-SR."""
 
 
-app.command("upscale")(upscale_command)
-app.command("sweep")(sweep_command)
-app.command("convert")(convert_command)
-app.command("doctor")(doctor_command)
-app.command("bench")(bench_command)
+for name, function in (
+    ("upscale", upscale_command),
+    ("sweep", sweep_command),
+    ("convert", convert_command),
+    ("doctor", doctor_command),
+    ("bench", bench_command),
+):
+    app.command(name, cls=Command)(function)
 
 
 def main() -> None:

@@ -53,9 +53,15 @@ def bench_command(
     from pisa_cli.models.device import resolve_device, resolve_dtype
 
     if list_only:
+        import shutil
+        import textwrap
+
+        from pisa_cli.cli.helptext import first_sentence
+
+        width = max(60, shutil.get_terminal_size().columns)
         for name, function in SCENARIOS.items():
-            doc = (function.__doc__ or "").strip().splitlines()[0]
-            typer.echo(f"{name:<20} {doc}")
+            text = f"{name:<20} {first_sentence(function.__doc__)}"
+            typer.echo(textwrap.fill(text, width, subsequent_indent=" " * 21))
         return
     chosen = scenarios or [name for name in DEFAULT_SCENARIOS if name in SCENARIOS]
     unknown = [name for name in chosen if name not in SCENARIOS]

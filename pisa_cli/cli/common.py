@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from pisa_cli.errors import PisaError
+from pisa_cli.imaging.names import shown
 from pisa_cli.options import (
     BASE_MODEL_ENV,
     DEFAULT_BASE_MODEL,
@@ -343,10 +344,65 @@ def build_batch(values: dict[str, object]) -> BatchOptions:
     return BatchOptions(**{name: values.pop(name) for name in names})  # type: ignore[arg-type]
 
 
+def say(message: object = "", err: bool = False) -> None:
+    """Print ``message`` as one line: control characters in it (from file names) are
+    escaped, so a name can neither break the line nor forge another (``imaging.names``).
+    A text of several lines is said a line at a time (``say_lines``)."""
+    typer.echo(shown(message), err=err)
+
+
+def say_lines(text: str, err: bool = False) -> None:
+    """Our own text of several lines (a plan), each line said on its own."""
+    for line in text.split("\n"):
+        say(line, err=err)
+
+
+def warn_unusual(options: UpscaleOptions, lambdas: list[tuple[str, float]] | None = None) -> None:
+    """One warning each for settings that run but leave what the model was trained for:
+    a --scale other than 4, negative lambdas (``lambdas`` overrides the options' own)."""
+    if options.scale != 4:
+        say(
+            f"warning: --scale {options.scale}: the model is trained for x4; other factors "
+            "run but are untested",
+            err=True,
+        )
+    if lambdas is None:
+        lambdas = [("--lambda-pix", options.lambda_pix), ("--lambda-sem", options.lambda_sem)]
+    negative = [f"{name} {value:g}" for name, value in lambdas if value < 0]
+    if negative:
+        say(
+            f"warning: {', '.join(negative)}: negative strengths push away from the "
+            "LoRA's result; they run but are outside what the model was tuned for",
+            err=True,
+        )
+
+
+def say_discovery(found) -> int:
+    """Say what the inputs held that cannot run (missing, unreadable, not regular files,
+    outputs outside -o: errors) and the folder loops left out (warnings); return how many
+    inputs failed this way."""
+    for missing in found.missing:
+        say(f"error: {missing}: no such file or folder", err=True)
+    for line in found.unreadable:
+        say(f"error: {line}", err=True)
+    for line in found.loops:
+        say(f"warning: {line}; not searched again", err=True)
+    return len(found.missing) + len(found.unreadable)
+
+
 def fail(error: PisaError) -> typer.Exit:
     """Print ``error`` as one line on stderr; return the Exit to raise."""
-    typer.echo(f"error: {error}", err=True)
+    say(f"error: {error}", err=True)
     return typer.Exit(error.exit_code)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each log message on one line, control characters from file names escaped (a
+    traceback, with --verbose, follows on its own lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = shown(record.message)
+        return super().formatMessage(record)
 
 
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
@@ -358,10 +414,10 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
         from rich.logging import RichHandler
 
         handler: logging.Handler = RichHandler(show_path=False, show_time=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(OneLineFormatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler.setFormatter(OneLineFormatter("%(levelname)s %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False

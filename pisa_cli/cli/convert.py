@@ -25,7 +25,7 @@ def convert_command(
     """
     common.setup_logging()
     if output.suffix != ".safetensors":
-        typer.echo(f"error: {output}: the output name must end in .safetensors", err=True)
+        common.say(f"error: {output}: the output name must end in .safetensors", err=True)
         raise typer.Exit(2)
     from pisa_cli.models.checkpoint import load_checkpoint, save_safetensors
 
@@ -37,7 +37,7 @@ def convert_command(
     except PisaError as error:
         raise common.fail(error) from None
     except OSError as error:
-        typer.echo(f"error: {output}: cannot write ({error.strerror or error})", err=True)
+        common.say(f"error: {output}: cannot write ({error.strerror or error})", err=True)
         raise typer.Exit(1) from None
     same = again.tensors.keys() == checkpoint.tensors.keys() and all(
         again.tensors[k].dtype == t.dtype and again.tensors[k].equal(t)
@@ -45,7 +45,7 @@ def convert_command(
     )
     if not same:  # pragma: no cover - would be a bug in safetensors or in our writer
         output.unlink(missing_ok=True)
-        typer.echo(f"error: {output}: the written tensors differ from the source", err=True)
+        common.say(f"error: {output}: the written tensors differ from the source", err=True)
         raise typer.Exit(1)
     count = sum(len(m) for m in checkpoint.modules.values())
-    typer.echo(f"wrote {output}: {count} LoRA layers, ranks {dict(checkpoint.ranks)}, verified")
+    common.say(f"wrote {output}: {count} LoRA layers, ranks {dict(checkpoint.ranks)}, verified")

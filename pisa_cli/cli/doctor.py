@@ -33,9 +33,9 @@ def doctor_command(
     checks = run_checks(model)
     width = max(len(check.name) for check in checks)
     for check in checks:
-        typer.echo(f"{check.status:>7}  {check.name:<{width}}  {check.detail}")
+        common.say(f"{check.status:>7}  {check.name:<{width}}  {check.detail}")
     broken = [check for check in checks if check.status == BROKEN]
     if broken:
-        typer.echo(f"the install is broken: {broken[0].name}: {broken[0].detail}", err=True)
+        common.say(f"the install is broken: {broken[0].name}: {broken[0].detail}", err=True)
         raise typer.Exit(1)
-    typer.echo("the install works")
+    common.say("the install works")

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Protocol
 
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,6 +25,15 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from pisa_cli.imaging.names import shown
+
+
+def escape(text: object) -> str:
+    """Text for rich: one line (control characters from file names escaped, see
+    ``imaging.names.shown``) with its square brackets kept literal."""
+    return escape_markup(shown(text))
+
 
 NAME_WIDTH = 40
 """Characters of the current file's name shown next to the bar."""
@@ -116,7 +125,7 @@ class LineDisplay:
         self.ranks_shown = 0.0
 
     def _print(self, line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        print(shown(line), file=sys.stderr, flush=True)
 
     def started(self, job: object) -> None:
         pass
@@ -175,7 +184,7 @@ class BarDisplay:
 
     def show(self, name: str) -> None:
         """Name the file being worked on next to the bar."""
-        self.progress.update(self.task, description=escape(_short(name)))
+        self.progress.update(self.task, description=escape_markup(_short(shown(name))))
 
     def finished(self, result: Result) -> None:
         console = self.progress.console
@@ -219,13 +228,13 @@ def display(total: int, quiet: bool) -> Iterator[Display]:
 def track(results: Iterable[Result], total: int, names: list[str], quiet: bool) -> Iterator[Result]:
     """Yield ``results`` unchanged while displaying them, for a runner without a start
     hook; ``names[i]`` is job i's input, shown as the current file."""
-    with display(total, quiet) as shown:
+    with display(total, quiet) as screen:
         if names:
-            shown.show(names[0])
+            screen.show(names[0])
         for index, result in enumerate(results):
-            shown.finished(result)
+            screen.finished(result)
             if index + 1 < len(names):
-                shown.show(names[index + 1])
+                screen.show(names[index + 1])
             yield result
 
 

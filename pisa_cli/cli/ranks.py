@@ -120,12 +120,14 @@ def _lead(group: Group, inputs, output, model_options, options, batch, quiet, re
         assert planned is not None
         outcome, to_run, reasons, manifest = planned
         if to_run:
-            single.prepare_output(output, batch)  # before any rank writes: stale temp files
+            # before any rank writes: stale temp files, a write probe
+            single.prepare_output(output, batch, outcome)
     except typer.Exit as stop:
         for rank in range(1, world):
             group.send(f"share/{rank}", Share(exit_code=stop.exit_code or 1))
         raise
-    shares = shard_by_weight(pixel_weights([job.source for job in to_run]), world)
+    weights = pixel_weights([job.source for job in to_run], batch.max_pixels)
+    shares = shard_by_weight(weights, world)
     jobs = [[to_run[index] for index in share] for share in shares]
     for rank in range(1, world):
         mine = {job: reasons[job] for job in jobs[rank]}
@@ -141,7 +143,7 @@ def _lead(group: Group, inputs, output, model_options, options, batch, quiet, re
     outcome.seconds = time.perf_counter() - start
     if lost:
         for rank in lost:
-            typer.echo(
+            common.say(
                 f"error: rank {rank} stopped without reporting (killed, or its machine gone): "
                 f"its {len(jobs[rank])} images are counted as not done (those it finished "
                 "are kept and skipped by the next run)",
@@ -287,7 +289,7 @@ def run_devices(devices: list[str], context: typer.Context) -> None:
         workers.append(subprocess.Popen(command, env=env, start_new_session=True))
     codes = _wait_all(workers)
     if codes[0] < 0:
-        typer.echo(
+        common.say(
             f"error: rank 0 ({devices[0]}) ended by signal {-codes[0]}: no summary; the "
             "images finished are kept, run the same command again to do the rest",
             err=True,

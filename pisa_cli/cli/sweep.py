@@ -11,6 +11,7 @@ import typer
 from pisa_cli.cli import common
 from pisa_cli.cli.progress import summary, track
 from pisa_cli.errors import OptionsError, PisaError
+from pisa_cli.options import DEFAULT_MAX_PIXELS
 from pisa_cli.sweep.grid import DEFAULT_MAX_POINTS, DEFAULT_SPEC
 
 SWEEP = "Sweep"
@@ -106,6 +107,7 @@ SWEEP_OPTIONS = (
     "crop_border",
     "sheet_cell",
     "sheet_crop",
+    "max_pixels",
 )
 """The parameters of sweep_command that are the sweep's own (the rest are upscale's)."""
 
@@ -122,6 +124,7 @@ def sweep_command(
     crop_border: CropBorder = 0,
     sheet_cell: SheetCell = 256,
     sheet_crop: SheetCrop = False,
+    max_pixels: common.MaxPixels = DEFAULT_MAX_PIXELS,
     base_model: common.BaseModel = "",
     weights: common.Weights = "",
     scale: common.Scale = 4,
@@ -164,22 +167,23 @@ def sweep_command(
         settings, metric_names = _settings(sweep_values, model_options, options)
     except PisaError as error:
         raise common.fail(error) from None
+    grid = settings.grid
+    common.warn_unusual(options, [("lambda_pix", min(grid.pix)), ("lambda_sem", min(grid.sem))])
 
     from pisa_cli.imaging.discover import discover
 
     found = discover(inputs, output, extension="")
-    for missing in found.missing:
-        typer.echo(f"error: {missing}: no such file or folder", err=True)
+    failed_early = common.say_discovery(found)
     if not found.jobs:
-        typer.echo("error: no images to sweep in the given inputs", err=True)
+        common.say("error: no images to sweep in the given inputs", err=True)
         raise typer.Exit(1)
     if dry_run:
         _print_plans(found.jobs, settings, model_options)
         return
     counts = _run(found.jobs, output, settings, metric_names, crop_border, quiet)
-    counts["failed"] += len(found.missing)
+    counts["failed"] += failed_early
     extra = f"; {len(found.skipped)} non-image files ignored" if found.skipped else ""
-    typer.echo(summary(counts, extra), err=True)
+    common.say(summary(counts, extra), err=True)
     if counts["failed"]:
         raise typer.Exit(1)
 
@@ -206,18 +210,35 @@ def _settings(values: dict, model_options, options):
         viewer=values["viewer"],
         gt_dir=gt,
         sheet=SheetOptions(cell=values["sheet_cell"], crop=values["sheet_crop"]),
+        max_pixels=values["max_pixels"],
         model=model_options,
     )
     return settings, names
 
 
 def _run(jobs, output: Path, settings, metric_names, crop_border: int, quiet: bool) -> Counter:
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        typer.echo(f"error: {output}: cannot create the output folder ({error.strerror})", err=True)
-        raise typer.Exit(1) from None
+    from pisa_cli.cli.upscale import Outcome, prepare_output, remove_empty_folder
+    from pisa_cli.options import BatchOptions
+    from pisa_cli.runner import screen
+    from pisa_cli.sweep.grid import plan_options
 
+    jobs, refused = screen(jobs, plan_options(settings.options), settings.max_pixels)
+    for _, error in refused:
+        common.say(f"error: {error}", err=True)
+    counts: Counter = Counter(failed=len(refused))
+    if not jobs:
+        return counts
+    made = Outcome()
+    prepare_output(output, BatchOptions(), made)
+    try:
+        counts.update(_sweep(jobs, settings, metric_names, crop_border, quiet))
+    finally:
+        if made.made_folder is not None:
+            remove_empty_folder(made.made_folder)
+    return counts
+
+
+def _sweep(jobs, settings, metric_names, crop_border: int, quiet: bool) -> Counter:
     from pisa_cli.loading import load_pipeline
     from pisa_cli.sweep.grid import plan_options
     from pisa_cli.sweep.metrics import MetricSet
@@ -238,7 +259,7 @@ def _run(jobs, output: Path, settings, metric_names, crop_border: int, quiet: bo
     for result in track(results, len(jobs), names, quiet):
         counts[result.status] += 1
         for metric, (point, value) in result.best.items():
-            typer.echo(
+            common.say(
                 f"{result.job.output}: best {metric} {value:.4g} at lambda_pix {point.pix:.2f}, "
                 f"lambda_sem {point.sem:.2f}"
             )
@@ -251,17 +272,19 @@ def _print_plans(jobs: list, settings, model_options) -> None:
     from pisa_cli.sweep.grid import plan_options
 
     grid = settings.grid
-    typer.echo(
+    common.say(
         f"grid {grid.spec}: {grid.size} points; per image 1 encode, UNet pix + pisa once, "
         f"{grid.size} decodes"
     )
     try:
-        for job, plans in dry_run(jobs, plan_options(settings.options), model_options):
+        planned = dry_run(jobs, plan_options(settings.options), model_options, settings.max_pixels)
+        for job, plans in planned:
             if isinstance(plans, str):
-                typer.echo(f"error: {plans}", err=True)
+                common.say(f"error: {plans}", err=True)
             else:
-                typer.echo(f"{job.source} -> {job.output}/")
+                common.say(f"{job.source} -> {job.output}/")
                 for index, plan in enumerate(plans):
-                    typer.echo(("second pass, per point: " if index else "") + plan.describe())
+                    prefix = "second pass, per point: " if index else ""
+                    common.say_lines(prefix + plan.describe())
     except PisaError as error:
         raise common.fail(error) from None

@@ -45,6 +45,8 @@ class Outcome:
     lost_ranks: list[int] = field(default_factory=list)
     """Ranks of a multi-process run that stopped without reporting (their images: not_done)."""
     ranks: int = 1
+    made_folder: Path | None = None
+    """The output folder when this run created it: removed again if the run wrote nothing."""
 
 
 def upscale_command(
@@ -112,6 +114,8 @@ def upscale_command(
         launch = launch_of(devices, model_options, dry_run)
     except PisaError as error:
         raise common.fail(error) from None
+    if launch is None or (not isinstance(launch, list) and launch.rank == 0):
+        common.warn_unusual(options)  # once per run: by rank 0, not by --devices' parent
     if launch is not None:
         from pisa_cli.cli import ranks
 
@@ -142,7 +146,7 @@ def _upscale(
         return None
     outcome, to_run, reasons, manifest = planned
     if to_run:
-        prepare_output(output, batch)
+        prepare_output(output, batch, outcome)
         process(to_run, reasons, model_options, options, batch, manifest, quiet, outcome)
     outcome.seconds = time.perf_counter() - start
     return outcome
@@ -156,7 +160,7 @@ def plan_run(inputs, output, model_options, options, batch, dry_run: bool, quiet
     manifest = Manifest(output)
     found = _discover(inputs, output, batch, manifest)
     if dry_run:
-        _print_plans(found.jobs, options, model_options)
+        _print_plans(found.jobs, options, model_options, batch.max_pixels)
         return None
     outcome = Outcome(failed_early=len(found.missing) + len(found.unreadable))
     outcome.results += [_conflict(job) for job in found.conflicts]
@@ -170,6 +174,7 @@ def plan_run(inputs, output, model_options, options, batch, dry_run: bool, quiet
     to_run, reasons, skipped = sort_jobs(found.jobs, manifest, batch.overwrite)
     outcome.results += skipped
     _say_skipped(skipped, to_run, reasons, quiet)
+    to_run = _screen(to_run, options, batch, outcome)
     outcome.extra, outcome.settings = _extra(found), settings
     return outcome, to_run, reasons, manifest
 
@@ -178,14 +183,11 @@ def _discover(inputs: list[Path], output: Path, batch: BatchOptions, manifest):
     from pisa_cli.imaging.discover import discover
 
     found = discover(inputs, output, batch=batch, exclude=manifest.outputs())
-    for missing in found.missing:
-        typer.echo(f"error: {missing}: no such file or folder", err=True)
-    for line in found.unreadable:
-        typer.echo(f"error: {line}", err=True)
+    common.say_discovery(found)
     for job in found.conflicts:
-        typer.echo(f"error: {_conflict(job).error}", err=True)
+        common.say(f"error: {_conflict(job).error}", err=True)
     if not found.jobs:
-        typer.echo("error: no images to upscale in the given inputs", err=True)
+        common.say("error: no images to upscale in the given inputs", err=True)
         raise typer.Exit(1)
     return found
 
@@ -229,19 +231,31 @@ def _settings(model: ModelOptions, options: UpscaleOptions, batch: BatchOptions)
     return run_settings(options, batch, identity)
 
 
+def _screen(to_run: list, options: UpscaleOptions, batch: BatchOptions, outcome: Outcome) -> list:
+    """The jobs left after the header check of ``runner.screen``; the refused ones are
+    said and counted as failed."""
+    from pisa_cli.runner import FAILED, JobResult, screen
+
+    left, refused = screen(to_run, options, batch.max_pixels)
+    for job, error in refused:
+        common.say(f"error: {error}", err=True)
+        outcome.results.append(JobResult(job=job, status=FAILED, error=error))
+    return left
+
+
 def _say_skipped(skipped: list, to_run: list, reasons: dict, quiet: bool) -> None:
     if quiet:
         return
     current = sum(1 for result in skipped if result.reason == "up to date")
     if current:
-        typer.echo(f"{current} outputs up to date, skipped (--overwrite redoes them)", err=True)
+        common.say(f"{current} outputs up to date, skipped (--overwrite redoes them)", err=True)
     for result in skipped:
         if result.reason != "up to date":
-            typer.echo(f"warning: {result.reason}", err=True)
+            common.say(f"warning: {result.reason}", err=True)
     counts = Counter(reasons[job] for job in to_run)
     for reason in ("settings changed", "input changed"):
         if counts[reason]:
-            typer.echo(f"{counts[reason]} outputs will be redone: {reason}", err=True)
+            common.say(f"{counts[reason]} outputs will be redone: {reason}", err=True)
 
 
 def _extra(found) -> str:
@@ -253,15 +267,32 @@ def _extra(found) -> str:
     return extra
 
 
-def prepare_output(output: Path, batch: BatchOptions) -> None:
-    from pisa_cli.fsutil import remove_stale_temp_files
+def prepare_output(output: Path, batch: BatchOptions, outcome: Outcome) -> None:
+    """Create the output folder (noted in ``outcome``) and prove it writable, before the
+    model loads; remove what killed runs left there."""
+    from pisa_cli.fsutil import probe_writable, remove_stale_temp_files
 
+    existed = output.is_dir()
     try:
         output.mkdir(parents=True, exist_ok=True)
+        probe_writable(output)
     except OSError as error:
-        typer.echo(f"error: {output}: cannot create the output folder ({error.strerror})", err=True)
+        if not existed:
+            remove_empty_folder(output)
+        reason = error.strerror or error
+        common.say(f"error: {output}: cannot write into the output folder ({reason})", err=True)
         raise typer.Exit(1) from None
+    if not existed:
+        outcome.made_folder = output
     remove_stale_temp_files(output, recursive=batch.recursive)
+
+
+def remove_empty_folder(folder: Path) -> None:
+    """Remove ``folder`` (made by this run) if nothing was written into it."""
+    import contextlib
+
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def process(
@@ -338,6 +369,8 @@ def stop_signals() -> tuple[int, ...]:
 
 
 def finish(outcome: Outcome, report: Path | None) -> None:
+    if outcome.made_folder is not None:
+        remove_empty_folder(outcome.made_folder)
     counts = Counter(result.status for result in outcome.results)
     counts["failed"] += outcome.failed_early
     extra = outcome.extra
@@ -349,7 +382,7 @@ def finish(outcome: Outcome, report: Path | None) -> None:
     done = counts["done"]
     speed = done / outcome.run_seconds if done and outcome.run_seconds > 0 else 0
     rate = f" ({speed:.2f} img/s)" if speed else ""
-    typer.echo(summary(counts, extra) + f" in {outcome.seconds:.1f} s{rate}", err=True)
+    common.say(summary(counts, extra) + f" in {outcome.seconds:.1f} s{rate}", err=True)
     report_failed = report is not None and not _write_report(report, outcome, counts)
     code = 1 if counts["failed"] or report_failed or outcome.lost_ranks else 0
     if outcome.interrupted:
@@ -376,22 +409,22 @@ def _write_report(report: Path, outcome: Outcome, counts: Counter) -> bool:
         write_report(report, outcome.results, totals, outcome.settings)
     except OSError as error:
         reason = error.strerror or error
-        typer.echo(f"error: {report}: cannot write the report ({reason})", err=True)
+        common.say(f"error: {report}: cannot write the report ({reason})", err=True)
         return False
     return True
 
 
-def _print_plans(jobs: list, options, model_options) -> None:
+def _print_plans(jobs: list, options, model_options, max_pixels: int) -> None:
     """--dry-run: each image's plan, from its header and the free memory; no model loaded."""
     from pisa_cli.runner import dry_run
 
     try:
-        for job, plans in dry_run(jobs, options, model_options):
+        for job, plans in dry_run(jobs, options, model_options, max_pixels):
             if isinstance(plans, str):
-                typer.echo(f"error: {plans}", err=True)
+                common.say(f"error: {plans}", err=True)
                 continue
-            typer.echo(f"{job.source} -> {job.output}")
+            common.say(f"{job.source} -> {job.output}")
             for index, plan in enumerate(plans):
-                typer.echo(("second pass: " if index else "") + plan.describe())
+                common.say_lines(("second pass: " if index else "") + plan.describe())
     except PisaError as error:
         raise common.fail(error) from None

@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from pisa_cli.imaging.formats import output_extension
+from pisa_cli.imaging.names import safe_stem
 from pisa_cli.options import BatchOptions
 
 
@@ -42,7 +43,10 @@ class Discovery:
     conflicts: list[Job] = field(default_factory=list)
     """Jobs whose output would replace their own input; they are not run."""
     unreadable: list[str] = field(default_factory=list)
-    """Folders that could not be listed, each as one line saying why."""
+    """Inputs that cannot be taken (folders that cannot be listed, named files that are not
+    regular files, outputs that would land outside the output folder), one line each."""
+    loops: list[str] = field(default_factory=list)
+    """Folders reached again through a symbolic link (not walked again), one line each."""
 
 
 def natural_key(text: str) -> list:
@@ -66,6 +70,8 @@ class _Walk:
     found: Discovery = field(default_factory=Discovery)
     sources: dict[Path, tuple[Path, Path]] = field(default_factory=dict)
     """resolved path -> (source as given, sub-folder of the output), in discovery order."""
+    visited: set[Path] = field(default_factory=set)
+    """Real paths of the folders walked so far: a symbolic link back to one is a loop."""
 
     def add(self, path: Path, relative: Path, named: bool = False) -> None:
         """Take ``path``; files found in folders or by patterns are left out when excluded,
@@ -75,6 +81,11 @@ class _Walk:
             self.sources.setdefault(key, (path, relative))
 
     def folder(self, folder: Path, relative: Path) -> None:
+        real = folder.resolve()
+        if real in self.visited:
+            self.found.loops.append(f"{folder}: a link to a folder already searched ({real})")
+            return
+        self.visited.add(real)
         try:
             children = sorted(folder.iterdir(), key=lambda child: natural_key(child.name))
         except OSError as error:
@@ -87,7 +98,7 @@ class _Walk:
                 if child.resolve() == self.output_dir:  # our outputs are never inputs
                     continue
                 if self.recursive:
-                    self.folder(child, relative / child.name)
+                    self.folder(child, relative / safe_stem(child.name))
                 else:
                     self.found.unsearched.append(child)
             elif child.is_file():
@@ -109,9 +120,10 @@ class _Walk:
         for match in map(Path, matches):
             relative = Path()
             if self.recursive and match.parent.is_relative_to(base):
-                relative = match.parent.relative_to(base)
+                relative = Path(*map(safe_stem, match.parent.relative_to(base).parts))
             if match.is_dir():
-                self.folder(match, relative / match.name if self.recursive else relative)
+                below = relative / safe_stem(match.name) if self.recursive else relative
+                self.folder(match, below)
             elif match.is_file():
                 self.candidate(match, relative)
 
@@ -146,17 +158,34 @@ def discover(
         path = Path(item)
         if path.is_dir():
             walk.folder(path, Path())
-        elif path.exists():
+        elif path.is_file():
             walk.add(path, Path(), named=True)
+        elif path.exists():  # a FIFO would block the reader forever, a device never end
+            walk.found.unreadable.append(f"{path}: not a regular file or a folder")
         elif glob.has_magic(str(item)):
             walk.pattern(str(item))
         else:
             walk.found.missing.append(str(item))
     found = walk.found
+    root = output_dir.resolve()
     for job in _name_outputs(list(walk.sources.values()), output_dir, extension, batch):
+        if not _lands_inside(job.output, root):
+            found.unreadable.append(
+                f"{job.source}: its output {job.output} would land outside {output_dir} "
+                "(a link in the output folder leads elsewhere); not run"
+            )
+            continue
         same = job.output.resolve() == job.source.resolve()
         (found.conflicts if same else found.jobs).append(job)
     return found
+
+
+def _lands_inside(output: Path, root: Path) -> bool:
+    """Whether ``output`` is written inside ``root``, links followed: its folder is resolved
+    (the file itself is replaced, never followed, by the atomic rename)."""
+    if output.name in ("", ".", ".."):
+        return False
+    return output.parent.resolve().is_relative_to(root)
 
 
 def _name_outputs(
@@ -166,6 +195,9 @@ def _name_outputs(
     batch: BatchOptions | None,
 ) -> list[Job]:
     """Output paths that never collide (names compared without case, for macOS and Windows).
+
+    Stems that are empty or start with a dot (``..`` from ``...png``) get ``_`` in front
+    (``safe_stem``), so no output is hidden or climbs out of the output folder.
 
     Inputs that would share an output name and differ in extension keep it in the name
     (``a.png`` and ``a.jpg`` -> ``a_png.png``, ``a_jpg.png``); a name met again (the same
@@ -178,13 +210,13 @@ def _name_outputs(
 
     groups: dict[tuple[Path, str], set[str]] = {}
     for source, relative in sources:
-        key = (relative, f"{source.stem}{ext_of(source)}".lower())
+        key = (relative, f"{safe_stem(source.stem)}{ext_of(source)}".lower())
         groups.setdefault(key, set()).add(source.suffix.lower())
     taken: set[tuple[Path, str]] = set()
     jobs = []
     for source, relative in sources:
         ext = ext_of(source)
-        stem = source.stem
+        stem = safe_stem(source.stem)
         if len(groups[(relative, f"{stem}{ext}".lower())]) > 1:
             stem = f"{stem}_{source.suffix.lstrip('.').lower()}"
         candidate, number = stem, 2

@@ -160,14 +160,49 @@ def read_size(path: Path) -> tuple[int, int]:
     """(width, height) from the image header, upright, without decoding the pixels."""
     with _reading(path), _open(path) as image:
         width, height = image.size
-        if image.format != "TIFF" and image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):
+        if image.format != "TIFF" and _header_orientation(path, image) in (5, 6, 7, 8):
             return height, width
         return width, height
 
 
-def read_image(path: Path) -> Image.Image:
+def _header_orientation(path: Path, image: Image.Image) -> int:
+    """The EXIF orientation without decoding: Pillow's PNG reader decodes the whole image
+    to find an eXIf chunk placed after the pixels, so PNGs are searched chunk by chunk."""
+    if image.format != "PNG" or "exif" in image.info:
+        return image.getexif().get(ORIENTATION, 1)
+    data = _png_chunk(path, b"eXIf")
+    if data is None:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(data)
+    except CORRUPT:  # an unreadable EXIF is ignored, as the decoder does
+        return 1
+    return exif.get(ORIENTATION, 1)
+
+
+PNG_CHUNK_LIMIT = 1 << 24
+"""Largest metadata chunk read while looking for one (EXIF blocks are kilobytes)."""
+
+
+def _png_chunk(path: Path, kind: bytes) -> bytes | None:
+    """The data of the first ``kind`` chunk of a PNG, skipping every other chunk's data
+    (pixels included) with a seek; None when there is none before IEND or the end."""
+    with open(path, "rb") as handle:
+        handle.seek(8)
+        while len(head := handle.read(8)) == 8:
+            length, found = struct.unpack(">I4s", head)
+            if found == kind:
+                return handle.read(min(length, PNG_CHUNK_LIMIT))
+            if found == b"IEND":
+                break
+            handle.seek(length + 4, 1)  # the data and its CRC
+    return None
+
+
+def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image as 8-bit RGB, upright; ImageError on failure."""
-    picture = read_picture(path)
+    picture = read_picture(path, max_pixels)
     if picture.deep:
         from pisa_cli.imaging.modes import compose
 

@@ -24,7 +24,8 @@ from pisa_cli.errors import ImageError, OptionsError, PisaError
 from pisa_cli.fsutil import TEMP_PREFIX
 from pisa_cli.imaging.discover import Job, image_extensions
 from pisa_cli.imaging.io import read_image
-from pisa_cli.options import ModelOptions, UpscaleOptions
+from pisa_cli.options import DEFAULT_MAX_PIXELS, ModelOptions, UpscaleOptions
+from pisa_cli.planning import check_pixels
 from pisa_cli.runner import DONE, FAILED
 from pisa_cli.sweep.core import Sweeper
 from pisa_cli.sweep.files import OWN_FILES, write_sweep
@@ -51,6 +52,12 @@ class SweepSettings:
     sheet: SheetOptions = field(default_factory=SheetOptions)
     model: ModelOptions = field(default_factory=ModelOptions)
     """Recorded in sweep.json."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Inputs with more pixels, or enlarged to more for the model, fail before decoding."""
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1:
+            raise OptionsError(f"--max-pixels {self.max_pixels} must be at least 1")
 
 
 @dataclass
@@ -89,7 +96,8 @@ def sweep_job(
     start = time.perf_counter()
     result = SweepResult(job=job, status=FAILED)
     try:
-        image = read_image(job.source)
+        image = read_image(job.source, settings.max_pixels)
+        check_pixels(job.source, image.size, settings.options, settings.max_pixels)
         truth = None
         if metrics is not None and metrics.needs_gt:
             if settings.gt_dir is None:
@@ -162,6 +170,8 @@ def staged_folder(final: Path) -> Iterator[Path]:
     removed, so the folder always matches its sweep.json; other files are left alone. On an
     exception the staging folder goes and ``final`` is untouched.
     """
+    if final.is_symlink():  # its files would land wherever the link leads
+        raise ImageError(f"{final}: is a link; the sweep writes only into real folders of -o")
     if final.exists() and not final.is_dir():
         raise ImageError(f"{final}: exists and is not a folder; move it or choose another -o")
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,14 @@ def png_data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def embeddable_json(payload: object) -> str:
+    """JSON that can sit inside a ``<script>`` element whatever its strings hold: ``<``,
+    ``>`` and ``&`` are written as ``\\u003c``... (the same JSON strings), so no file name
+    can end the element or open a comment (``<!--<script>``) that swallows the page."""
+    text = json.dumps(payload, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def slider_range(values: tuple[float, ...]) -> list[float]:
     """An axis' slider span: the grid's, widened to hold the basis values 0 and 1."""
     return [min(0.0, values[0]), max(1.0, values[-1])]
@@ -69,7 +77,6 @@ def build_viewer(
             point.key: source for point, source in exact.items() if not source.startswith("data:")
         },
     }
-    # "</" inside a script element would end it; "<\/" is the same JSON string.
-    text = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
+    text = embeddable_json(payload)
     template = resources.files("pisa_cli.sweep").joinpath("viewer.html").read_text("utf-8")
     return template.replace(PLACEHOLDER, text)
