@@ -253,10 +253,11 @@ def sort_jobs(
 def screen(
     jobs: list[Job], options: UpscaleOptions, max_pixels: int
 ) -> tuple[list[Job], list[tuple[Job, str]]]:
-    """(jobs left, refused jobs with their error): image headers are checked (readable,
-    within ``max_pixels``, see ``check_pixels``) up to the first image that can run, so a
-    batch of nothing but bad inputs fails in a moment without loading the model. The
-    images after the first good one are checked as they are read."""
+    """(jobs from the first that can run on, refused jobs before it with their error):
+    image headers are checked (readable, within ``max_pixels``, see ``check_pixels``) up to
+    the first image that can run, so a batch of nothing but bad inputs fails in a moment,
+    without loading the model. The images after the first good one are checked as they are
+    read; so are the refused ones when the batch runs (their errors are the same)."""
     from pisa_cli.imaging.io import read_size
 
     refused = []
@@ -268,6 +269,12 @@ def screen(
             continue
         return jobs[index:], refused
     return [], refused
+
+
+def refused_results(refused: list[tuple[Job, str]]) -> Iterator[JobResult]:
+    """The failed results of jobs refused by ``screen``, in order."""
+    for job, error in refused:
+        yield JobResult(job=job, status=FAILED, error=error)
 
 
 def run_job(pipeline, job: Job, options: UpscaleOptions) -> JobResult:

@@ -277,7 +277,7 @@ def test_a_strip_is_refused_before_it_is_enlarged(tmp_path, fake_model, monkeypa
     out = tmp_path / "out"
     result = run("upscale", strip, "-o", out, *fake_model, "--max-pixels", "1000000")
     assert result.exit_code == 1
-    line = next(line for line in result.output.splitlines() if line.startswith("error:"))
+    line = next(line for line in result.output.splitlines() if "failed" in line)
     assert "enlarged to 2560000x128" in line and "--max-pixels" in line, line
     assert not out.exists()
 
@@ -328,7 +328,14 @@ def test_a_batch_of_bad_inputs_fails_without_loading_the_model(tmp_path, fake_mo
     result = run(*args)
     assert result.exit_code == 1, result.output
     assert "0 done, 0 skipped, 3 failed" in result.output
-    assert sum(line.startswith("error: ") for line in result.output.splitlines()) == 3
+    assert (
+        sum(
+            line.startswith(f"[{i}/3] failed ")
+            for i in (1, 2, 3)
+            for line in result.output.splitlines()
+        )
+        == 3
+    )
     assert not out.exists()
     assert report.exists()
 
@@ -403,3 +410,11 @@ def test_bench_list_gives_whole_descriptions():
     text = " ".join(result.output.split())
     assert "``" not in text
     assert "in turn and streamed." in text  # the first paragraph, not its first source line
+
+
+def test_the_readme_shows_a_pipx_install_of_the_cpu_build():
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"^pipx install .*$", readme, flags=re.MULTILINE)
+    cpu = [line for line in commands if "download.pytorch.org/whl/cpu" in line]
+    assert cpu and "--pip-args=" in cpu[0], commands
+    assert any("whl/cpu" not in line for line in commands)  # and the one for GPUs

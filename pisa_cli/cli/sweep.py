@@ -222,20 +222,20 @@ def _run(jobs, output: Path, settings, metric_names, crop_border: int, quiet: bo
     from pisa_cli.runner import screen
     from pisa_cli.sweep.grid import plan_options
 
-    jobs, refused = screen(jobs, plan_options(settings.options), settings.max_pixels)
-    for _, error in refused:
-        common.say(f"error: {error}", err=True)
-    counts: Counter = Counter(failed=len(refused))
-    if not jobs:
-        return counts
     made = Outcome()
     prepare_output(output, BatchOptions(), made)
     try:
-        counts.update(_sweep(jobs, settings, metric_names, crop_border, quiet))
+        runnable, refused = screen(jobs, plan_options(settings.options), settings.max_pixels)
+        if runnable:
+            return _sweep(jobs, settings, metric_names, crop_border, quiet)
+        from pisa_cli.sweep.run import SweepResult
+
+        failed = [SweepResult(job=job, status="failed", error=error) for job, error in refused]
+        names = [str(job.source) for job in jobs]
+        return Counter(result.status for result in track(failed, len(jobs), names, quiet))
     finally:
         if made.made_folder is not None:
             remove_empty_folder(made.made_folder)
-    return counts
 
 
 def _sweep(jobs, settings, metric_names, crop_border: int, quiet: bool) -> Counter:

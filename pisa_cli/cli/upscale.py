@@ -174,7 +174,6 @@ def plan_run(inputs, output, model_options, options, batch, dry_run: bool, quiet
     to_run, reasons, skipped = sort_jobs(found.jobs, manifest, batch.overwrite)
     outcome.results += skipped
     _say_skipped(skipped, to_run, reasons, quiet)
-    to_run = _screen(to_run, options, batch, outcome)
     outcome.extra, outcome.settings = _extra(found), settings
     return outcome, to_run, reasons, manifest
 
@@ -229,18 +228,6 @@ def _settings(model: ModelOptions, options: UpscaleOptions, batch: BatchOptions)
         files = sorted(second.glob("*")) if second.is_dir() else [second]
         identity["second_pass_sha256"] = [file_sha256(f) for f in files if f.is_file()]
     return run_settings(options, batch, identity)
-
-
-def _screen(to_run: list, options: UpscaleOptions, batch: BatchOptions, outcome: Outcome) -> list:
-    """The jobs left after the header check of ``runner.screen``; the refused ones are
-    said and counted as failed."""
-    from pisa_cli.runner import FAILED, JobResult, screen
-
-    left, refused = screen(to_run, options, batch.max_pixels)
-    for job, error in refused:
-        common.say(f"error: {error}", err=True)
-        outcome.results.append(JobResult(job=job, status=FAILED, error=error))
-    return left
 
 
 def _say_skipped(skipped: list, to_run: list, reasons: dict, quiet: bool) -> None:
@@ -301,16 +288,14 @@ def process(
     """Load the model, run the jobs with a display, collect results into ``outcome``.
 
     ``watch(shown, processed)`` (several ranks) returns a context manager around the run;
-    ``processed()`` is (images finished, seconds since the first started)."""
-    from pisa_cli.loading import load_pipeline
-    from pisa_cli.runner import run_jobs
+    ``processed()`` is (images finished, seconds since the first started).
 
-    try:
-        pipeline = load_pipeline(model_options, options=options)
-    except PisaError as error:
-        raise common.fail(error) from None
-    dtype_name = str(pipeline.dtype).removeprefix("torch.")
-    logging.getLogger("pisa_cli").info("model ready on %s in %s", pipeline.device, dtype_name)
+    When no image header passes the check (``runner.screen``: unreadable, not images, too
+    large), the model is not loaded: every image fails at once, as it would in the run."""
+    from pisa_cli.runner import refused_results, run_jobs, screen
+
+    runnable, refused = screen(to_run, options, batch.max_pixels)
+    pipeline = _load(model_options, options) if runnable else None
     stop = threading.Event()
     processed, start = 0, time.perf_counter()
 
@@ -322,9 +307,18 @@ def process(
         _stop_on_signals(stop, shown.warn),
         watch(shown, progress) if watch else nullcontext(),
     ):
-        results = run_jobs(
-            pipeline, to_run, options, batch, manifest=manifest, on_start=shown.started, stop=stop
-        )
+        if pipeline is None:
+            results = refused_results(refused)
+        else:
+            results = run_jobs(
+                pipeline,
+                to_run,
+                options,
+                batch,
+                manifest=manifest,
+                on_start=shown.started,
+                stop=stop,
+            )
         while True:
             try:
                 for result in results:
@@ -338,6 +332,18 @@ def process(
     outcome.interrupted = stop.is_set()
     outcome.not_done = len(to_run) - processed
     outcome.run_seconds = time.perf_counter() - start
+
+
+def _load(model_options: ModelOptions, options: UpscaleOptions):
+    from pisa_cli.loading import load_pipeline
+
+    try:
+        pipeline = load_pipeline(model_options, options=options)
+    except PisaError as error:
+        raise common.fail(error) from None
+    dtype_name = str(pipeline.dtype).removeprefix("torch.")
+    logging.getLogger("pisa_cli").info("model ready on %s in %s", pipeline.device, dtype_name)
+    return pipeline
 
 
 @contextmanager

@@ -89,8 +89,7 @@ def _open(path: Path) -> Image.Image:
 def read_picture(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     """Decode ``path`` for the model; ImageError naming the file and the reason on failure."""
     with _reading(path):
-        if path.stat().st_size == 0:
-            raise ImageError(f"{path}: empty file (0 bytes)")
+        _check_not_empty(path)
         with _open(path) as image:
             width, height = image.size
             if width * height > max_pixels:
@@ -99,6 +98,11 @@ def read_picture(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
                     f"--max-pixels {max_pixels:,}"
                 )
             return _decode(path, image)
+
+
+def _check_not_empty(path: Path) -> None:
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)")
 
 
 def _decode(path: Path, image: Image.Image) -> Picture:
@@ -158,6 +162,8 @@ def _read_deep_colour(path: Path, image: Image.Image, notes: list[str]):
 
 def read_size(path: Path) -> tuple[int, int]:
     """(width, height) from the image header, upright, without decoding the pixels."""
+    with _reading(path):
+        _check_not_empty(path)
     with _reading(path), _open(path) as image:
         width, height = image.size
         if image.format != "TIFF" and _header_orientation(path, image) in (5, 6, 7, 8):

@@ -20,6 +20,7 @@ from pisa_cli import __version__
 from pisa_cli.errors import ImageError
 from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.io import write_image
+from pisa_cli.imaging.names import shown
 from pisa_cli.sweep.core import BASIS, Prepared, Sweeper
 from pisa_cli.sweep.grid import GridPoint
 from pisa_cli.sweep.metrics import LOWER_IS_BETTER, MetricSet, best_points
@@ -86,7 +87,7 @@ def _title(job: Job, prepared: Prepared, settings) -> list[str]:
     options = settings.options
     grid = settings.grid
     return [
-        f"{job.source.name}: {iw}x{ih} -> {ow}x{oh}",
+        f"{shown(job.source.name)}: {iw}x{ih} -> {ow}x{oh}",  # drawn on one line
         f"{len(grid.pix)} x {len(grid.sem)} lambdas, colour fix {options.color_fix}"
         + (f", then x2 {options.second_pass.kind} pass" if prepared.second_pass else ""),
         "each point decoded exactly; encoder once, UNet pix + pisa once",
