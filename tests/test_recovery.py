@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from pisa_cli import load_pipeline
 from pisa_cli.engine import vae as vae_module
 from pisa_cli.errors import OutOfMemoryError
 from pisa_cli.models.device import is_out_of_memory
-from pisa_cli.options import UpscaleOptions
+from pisa_cli.options import TileOptions, UpscaleOptions
 from tests.conftest import assert_close, noise_image
 
 OPTIONS = UpscaleOptions(process_size=64)
@@ -71,9 +72,11 @@ def test_unet_out_of_memory_lowers_the_batch_then_the_tile(pipeline, monkeypatch
         return original(unet, latents, cond, plan, variants, tile_batch, timestep)
 
     monkeypatch.setattr(pipeline_module, "predict_eps", fake)
-    result = pipeline.upscale_with_info(noise_image(64, 48, 2), OPTIONS)
+    options = replace(OPTIONS, tiles=TileOptions(latent_tile=16, latent_overlap=4, tile_batch=4))
+    result = pipeline.upscale_with_info(noise_image(64, 48, 2), options)  # latent 32 x 24
+    # the batch halves first (4, 2, 1) at the same tile; only then the tile halves
+    assert tried[:3] == [((16, 16), 4), ((16, 16), 2), ((16, 16), 1)], tried
     assert tried[-1] == ((8, 8), 1)
-    assert [batch for _, batch in tried][:2] != [1, 1] or tried[0][0] != tried[1][0]
     assert result.plan.unet.tile_size == (8, 8) and result.plan.unet.tiled
     assert sum("UNet out of memory" in note for note in result.notes) == len(tried) - 1
 
