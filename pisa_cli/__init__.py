@@ -21,12 +21,12 @@ __version__ = "0.1.0"
 __all__ = ["ModelOptions", "TileOptions", "UpscaleOptions", "__version__", "load_pipeline"]
 
 if TYPE_CHECKING:
-    from pisa_cli.loading import load_pipeline
+    from pisa_cli.core.loading import load_pipeline
 
 
 def __getattr__(name: str) -> Any:
     if name == "load_pipeline":
-        from pisa_cli.loading import load_pipeline
+        from pisa_cli.core.loading import load_pipeline
 
         return load_pipeline
     raise AttributeError(f"module 'pisa_cli' has no attribute {name!r}")

@@ -36,18 +36,18 @@ class FakePipeline:
 
 def use_fake_pipeline(monkeypatch, pipeline: FakePipeline | None = None) -> FakePipeline:
     """Make the CLI load ``pipeline`` (a new FakePipeline by default) instead of the model."""
-    import pisa_cli.loading
+    import pisa_cli.core.loading
 
     pipeline = pipeline or FakePipeline()
-    monkeypatch.setattr(pisa_cli.loading, "load_pipeline", lambda *args, **kwargs: pipeline)
+    monkeypatch.setattr(pisa_cli.core.loading, "load_pipeline", lambda *args, **kwargs: pipeline)
     return pipeline
 
 
 def forbid_model_loading(monkeypatch) -> None:
     """Make any model load fail the test."""
-    import pisa_cli.loading
+    import pisa_cli.core.loading
 
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(pisa_cli.loading, "load_pipeline", load)
+    monkeypatch.setattr(pisa_cli.core.loading, "load_pipeline", load)

@@ -10,9 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from pisa_cli.cli import app
-from pisa_cli.cli.progress import ranks_line
-from pisa_cli.distributed import (
+from pisa_cli.batch.distributed import (
     RankEnv,
     RankProgress,
     join,
@@ -23,6 +21,8 @@ from pisa_cli.distributed import (
     rank_timeout,
     shard_by_weight,
 )
+from pisa_cli.cli import app
+from pisa_cli.cli.progress import ranks_line
 from pisa_cli.errors import LaunchError
 from pisa_cli.imaging.manifest import MANIFEST_NAME, Manifest, manifest_name
 

@@ -283,8 +283,8 @@ def test_a_strip_is_refused_before_it_is_enlarged(tmp_path, fake_model, monkeypa
 
 
 def test_check_pixels_bounds_the_model_input():
+    from pisa_cli.core.planning import check_pixels
     from pisa_cli.errors import ImageError
-    from pisa_cli.planning import check_pixels
 
     options = UpscaleOptions()
     check_pixels("a.png", (1000, 800), options, 1000 * 800)
@@ -297,7 +297,7 @@ def test_check_pixels_bounds_the_model_input():
 def test_sharding_reads_no_pixels_and_weighs_refused_images_lightly(tmp_path, monkeypatch):
     from PIL import PngImagePlugin
 
-    from pisa_cli.distributed import pixel_weights
+    from pisa_cli.batch.distributed import pixel_weights
 
     huge = tmp_path / "huge.png"
     png_with_late_exif(huge, (3000, 3000), orientation=1)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import pisa_cli.pipeline as pipeline_module
+import pisa_cli.core.pipeline as pipeline_module
 from pisa_cli.options import UpscaleOptions
 from tests.conftest import noise_image
 

@@ -9,9 +9,9 @@ import tifffile
 from PIL import Image, ImageOps
 
 from pisa_cli import UpscaleOptions
+from pisa_cli.batch.runner import run_jobs
 from pisa_cli.imaging.discover import Job
 from pisa_cli.options import BatchOptions
-from pisa_cli.runner import run_jobs
 from tests.conftest import noise_image
 from tests.test_imaging import ICC, ramp16, save_png16
 

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from pisa_cli import TileOptions, UpscaleOptions
+from pisa_cli.core.pipeline import to_image
 from pisa_cli.engine.denoise import combine_eps
-from pisa_cli.pipeline import to_image
 from tests.conftest import assert_close, noise_image
 from tests.reference import load_reference, reference_upscale
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from pisa_cli.core.planning import plan_image
 from pisa_cli.engine.memory import Widths
 from pisa_cli.options import TileOptions, UpscaleOptions
-from pisa_cli.planning import plan_image
 
 GIB = 2**30
 SD = Widths()

@@ -60,7 +60,7 @@ def test_vae_out_of_memory_halves_the_tile_and_gives_the_same_image(
 
 
 def test_unet_out_of_memory_lowers_the_batch_then_the_tile(pipeline, monkeypatch):
-    import pisa_cli.pipeline as pipeline_module
+    import pisa_cli.core.pipeline as pipeline_module
 
     original = pipeline_module.predict_eps
     tried = []

@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 
 from pisa_cli import UpscaleOptions
+from pisa_cli.batch.runner import run_jobs
 from pisa_cli.fsutil import TEMP_PREFIX
 from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.io import write_output
 from pisa_cli.imaging.manifest import MANIFEST_NAME, Manifest
 from pisa_cli.options import BatchOptions
-from pisa_cli.runner import run_jobs
 from tests.conftest import noise_image
 
 OPTIONS = UpscaleOptions(process_size=32)
@@ -175,7 +175,7 @@ def test_reading_and_writing_overlap_the_model_in_bounded_memory(tmp_path, monke
     jobs = make_inputs(tmp_path / "in", count)
     pipeline = FakePipeline(model_seconds)
     alive, peak, lock = [0], [0], threading.Lock()
-    import pisa_cli.runner as runner_module
+    import pisa_cli.batch.runner as runner_module
 
     real_read = runner_module.read_picture
 
@@ -209,7 +209,7 @@ def test_reading_and_writing_overlap_the_model_in_bounded_memory(tmp_path, monke
 
 
 def test_depth_zero_runs_everything_in_turn(tmp_path, monkeypatch):
-    import pisa_cli.runner as runner_module
+    import pisa_cli.batch.runner as runner_module
 
     threads = []
     real_read = runner_module.read_picture
@@ -343,8 +343,8 @@ def test_the_bar_shows_count_rate_time_left_and_the_current_file(tmp_path):
 
     from rich.console import Console
 
+    from pisa_cli.batch.runner import JobResult
     from pisa_cli.cli.progress import BarDisplay
-    from pisa_cli.runner import JobResult
 
     buffer = io.StringIO()
     bar = BarDisplay(Console(file=buffer, force_terminal=True, width=150), total=2)
@@ -363,8 +363,8 @@ def test_the_bar_shows_count_rate_time_left_and_the_current_file(tmp_path):
 def test_track_displays_any_result_iterator(capsys):
     from pathlib import Path
 
+    from pisa_cli.batch.runner import JobResult
     from pisa_cli.cli.progress import track
-    from pisa_cli.runner import JobResult
 
     jobs = [Job(Path(f"in/{n}.png"), Path(f"out/{n}.png")) for n in ("a", "b")]
     results = [JobResult(jobs[0], "done"), JobResult(jobs[1], "failed", error="in/b.png: bad")]

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
+from pisa_cli.batch.runner import run_jobs
 from pisa_cli.bench import Row, measured, scenario
 from pisa_cli.bench.upscale import noise_photo
+from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.imaging.discover import discover
 from pisa_cli.imaging.io import write_output
 from pisa_cli.options import BatchOptions, UpscaleOptions
-from pisa_cli.pipeline import PisaPipeline
-from pisa_cli.runner import run_jobs
 
 IMAGES = 32
 SIZE = 64
@@ -39,7 +39,7 @@ def tiny_pipeline(device: torch.device, dtype: torch.dtype) -> PisaPipeline:
     """The tiny random model (as `pisa doctor`'s self-test builds it)."""
     from transformers import CLIPTokenizer
 
-    from pisa_cli.loading import build_pipeline
+    from pisa_cli.core.loading import build_pipeline
     from pisa_cli.models.synthetic import (
         build_random_base,
         config_dir,

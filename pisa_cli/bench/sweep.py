@@ -77,7 +77,7 @@ def sweep_5x5(device: torch.device, dtype: torch.dtype) -> list[Row]:
 
 
 def _merged(options: UpscaleOptions) -> str:
-    from pisa_cli.loading import merged_variant
+    from pisa_cli.core.loading import merged_variant
 
     return merged_variant(plan_options(options))
 

@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from pisa_cli.batch.runner import run_jobs
 from pisa_cli.bench import Row, measured, scenario
+from pisa_cli.core.loading import build_pipeline
+from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.imaging.discover import discover
-from pisa_cli.loading import build_pipeline
 from pisa_cli.models.second_lora import SecondLora
 from pisa_cli.models.synthetic import (
     build_random_base,
@@ -20,8 +22,6 @@ from pisa_cli.models.synthetic import (
 )
 from pisa_cli.models.text import PromptEncoder
 from pisa_cli.options import SecondPassOptions, UpscaleOptions
-from pisa_cli.pipeline import PisaPipeline
-from pisa_cli.runner import run_jobs
 
 SECOND_PASS_TIMESTEP = 200
 """Timestep of the random second-pass LoRA (TUDSR's own value is not published)."""

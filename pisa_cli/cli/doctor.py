@@ -22,7 +22,7 @@ def doctor_command(
     to get them); 1 only when something is broken.
     """
     common.setup_logging(quiet=True)
-    from pisa_cli.doctor import BROKEN, run_checks
+    from pisa_cli.core.doctor import BROKEN, run_checks
     from pisa_cli.errors import PisaError
     from pisa_cli.options import ModelOptions
 

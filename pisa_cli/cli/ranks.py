@@ -6,7 +6,7 @@ Rank 0 does what a single process does before the model (discovery, settings, re
 decisions), splits the images left to run by pixel count and hands each rank its share
 through the store; every rank loads the model and runs its share into the same output
 folder (each appending to its own manifest file); rank 0 collects the others' results and
-prints the one summary and report. See pisa_cli/distributed.py for the exchange and what
+prints the one summary and report. See pisa_cli/batch/distributed.py for the exchange and what
 happens when a rank dies.
 """
 
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import typer
 
+from pisa_cli.batch.distributed import Group, RankEnv, RankProgress, parse_devices, rank_environment
 from pisa_cli.cli import common
 from pisa_cli.cli import upscale as single
-from pisa_cli.distributed import Group, RankEnv, RankProgress, parse_devices, rank_environment
 from pisa_cli.errors import LaunchError, OptionsError, PisaError
 
 PROGRESS_SECONDS = 1.0
@@ -91,7 +91,7 @@ def upscale_as_rank(
     """Run this rank's part of the batch; on rank 0, print the summary and write the report."""
     import torch
 
-    from pisa_cli.distributed import join, rank_device
+    from pisa_cli.batch.distributed import join, rank_device
 
     device = rank_device(model_options.device, env, torch.cuda.is_available())
     model_options = replace(model_options, device=device)
@@ -111,7 +111,7 @@ def upscale_as_rank(
 
 
 def _lead(group: Group, inputs, output, model_options, options, batch, quiet, report) -> None:
-    from pisa_cli.distributed import pixel_weights, shard_by_weight
+    from pisa_cli.batch.distributed import pixel_weights, shard_by_weight
 
     start = time.perf_counter()
     world = group.env.world_size
@@ -166,7 +166,7 @@ def _merge(outcome, reports: dict, lost: list[int], jobs: list[list], to_run: li
 
 
 def _follow(group: Group, output: Path, model_options, options, batch) -> None:
-    from pisa_cli.distributed import RankLost
+    from pisa_cli.batch.distributed import RankLost
     from pisa_cli.imaging.manifest import Manifest
 
     shares, lost = group.receive({0: f"share/{group.env.rank}"})

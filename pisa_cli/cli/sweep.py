@@ -217,9 +217,9 @@ def _settings(values: dict, model_options, options):
 
 
 def _run(jobs, output: Path, settings, metric_names, crop_border: int, quiet: bool) -> Counter:
+    from pisa_cli.batch.runner import screen
     from pisa_cli.cli.upscale import Outcome, prepare_output, remove_empty_folder
     from pisa_cli.options import BatchOptions
-    from pisa_cli.runner import screen
     from pisa_cli.sweep.grid import plan_options
 
     made = Outcome()
@@ -239,7 +239,7 @@ def _run(jobs, output: Path, settings, metric_names, crop_border: int, quiet: bo
 
 
 def _sweep(jobs, settings, metric_names, crop_border: int, quiet: bool) -> Counter:
-    from pisa_cli.loading import load_pipeline
+    from pisa_cli.core.loading import load_pipeline
     from pisa_cli.sweep.grid import plan_options
     from pisa_cli.sweep.metrics import MetricSet
     from pisa_cli.sweep.run import sweep_jobs
@@ -268,7 +268,7 @@ def _sweep(jobs, settings, metric_names, crop_border: int, quiet: bool) -> Count
 
 def _print_plans(jobs: list, settings, model_options) -> None:
     """--dry-run: the grid, then each image's plan; no model loaded."""
-    from pisa_cli.runner import dry_run
+    from pisa_cli.batch.runner import dry_run
     from pisa_cli.sweep.grid import plan_options
 
     grid = settings.grid

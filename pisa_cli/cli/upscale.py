@@ -106,7 +106,7 @@ def upscale_command(
         batch = common.build_batch(values)
         model_options, options = common.build_options(values)
         if report is not None:
-            from pisa_cli.report import check_report_path
+            from pisa_cli.batch.report import check_report_path
 
             check_report_path(report)
         from pisa_cli.cli.ranks import launch_of
@@ -169,7 +169,7 @@ def plan_run(inputs, output, model_options, options, batch, dry_run: bool, quiet
     except PisaError as error:
         raise common.fail(error) from None
     manifest.use_settings(settings)
-    from pisa_cli.runner import sort_jobs
+    from pisa_cli.batch.runner import sort_jobs
 
     to_run, reasons, skipped = sort_jobs(found.jobs, manifest, batch.overwrite)
     outcome.results += skipped
@@ -193,7 +193,7 @@ def _discover(inputs: list[Path], output: Path, batch: BatchOptions, manifest):
 
 def _conflict(job):
     """The failed result of a job whose output would replace its input."""
-    from pisa_cli.runner import FAILED, JobResult
+    from pisa_cli.batch.runner import FAILED, JobResult
 
     error = f"{job.source}: the output would replace the input; use --suffix or another --output"
     return JobResult(job=job, status=FAILED, error=error)
@@ -202,10 +202,10 @@ def _conflict(job):
 def _settings(model: ModelOptions, options: UpscaleOptions, batch: BatchOptions) -> dict:
     """The manifest's settings: what the outputs depend on (raises WeightsError when the
     weights cannot be found)."""
+    from pisa_cli.batch.runner import run_settings
     from pisa_cli.imaging.manifest import file_sha256
     from pisa_cli.models.checkpoint import load_checkpoint, resolve_weights_path
     from pisa_cli.models.device import resolve_device, resolve_dtype
-    from pisa_cli.runner import run_settings
 
     weights = resolve_weights_path(model.resolved_weights())
     if not weights.is_file():
@@ -292,7 +292,7 @@ def process(
 
     When no image header passes the check (``runner.screen``: unreadable, not images, too
     large), the model is not loaded: every image fails at once, as it would in the run."""
-    from pisa_cli.runner import refused_results, run_jobs, screen
+    from pisa_cli.batch.runner import refused_results, run_jobs, screen
 
     runnable, refused = screen(to_run, options, batch.max_pixels)
     pipeline = _load(model_options, options) if runnable else None
@@ -335,7 +335,7 @@ def process(
 
 
 def _load(model_options: ModelOptions, options: UpscaleOptions):
-    from pisa_cli.loading import load_pipeline
+    from pisa_cli.core.loading import load_pipeline
 
     try:
         pipeline = load_pipeline(model_options, options=options)
@@ -398,7 +398,7 @@ def finish(outcome: Outcome, report: Path | None) -> None:
 
 
 def _write_report(report: Path, outcome: Outcome, counts: Counter) -> bool:
-    from pisa_cli.report import write_report
+    from pisa_cli.batch.report import write_report
 
     totals = {
         "done": counts["done"],
@@ -422,7 +422,7 @@ def _write_report(report: Path, outcome: Outcome, counts: Counter) -> bool:
 
 def _print_plans(jobs: list, options, model_options, max_pixels: int) -> None:
     """--dry-run: each image's plan, from its header and the free memory; no model loaded."""
-    from pisa_cli.runner import dry_run
+    from pisa_cli.batch.runner import dry_run
 
     try:
         for job, plans in dry_run(jobs, options, model_options, max_pixels):

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pisa_cli.core.pipeline import Encoded, PisaPipeline, to_image
+from pisa_cli.core.planning import ImagePlan
+from pisa_cli.core.recovery import is_out_of_memory
 from pisa_cli.engine import memory
 from pisa_cli.engine.denoise import combine_eps
 from pisa_cli.imaging.resize import plan_resize, restore_size, upsample_input
 from pisa_cli.options import UpscaleOptions
-from pisa_cli.pipeline import Encoded, PisaPipeline, to_image
-from pisa_cli.planning import ImagePlan
-from pisa_cli.recovery import is_out_of_memory
 from pisa_cli.sweep.grid import GridPoint, plan_options
 
 log = logging.getLogger(__name__)

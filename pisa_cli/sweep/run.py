@@ -20,13 +20,13 @@ from pathlib import Path
 
 from PIL import Image
 
+from pisa_cli.batch.runner import DONE, FAILED
+from pisa_cli.core.planning import check_pixels
 from pisa_cli.errors import ImageError, OptionsError, PisaError
 from pisa_cli.fsutil import TEMP_PREFIX
 from pisa_cli.imaging.discover import Job, image_extensions
 from pisa_cli.imaging.io import read_image
 from pisa_cli.options import DEFAULT_MAX_PIXELS, ModelOptions, UpscaleOptions
-from pisa_cli.planning import check_pixels
-from pisa_cli.runner import DONE, FAILED
 from pisa_cli.sweep.core import Sweeper
 from pisa_cli.sweep.files import OWN_FILES, write_sweep
 from pisa_cli.sweep.grid import GridPoint, LambdaGrid

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pisa_cli.core.planning import ImagePlan, plan_image
+from pisa_cli.core.recovery import StageGuard
 from pisa_cli.engine import color, memory, vae
 from pisa_cli.engine.denoise import combine_eps, predict_eps, variants_needed, x0_from_eps
 from pisa_cli.engine.tiles import TilePlan
@@ -31,8 +33,6 @@ from pisa_cli.models.device import (
 from pisa_cli.models.lora import PisaUNet
 from pisa_cli.models.text import PromptEncoder
 from pisa_cli.options import SecondPassOptions, UpscaleOptions
-from pisa_cli.planning import ImagePlan, plan_image
-from pisa_cli.recovery import StageGuard
 
 log = logging.getLogger(__name__)
 

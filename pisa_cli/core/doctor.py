@@ -109,7 +109,7 @@ def _self_test(model: ModelOptions) -> Check:
     """Upscale a small random image with a tiny random model on the chosen device."""
     from PIL import Image
 
-    from pisa_cli.loading import build_pipeline
+    from pisa_cli.core.loading import build_pipeline
     from pisa_cli.models.device import resolve_device, resolve_dtype
     from pisa_cli.models.synthetic import build_random_base, random_checkpoint, write_tokenizer
     from pisa_cli.models.text import PromptEncoder

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
+from pisa_cli.core.planning import ImagePlan, check_pixels
 from pisa_cli.errors import ImageError, PisaError
 from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.io import read_picture, write_output
@@ -32,7 +33,6 @@ from pisa_cli.options import (
     SecondPassOptions,
     UpscaleOptions,
 )
-from pisa_cli.planning import ImagePlan, check_pixels
 
 log = logging.getLogger(__name__)
 
@@ -295,11 +295,11 @@ def dry_run(
     Channel widths come from the base model's configs when it is on disk, else from SD
     2.1-base's; the free memory is that of the device the run would use.
     """
+    from pisa_cli.core.planning import plan_image
     from pisa_cli.engine.memory import Widths
     from pisa_cli.imaging.io import read_size
     from pisa_cli.models.base import find_local_base_model, read_part_config
     from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
-    from pisa_cli.planning import plan_image
 
     device = resolve_device(model.device)
     dtype = resolve_dtype(model.dtype, device)

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
+from pisa_cli.core.planning import ImagePlan
 from pisa_cli.engine.tiles import plan_latent_tiles
 from pisa_cli.errors import OutOfMemoryError
 from pisa_cli.models.device import is_out_of_memory
 from pisa_cli.options import MIN_LATENT_TILE, MIN_VAE_DECODER_TILE, MIN_VAE_ENCODER_TILE
-from pisa_cli.planning import ImagePlan
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.engine.denoise import variants_needed
 from pisa_cli.engine.lean import use_lean_resnets
 from pisa_cli.models import cache
@@ -19,7 +20,6 @@ from pisa_cli.models.lora import PisaUNet
 from pisa_cli.models.second_lora import SecondLora, load_second_lora
 from pisa_cli.models.text import PromptEncoder
 from pisa_cli.options import ModelOptions, UpscaleOptions
-from pisa_cli.pipeline import PisaPipeline
 
 log = logging.getLogger(__name__)
 
