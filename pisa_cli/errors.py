@@ -7,6 +7,8 @@ exits with the class's ``exit_code``; nothing else is caught silently.
 
 from __future__ import annotations
 
+import logging
+
 
 class PisaError(Exception):
     """Base class: a problem the user can act on, explained in ``str(error)``."""
@@ -54,3 +56,17 @@ class LaunchError(PisaError):
     """A multi-process launch cannot work: bad rank variables, no process group, a lost rank."""
 
     exit_code = 1
+
+
+def describe_error(source: object, error: BaseException) -> str:
+    """One line naming ``source`` (an input file) and what went wrong with it: the message
+    of our own errors, "out of memory", or an internal error (its traceback goes to the
+    debug log). The one describer of per-image failures (upscale and sweep)."""
+    if isinstance(error, ImageError):
+        return str(error)  # names its file already
+    if isinstance(error, PisaError):
+        return f"{source}: {error}"
+    if isinstance(error, MemoryError):
+        return f"{source}: out of memory"
+    logging.getLogger("pisa_cli").debug("unexpected failure on %s", source, exc_info=error)
+    return f"{source}: internal error ({type(error).__name__}: {error})"

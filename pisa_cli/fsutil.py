@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -47,6 +48,15 @@ def probe_writable(folder: Path) -> None:
     descriptor, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-probe-", dir=folder)
     os.close(descriptor)
     os.unlink(name)
+
+
+def file_sha256(path: Path, block: int = 1 << 24) -> str:
+    """SHA-256 of a file's bytes, read in blocks (the one digest of files in the project)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _read_umask() -> int:

@@ -16,21 +16,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 
-from pisa_cli.core.planning import ImagePlan, check_pixels
-from pisa_cli.errors import ImageError, PisaError
+from pisa_cli.core.planning import check_pixels
+from pisa_cli.errors import describe_error as describe
 from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.io import read_picture, write_output
-from pisa_cli.imaging.manifest import RUN, Decision, Manifest
+from pisa_cli.imaging.manifest import Manifest
 from pisa_cli.imaging.modes import Picture, compose
 from pisa_cli.imaging.stream import Loaded, WriteBehind, read_ahead
 from pisa_cli.options import (
-    DEFAULT_MAX_PIXELS,
     BatchOptions,
-    ModelOptions,
-    SecondPassOptions,
     UpscaleOptions,
 )
 
@@ -207,120 +204,11 @@ def _closed(result: JobResult) -> JobResult:
 
 
 def describe_error(job: Job, error: BaseException) -> str:
-    """One line naming the file and what went wrong."""
-    if isinstance(error, ImageError):
-        return str(error)
-    if isinstance(error, PisaError):
-        return f"{job.source}: {error}"
-    if isinstance(error, MemoryError):
-        return f"{job.source}: out of memory"
-    log.debug("unexpected failure on %s", job.source, exc_info=error)
-    return f"{job.source}: internal error ({type(error).__name__}: {error})"
-
-
-PIXELS_VERSION = 1
-"""Bumped when the way outputs are made changes (a new release redoes older outputs)."""
-
-
-def run_settings(options: UpscaleOptions, batch: BatchOptions, model: dict) -> dict:
-    """Everything an output's pixels depend on, as recorded in the manifest: the upscale
-    options, the model (weights, base model, precision), the quality of lossy formats. The
-    format and suffix are in the output's name already."""
-    settings = {"upscale": asdict(options), "model": model, "pixels": PIXELS_VERSION}
-    if batch.format in ("jpg", "webp", "same"):
-        settings["quality"] = batch.quality
-    return settings
-
-
-def sort_jobs(
-    jobs: Iterable[Job], manifest: Manifest, overwrite: bool = False
-) -> tuple[list[Job], dict[Job, str], list[JobResult]]:
-    """(jobs to run, why each runs, results of the skipped ones), from the manifest."""
-    to_run, reasons, skipped = [], {}, []
-    for job in jobs:
-        try:
-            decision = manifest.decide(job.source, job.output, overwrite)
-        except OSError as error:  # cannot tell: run it, the reader or writer will say why
-            decision = Decision(RUN, f"cannot check the output ({error.strerror or error})")
-        if decision.action == RUN:
-            to_run.append(job)
-            reasons[job] = decision.reason
-        else:
-            skipped.append(JobResult(job=job, status=SKIPPED, reason=decision.reason))
-    return to_run, reasons, skipped
-
-
-def screen(
-    jobs: list[Job], options: UpscaleOptions, max_pixels: int
-) -> tuple[list[Job], list[tuple[Job, str]]]:
-    """(jobs from the first that can run on, refused jobs before it with their error):
-    image headers are checked (readable, within ``max_pixels``, see ``check_pixels``) up to
-    the first image that can run, so a batch of nothing but bad inputs fails in a moment,
-    without loading the model. The images after the first good one are checked as they are
-    read; so are the refused ones when the batch runs (their errors are the same)."""
-    from pisa_cli.imaging.io import read_size
-
-    refused = []
-    for index, job in enumerate(jobs):
-        try:
-            check_pixels(job.source, read_size(job.source), options, max_pixels)
-        except ImageError as error:
-            refused.append((job, str(error)))
-            continue
-        return jobs[index:], refused
-    return [], refused
-
-
-def refused_results(refused: list[tuple[Job, str]]) -> Iterator[JobResult]:
-    """The failed results of jobs refused by ``screen``, in order."""
-    for job, error in refused:
-        yield JobResult(job=job, status=FAILED, error=error)
+    """One line naming the job's file and what went wrong (``errors.describe_error``)."""
+    return describe(job.source, error)
 
 
 def run_job(pipeline, job: Job, options: UpscaleOptions) -> JobResult:
     """One job, start to end, in this thread."""
     batch = BatchOptions(read_ahead=0, write_behind=0)
     return next(run_jobs(pipeline, [job], options, batch))
-
-
-def dry_run(
-    jobs: Iterable[Job],
-    options: UpscaleOptions,
-    model: ModelOptions,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Iterator[tuple[Job, list[ImagePlan] | str]]:
-    """The plans of each job (one per pass) from its image header, without loading a model;
-    an image the run would refuse (``max_pixels``, see ``check_pixels``) gets its error.
-
-    Channel widths come from the base model's configs when it is on disk, else from SD
-    2.1-base's; the free memory is that of the device the run would use.
-    """
-    from pisa_cli.core.planning import plan_image
-    from pisa_cli.engine.memory import Widths
-    from pisa_cli.imaging.io import read_size
-    from pisa_cli.models.base import find_local_base_model, read_part_config
-    from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
-
-    device = resolve_device(model.device)
-    dtype = resolve_dtype(model.dtype, device)
-    widths = Widths()
-    folder = find_local_base_model(model.resolved_base_model())
-    if folder is not None:
-        unet, vae = read_part_config(folder, "unet"), read_part_config(folder, "vae")
-        factor = 2 ** (len(vae["block_out_channels"]) - 1)
-        widths = Widths(unet["block_out_channels"][0], vae["block_out_channels"][0], factor)
-    for job in jobs:
-        try:
-            size = read_size(job.source)
-            check_pixels(job.source, size, options, max_pixels)
-        except ImageError as error:
-            yield job, str(error)
-            continue
-        plans = [plan_image(size, options, widths, dtype.itemsize, free_memory(device))]
-        if options.second_pass.kind != "none":
-            second = replace(options, scale=2, second_pass=SecondPassOptions())
-            variants = ("second",) if options.second_pass.kind == "tudsr" else None
-            size = plans[0].resize.output_size
-            free = free_memory(device)
-            plans.append(plan_image(size, second, widths, dtype.itemsize, free, variants))
-        yield job, plans

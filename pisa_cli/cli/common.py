@@ -18,12 +18,7 @@ from pisa_cli.options import (
     BASE_MODEL_ENV,
     DEFAULT_BASE_MODEL,
     WEIGHTS_ENV,
-    BatchOptions,
-    ModelOptions,
-    SecondPassOptions,
-    TileOptions,
     UpscaleOptions,
-    parse_tile,
 )
 
 MODEL = "Model"
@@ -318,30 +313,15 @@ Quiet = Annotated[
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print debugging details.")]
 
 
-def build_options(values: dict[str, object]) -> tuple[ModelOptions, UpscaleOptions]:
-    """Model and upscale options from the CLI values (raises OptionsError when invalid)."""
-    names = ("base_model", "weights", "device", "dtype", "compile")
-    model = ModelOptions(**{k: values.pop(k) for k in names})
-    tiles = TileOptions(
-        latent_tile=parse_tile("--latent-tile", values.pop("latent_tile")),
-        latent_overlap=values.pop("latent_overlap"),
-        vae_encoder_tile=parse_tile("--vae-encoder-tile", values.pop("vae_encoder_tile")),
-        vae_decoder_tile=parse_tile("--vae-decoder-tile", values.pop("vae_decoder_tile")),
-        tile_batch=parse_tile("--tile-batch", values.pop("tile_batch")),
-    )
-    second = SecondPassOptions(
-        kind=values.pop("second_pass"),
-        weights=values.pop("second_pass_weights"),
-        timestep=values.pop("second_pass_timestep"),
-        prompt=values.pop("second_pass_prompt"),
-    )
-    return model, UpscaleOptions(tiles=tiles, second_pass=second, **values)
+def pipeline_factory(context: typer.Context | None):
+    """How this command builds its pipeline: ``obj["pipeline_factory"]`` when the caller
+    gave one (``app(obj=...)``; tests pass fakes), else ``core.loading``'s."""
+    obj = context.obj if context is not None else None
+    if isinstance(obj, dict) and obj.get("pipeline_factory") is not None:
+        return obj["pipeline_factory"]
+    from pisa_cli.batch.run import load_pipeline
 
-
-def build_batch(values: dict[str, object]) -> BatchOptions:
-    """Batch options from the CLI values (pops them; raises OptionsError when invalid)."""
-    names = ("recursive", "format", "quality", "suffix", "overwrite", "max_pixels")
-    return BatchOptions(**{name: values.pop(name) for name in names})  # type: ignore[arg-type]
+    return load_pipeline
 
 
 def say(message: object = "", err: bool = False) -> None:

@@ -1,18 +1,10 @@
 """`pisa upscale` over several processes: one rank of a torchrun / accelerate launch / srun
-launch (``upscale_as_rank``), and ``--devices``, which starts those ranks itself
-(``run_devices``).
-
-Rank 0 does what a single process does before the model (discovery, settings, resume
-decisions), splits the images left to run by pixel count and hands each rank its share
-through the store; every rank loads the model and runs its share into the same output
-folder (each appending to its own manifest file); rank 0 collects the others' results and
-prints the one summary and report. See pisa_cli/batch/distributed.py for the exchange and what
-happens when a rank dies.
+launch (``upscale_as_rank``, driving ``batch.ranks``), and ``--devices``, which starts
+those ranks itself (``run_devices``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -20,45 +12,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
 import typer
 
-from pisa_cli.batch.distributed import Group, RankEnv, RankProgress, parse_devices, rank_environment
-from pisa_cli.cli import common
+from pisa_cli.batch.distributed import RankEnv, parse_devices, rank_environment
+from pisa_cli.batch.run import INTERRUPTED_EXIT, PipelineFactory
+from pisa_cli.cli import common, spec
 from pisa_cli.cli import upscale as single
+from pisa_cli.cli.signals import flag_on_signals, handling
 from pisa_cli.errors import LaunchError, OptionsError, PisaError
-
-PROGRESS_SECONDS = 1.0
-"""How often rank 0 reads the other ranks' progress for its display."""
-
-
-@dataclass(frozen=True)
-class Share:
-    """What rank 0 hands one rank."""
-
-    jobs: tuple = ()
-    reasons: dict = field(default_factory=dict)
-    """Why each job runs (new, settings changed, ...), for the report."""
-    settings: dict = field(default_factory=dict)
-    """The manifest settings the outputs are recorded with."""
-    exit_code: int | None = None
-    """Rank 0 stopped before the run (no images, bad weights): exit with this code."""
-
-
-@dataclass(frozen=True)
-class RankReport:
-    """What one rank sends rank 0 at the end."""
-
-    results: list = field(default_factory=list)
-    not_done: int = 0
-    interrupted: bool = False
-    run_seconds: float = 0.0
-    """From its first image into the model to its last written."""
-    failed_to_start: bool = False
-    """The model did not load on this rank (its own error line says why)."""
 
 
 def launch_of(devices: str, model, dry_run: bool) -> RankEnv | list[str] | None:
@@ -85,176 +48,95 @@ def launch_of(devices: str, model, dry_run: bool) -> RankEnv | list[str] | None:
     return env
 
 
-def upscale_as_rank(
-    env: RankEnv, inputs, output: Path, model_options, options, batch, quiet: bool, report
-) -> None:
+def upscale_as_rank(env: RankEnv, run: spec.UpscaleSpec, load: PipelineFactory) -> None:
     """Run this rank's part of the batch; on rank 0, print the summary and write the report."""
     import torch
 
     from pisa_cli.batch.distributed import join, rank_device
 
-    device = rank_device(model_options.device, env, torch.cuda.is_available())
-    model_options = replace(model_options, device=device)
+    device = rank_device(run.model.device, env, torch.cuda.is_available())
+    run = replace(run, model=replace(run.model, device=device))
     try:
         group = join(env, torch.device(device).type)
     except PisaError as error:
         raise common.fail(error) from None
     try:
         if env.rank == 0:
-            _lead(group, inputs, output, model_options, options, batch, quiet, report)
+            _lead(group, run, load)
         else:
-            _follow(group, output, model_options, options, batch)
+            _follow(group, run, load)
     except PisaError as error:  # a lost rank 0 or store
         raise common.fail(error) from None
     finally:
         group.close()
 
 
-def _lead(group: Group, inputs, output, model_options, options, batch, quiet, report) -> None:
-    from pisa_cli.batch.distributed import pixel_weights, shard_by_weight
+def _warn(text: str) -> None:
+    common.say(f"warning: {text}", err=True)
+
+
+def _share_run(run: spec.UpscaleSpec, load: PipelineFactory, quiet: bool, stop):
+    from pisa_cli.batch.ranks import ShareRun
+    from pisa_cli.cli.progress import display
+
+    return ShareRun(
+        run.model, run.options, run.batch, load, lambda total: display(total, quiet), stop
+    )
+
+
+def _lead(group, run: spec.UpscaleSpec, load: PipelineFactory) -> None:
+    from pisa_cli.batch import ranks
+    from pisa_cli.cli.signals import stop_on_signals
 
     start = time.perf_counter()
-    world = group.env.world_size
     try:
-        planned = single.plan_run(inputs, output, model_options, options, batch, False, quiet)
+        planned = single.plan(run)
         assert planned is not None
-        outcome, to_run, reasons, manifest = planned
-        if to_run:
-            # before any rank writes: stale temp files, a write probe
-            single.prepare_output(output, batch, outcome)
+        plan, outcome = planned
+        if plan.to_run:  # before any rank writes: stale temp files, a write probe
+            single.prepare_output(run, outcome)
     except typer.Exit as stop:
-        for rank in range(1, world):
-            group.send(f"share/{rank}", Share(exit_code=stop.exit_code or 1))
+        ranks.abort(group, stop.exit_code or 1)
         raise
-    weights = pixel_weights([job.source for job in to_run], batch.max_pixels)
-    shares = shard_by_weight(weights, world)
-    jobs = [[to_run[index] for index in share] for share in shares]
-    for rank in range(1, world):
-        mine = {job: reasons[job] for job in jobs[rank]}
-        group.send(f"share/{rank}", Share(tuple(jobs[rank]), mine, outcome.settings))
-    outcome.ranks = world
-    own = _run_share(group, jobs[0], reasons, model_options, options, batch, manifest, quiet)
+    jobs = ranks.hand_out(group, plan, run.batch)
+    stop = threading.Event()
+    how = _share_run(run, load, run.quiet, stop)
+    with stop_on_signals(stop, _warn):
+        own, error = ranks.run_share(group, jobs[0], plan.reasons, plan.manifest, how)
+    if error:
+        common.say(f"error: {error}", err=True)
     stopped = threading.Event()
-    with _stop_flag(stopped):
-        names = {rank: f"report/{rank}" for rank in range(1, world)}
-        reports, lost = group.receive(names, lambda: stopped.is_set() or own.interrupted)
-    reports[0] = own
-    _merge(outcome, reports, lost, jobs, to_run)
+    with flag_on_signals(stopped):
+        ranks.collect(group, outcome, own, jobs, plan, stopped.is_set)
     outcome.seconds = time.perf_counter() - start
-    if lost:
-        for rank in lost:
-            common.say(
-                f"error: rank {rank} stopped without reporting (killed, or its machine gone): "
-                f"its {len(jobs[rank])} images are counted as not done (those it finished "
-                "are kept and skipped by the next run)",
-                err=True,
-            )
-    single.finish(outcome, report)
+    for rank in outcome.lost_ranks:
+        common.say(
+            f"error: rank {rank} stopped without reporting (killed, or its machine gone): "
+            f"its {len(jobs[rank])} images are counted as not done (those it finished "
+            "are kept and skipped by the next run)",
+            err=True,
+        )
+    single.finish(outcome, run)
 
 
-def _merge(outcome, reports: dict, lost: list[int], jobs: list[list], to_run: list) -> None:
-    """Every rank's results into rank 0's outcome, in input order."""
-    order = {job: index for index, job in enumerate(to_run)}
-    results = [result for report in reports.values() for result in report.results]
-    outcome.results += sorted(results, key=lambda result: order.get(result.job, 0))
-    outcome.not_done += sum(report.not_done for report in reports.values())
-    outcome.not_done += sum(len(jobs[rank]) for rank in lost)
-    outcome.interrupted = any(report.interrupted for report in reports.values())
-    outcome.lost_ranks = lost
-    # the ranks ran side by side: the run took as long as the slowest (models loaded aside)
-    outcome.run_seconds = max(report.run_seconds for report in reports.values())
-
-
-def _follow(group: Group, output: Path, model_options, options, batch) -> None:
-    from pisa_cli.batch.distributed import RankLost
+def _follow(group, run: spec.UpscaleSpec, load: PipelineFactory) -> None:
+    from pisa_cli.batch import ranks
+    from pisa_cli.cli.signals import stop_on_signals
     from pisa_cli.imaging.manifest import Manifest
 
-    shares, lost = group.receive({0: f"share/{group.env.rank}"})
-    if lost:
-        raise RankLost(f"{group.env}: rank 0 stopped before handing out the images")
-    share: Share = shares[0]  # type: ignore[assignment]
+    share = ranks.receive_share(group)
     if share.exit_code is not None:
         raise typer.Exit(share.exit_code)  # rank 0 printed why
-    manifest = Manifest(output, share.settings, rank=group.env.rank)
-    own = _run_share(
-        group, list(share.jobs), share.reasons, model_options, options, batch, manifest, quiet=True
-    )
-    group.send(f"report/{group.env.rank}", own)
-    if own.failed_to_start:
-        raise typer.Exit(1)
-    if own.interrupted:
-        raise typer.Exit(single.INTERRUPTED_EXIT)
-
-
-def _run_share(group, jobs, reasons, model_options, options, batch, manifest, quiet) -> RankReport:
-    """Run this rank's jobs (none: nothing to load); its results as a RankReport."""
-    if not jobs:
-        group.progress = (0, 0, 0.0)
-        return RankReport()
-    outcome = single.Outcome()
-    group.progress = (0, len(jobs), 0.0)
-    try:
-        single.process(
-            jobs,
-            reasons,
-            model_options,
-            options,
-            batch,
-            manifest,
-            quiet,
-            outcome,
-            watch=lambda shown, processed: _watch(group, shown, processed, len(jobs)),
-        )
-    except typer.Exit:  # the model did not load here; the line saying why is printed
-        return RankReport(not_done=len(jobs), failed_to_start=True)
-    done, seconds = len(outcome.results), outcome.run_seconds
-    group.progress = (done, len(jobs), seconds)
-    return RankReport(outcome.results, outcome.not_done, outcome.interrupted, seconds)
-
-
-@contextlib.contextmanager
-def _watch(group: Group, shown, processed, total: int) -> Iterator[None]:
-    """Publish this rank's progress (sent with each heartbeat); rank 0 also shows every
-    rank's, with the time left."""
+    manifest = Manifest(run.output, share.settings, rank=group.env.rank)
     stop = threading.Event()
-
-    def publish() -> None:
-        while not stop.wait(PROGRESS_SECONDS):
-            done, seconds = processed()
-            group.progress = (done, total, seconds)
-            if group.env.rank != 0:
-                continue
-            with contextlib.suppress(Exception):  # a display update is never worth a crash
-                progress = group.ranks_progress()
-                progress[0] = RankProgress(0, done, total, seconds)
-                shown.ranks(progress)
-
-    thread = threading.Thread(target=publish, name="pisa-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-@contextlib.contextmanager
-def _stop_flag(stopped: threading.Event) -> Iterator[None]:
-    """While rank 0 waits for the others, Ctrl-C or SIGTERM (torchrun stopping everyone
-    after a rank died) shortens the wait for silent ranks instead of killing rank 0."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(number: int, frame: object) -> None:
-        stopped.set()
-
-    previous = {number: signal.signal(number, handler) for number in single.stop_signals()}
-    try:
-        yield
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
+    how = _share_run(run, load, True, stop)
+    with stop_on_signals(stop, _warn):
+        own, error = ranks.run_share(group, list(share.jobs), share.reasons, manifest, how)
+    group.send(f"report/{group.env.rank}", own)
+    if error:
+        raise common.fail(PisaError(error))
+    if own.interrupted:
+        raise typer.Exit(INTERRUPTED_EXIT)
 
 
 def worker_arguments(context: typer.Context) -> list[str]:
@@ -307,8 +189,7 @@ def _wait_all(workers: list[subprocess.Popen]) -> list[int]:
             if worker.poll() is None:
                 worker.send_signal(number)
 
-    previous = {number: signal.signal(number, forward) for number in single.stop_signals()}
-    try:
+    with handling(forward):
         stopping = False
         while any(worker.poll() is None for worker in workers):
             failed = any(worker.poll() not in (None, 0) for worker in workers)
@@ -316,9 +197,6 @@ def _wait_all(workers: list[subprocess.Popen]) -> list[int]:
                 stopping = True
                 forward(signal.SIGTERM, None)
             time.sleep(0.1)
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
     return [worker.returncode for worker in workers]
 
 

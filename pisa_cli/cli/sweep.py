@@ -8,10 +8,9 @@ from typing import Annotated
 
 import typer
 
-from pisa_cli.cli import common
+from pisa_cli.cli import common, spec
 from pisa_cli.cli.progress import summary, track
 from pisa_cli.errors import OptionsError, PisaError
-from pisa_cli.options import DEFAULT_MAX_PIXELS
 from pisa_cli.sweep.grid import DEFAULT_MAX_POINTS, DEFAULT_SPEC
 
 SWEEP = "Sweep"
@@ -97,58 +96,25 @@ SheetCrop = Annotated[
 ]
 
 
-SWEEP_OPTIONS = (
-    "lambda_grid",
-    "max_points",
-    "no_images",
-    "viewer",
-    "gt",
-    "metrics",
-    "crop_border",
-    "sheet_cell",
-    "sheet_crop",
-    "max_pixels",
-)
-"""The parameters of sweep_command that are the sweep's own (the rest are upscale's)."""
+OWN = [
+    spec.option("lambda_grid", LambdaGrid, DEFAULT_SPEC),
+    spec.option("max_points", MaxPoints, DEFAULT_MAX_POINTS),
+    spec.option("no_images", NoImages, False),
+    spec.option("viewer", Viewer, False),
+    spec.option("gt", GroundTruth, None),
+    spec.option("metrics", Metrics, ""),
+    spec.option("crop_border", CropBorder, 0),
+    spec.option("sheet_cell", SheetCell, 256),
+    spec.option("sheet_crop", SheetCrop, False),
+]
+"""The sweep's own options; the others are upscale's (``cli.spec``), declared once."""
 
 
-def sweep_command(
-    inputs: common.Inputs,
-    output: common.OutputDir,
-    lambda_grid: LambdaGrid = DEFAULT_SPEC,
-    max_points: MaxPoints = DEFAULT_MAX_POINTS,
-    no_images: NoImages = False,
-    viewer: Viewer = False,
-    gt: GroundTruth = None,
-    metrics: Metrics = "",
-    crop_border: CropBorder = 0,
-    sheet_cell: SheetCell = 256,
-    sheet_crop: SheetCrop = False,
-    max_pixels: common.MaxPixels = DEFAULT_MAX_PIXELS,
-    base_model: common.BaseModel = "",
-    weights: common.Weights = "",
-    scale: common.Scale = 4,
-    process_size: common.ProcessSize = 512,
-    color_fix: common.ColorFix = "adain",
-    prompt: common.Prompt = "",
-    seed: common.Seed = None,
-    vae_sample: common.VaeSample = False,
-    latent_tile: common.LatentTile = "auto",
-    latent_overlap: common.LatentOverlap = 32,
-    vae_encoder_tile: common.VaeEncoderTile = "auto",
-    vae_decoder_tile: common.VaeDecoderTile = "auto",
-    tile_batch: common.TileBatch = "auto",
-    second_pass: common.SecondPass = "none",
-    second_pass_weights: common.SecondPassWeights = "",
-    second_pass_timestep: common.SecondPassTimestep = None,
-    second_pass_prompt: common.SecondPassPrompt = "",
-    device: common.Device = "auto",
-    dtype: common.Dtype = "auto",
-    compile: common.Compile = False,
-    dry_run: common.DryRun = False,
-    quiet: common.Quiet = False,
-    verbose: common.Verbose = False,
-) -> None:
+@spec.takes(
+    spec.CONTEXT, spec.INPUTS, OWN, spec.MAX_PIXELS, spec.MODEL, spec.SCALE, spec.LOOK,
+    spec.TILES, spec.SECOND, spec.DEVICE, spec.RUN,
+)  # fmt: skip
+def sweep_command(context: typer.Context, **values) -> None:
     """Upscale each image at every point of a lambda grid: `pisa sweep photo.png -o sweeps/`.
 
     Per image the encoder runs once and the UNet twice (pixel and PiSA eps) whatever the
@@ -157,30 +123,28 @@ def sweep_command(
     --gt, viewer.html with --viewer. Exit code 0 when every image worked, 1 when some
     failed, 2 for bad options, 3 when the model or weights cannot be loaded.
     """
-    common.setup_logging(quiet, verbose)
-    values = dict(locals())
-    for name in ("inputs", "output", "quiet", "verbose", "dry_run"):
-        values.pop(name)
-    sweep_values = {name: values.pop(name) for name in SWEEP_OPTIONS}
+    common.setup_logging(values["quiet"], values["verbose"])
     try:
-        model_options, options = common.build_options(values)
-        settings, metric_names = _settings(sweep_values, model_options, options)
+        run = spec.SweepSpec.parse(values, tuple(parameter.name for parameter in OWN))
+        settings, metric_names = _settings(run)
     except PisaError as error:
         raise common.fail(error) from None
     grid = settings.grid
-    common.warn_unusual(options, [("lambda_pix", min(grid.pix)), ("lambda_sem", min(grid.sem))])
+    lambdas = [("lambda_pix", min(grid.pix)), ("lambda_sem", min(grid.sem))]
+    common.warn_unusual(run.options, lambdas)
 
     from pisa_cli.imaging.discover import discover
 
-    found = discover(inputs, output, extension="")
+    found = discover(list(run.inputs), run.output, extension="")
     failed_early = common.say_discovery(found)
     if not found.jobs:
         common.say("error: no images to sweep in the given inputs", err=True)
         raise typer.Exit(1)
-    if dry_run:
-        _print_plans(found.jobs, settings, model_options)
+    if run.dry_run:
+        _print_plans(found.jobs, settings, run.model)
         return
-    counts = _run(found.jobs, output, settings, metric_names, crop_border, quiet)
+    load = common.pipeline_factory(context)
+    counts = _run(found.jobs, run, settings, metric_names, load)
     counts["failed"] += failed_early
     extra = f"; {len(found.skipped)} non-image files ignored" if found.skipped else ""
     common.say(summary(counts, extra), err=True)
@@ -188,13 +152,14 @@ def sweep_command(
         raise typer.Exit(1)
 
 
-def _settings(values: dict, model_options, options):
+def _settings(run: spec.SweepSpec):
     """SweepSettings and metric names from the sweep's own options (OptionsError if bad)."""
     from pisa_cli.sweep.grid import parse_grid
     from pisa_cli.sweep.metrics import BUILT_IN, parse_metrics
     from pisa_cli.sweep.run import SweepSettings
     from pisa_cli.sweep.sheet import SheetOptions
 
+    values = run.sweep
     grid = parse_grid(values["lambda_grid"], values["max_points"])
     gt = values["gt"]
     if gt is not None and not gt.is_dir():
@@ -205,47 +170,48 @@ def _settings(values: dict, model_options, options):
     names = parse_metrics(requested, has_gt=gt is not None)
     settings = SweepSettings(
         grid=grid,
-        options=options,
+        options=run.options,
         images=not values["no_images"],
         viewer=values["viewer"],
         gt_dir=gt,
         sheet=SheetOptions(cell=values["sheet_cell"], crop=values["sheet_crop"]),
-        max_pixels=values["max_pixels"],
-        model=model_options,
+        max_pixels=run.max_pixels,
+        model=run.model,
     )
     return settings, names
 
 
-def _run(jobs, output: Path, settings, metric_names, crop_border: int, quiet: bool) -> Counter:
-    from pisa_cli.batch.runner import screen
-    from pisa_cli.cli.upscale import Outcome, prepare_output, remove_empty_folder
+def _run(jobs, run: spec.SweepSpec, settings, metric_names, load) -> Counter:
+    from pisa_cli.batch.plan import prepare_output, remove_empty_folder, screen
     from pisa_cli.options import BatchOptions
     from pisa_cli.sweep.grid import plan_options
 
-    made = Outcome()
-    prepare_output(output, BatchOptions(), made)
+    try:
+        made = prepare_output(run.output, BatchOptions())
+    except PisaError as error:
+        raise common.fail(error) from None
     try:
         runnable, refused = screen(jobs, plan_options(settings.options), settings.max_pixels)
         if runnable:
-            return _sweep(jobs, settings, metric_names, crop_border, quiet)
+            crop = run.sweep["crop_border"]
+            return _sweep(jobs, settings, metric_names, crop, run.quiet, load)
         from pisa_cli.sweep.run import SweepResult
 
         failed = [SweepResult(job=job, status="failed", error=error) for job, error in refused]
         names = [str(job.source) for job in jobs]
-        return Counter(result.status for result in track(failed, len(jobs), names, quiet))
+        return Counter(result.status for result in track(failed, len(jobs), names, run.quiet))
     finally:
-        if made.made_folder is not None:
-            remove_empty_folder(made.made_folder)
+        if made:
+            remove_empty_folder(run.output)
 
 
-def _sweep(jobs, settings, metric_names, crop_border: int, quiet: bool) -> Counter:
-    from pisa_cli.core.loading import load_pipeline
+def _sweep(jobs, settings, metric_names, crop_border: int, quiet: bool, load) -> Counter:
     from pisa_cli.sweep.grid import plan_options
     from pisa_cli.sweep.metrics import MetricSet
     from pisa_cli.sweep.run import sweep_jobs
 
     try:
-        pipeline = load_pipeline(settings.model, options=plan_options(settings.options))
+        pipeline = load(settings.model, plan_options(settings.options))
         pipeline.stages(plan_options(settings.options))  # e.g. no second-pass timestep
         metric_set = None
         if metric_names:
@@ -268,7 +234,7 @@ def _sweep(jobs, settings, metric_names, crop_border: int, quiet: bool) -> Count
 
 def _print_plans(jobs: list, settings, model_options) -> None:
     """--dry-run: the grid, then each image's plan; no model loaded."""
-    from pisa_cli.batch.runner import dry_run
+    from pisa_cli.batch.plan import dry_run
     from pisa_cli.sweep.grid import plan_options
 
     grid = settings.grid

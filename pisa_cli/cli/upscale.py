@@ -1,92 +1,30 @@
-"""`pisa upscale`: find the inputs, skip what is up to date, load the model once, stream
-every other input through it, report, exit code."""
+"""`pisa upscale`: the options become an UpscaleSpec; the batch plans, runs and sums up;
+this module says what happens and sets the exit code."""
 
 from __future__ import annotations
 
-import logging
-import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from pisa_cli.cli import common
+from pisa_cli.cli import common, spec
 from pisa_cli.cli.progress import display, summary
+from pisa_cli.cli.signals import stop_on_signals
 from pisa_cli.errors import PisaError
-from pisa_cli.options import DEFAULT_MAX_PIXELS, BatchOptions, ModelOptions, UpscaleOptions
 
-INTERRUPTED_EXIT = 130
-"""Exit code after Ctrl-C, as shells expect (128 + SIGINT)."""
-CLI_ONLY = ("inputs", "output", "quiet", "verbose", "dry_run", "report", "devices")
-
-
-@dataclass
-class Outcome:
-    """Everything the summary, the report and the exit code are made of."""
-
-    results: list = field(default_factory=list)
-    failed_early: int = 0
-    """Missing inputs and outputs that would replace their input (no result of their own)."""
-    not_done: int = 0
-    """Images left when the run was stopped."""
-    interrupted: bool = False
-    seconds: float = 0.0
-    """The whole command."""
-    run_seconds: float = 0.0
-    """From the first image into the model to the last written (the model's loading aside)."""
-    extra: str = ""
-    """The end of the summary line (files ignored, sub-folders not searched)."""
-    settings: dict = field(default_factory=dict)
-    lost_ranks: list[int] = field(default_factory=list)
-    """Ranks of a multi-process run that stopped without reporting (their images: not_done)."""
-    ranks: int = 1
-    made_folder: Path | None = None
-    """The output folder when this run created it: removed again if the run wrote nothing."""
+if TYPE_CHECKING:  # the batch imports torch: only when a command runs, not for --help
+    from pisa_cli.batch.plan import RunPlan
+    from pisa_cli.batch.run import Outcome, PipelineFactory, Summary
 
 
-def upscale_command(
-    context: typer.Context,
-    inputs: common.Inputs,
-    output: common.OutputDir,
-    base_model: common.BaseModel = "",
-    weights: common.Weights = "",
-    scale: common.Scale = 4,
-    process_size: common.ProcessSize = 512,
-    lambda_pix: common.LambdaPix = 1.0,
-    lambda_sem: common.LambdaSem = 1.0,
-    color_fix: common.ColorFix = "adain",
-    prompt: common.Prompt = "",
-    seed: common.Seed = None,
-    vae_sample: common.VaeSample = False,
-    latent_tile: common.LatentTile = "auto",
-    latent_overlap: common.LatentOverlap = 32,
-    vae_encoder_tile: common.VaeEncoderTile = "auto",
-    vae_decoder_tile: common.VaeDecoderTile = "auto",
-    tile_batch: common.TileBatch = "auto",
-    second_pass: common.SecondPass = "none",
-    second_pass_weights: common.SecondPassWeights = "",
-    second_pass_timestep: common.SecondPassTimestep = None,
-    second_pass_prompt: common.SecondPassPrompt = "",
-    device: common.Device = "auto",
-    dtype: common.Dtype = "auto",
-    compile: common.Compile = False,
-    recursive: common.Recursive = False,
-    max_pixels: common.MaxPixels = DEFAULT_MAX_PIXELS,
-    format: common.Format = "png",
-    quality: common.Quality = 95,
-    suffix: common.Suffix = "",
-    overwrite: common.Overwrite = False,
-    report: common.Report = None,
-    devices: common.Devices = "",
-    dry_run: common.DryRun = False,
-    quiet: common.Quiet = False,
-    verbose: common.Verbose = False,
-) -> None:
+@spec.takes(
+    spec.CONTEXT, spec.INPUTS, spec.MODEL, spec.SCALE, spec.LAMBDAS, spec.LOOK, spec.TILES,
+    spec.SECOND, spec.DEVICE, spec.OUTPUTS, spec.RANKS, spec.RUN,
+)  # fmt: skip
+def upscale_command(context: typer.Context, **values) -> None:
     """Upscale images with PiSA-SR: `pisa upscale photos/ -o upscaled/`.
 
     The output of photo.jpg is OUTPUT/photo.png, exactly --scale times the input size (2 x
@@ -98,148 +36,112 @@ def upscale_command(
     when interrupted. Under torchrun, accelerate launch or srun (or with --devices) each
     process runs its share of the inputs and rank 0 prints the summary.
     """
-    common.setup_logging(quiet, verbose)
-    values = dict(locals())
-    for name in (*CLI_ONLY, "context"):
-        values.pop(name)
+    common.setup_logging(values["quiet"], values["verbose"])
+    from pisa_cli.cli.ranks import launch_of
+
     try:
-        batch = common.build_batch(values)
-        model_options, options = common.build_options(values)
-        if report is not None:
-            from pisa_cli.batch.report import check_report_path
-
-            check_report_path(report)
-        from pisa_cli.cli.ranks import launch_of
-
-        launch = launch_of(devices, model_options, dry_run)
+        run = spec.UpscaleSpec.parse(values)
+        launch = launch_of(run.devices, run.model, run.dry_run)
     except PisaError as error:
         raise common.fail(error) from None
     if launch is None or (not isinstance(launch, list) and launch.rank == 0):
-        common.warn_unusual(options)  # once per run: by rank 0, not by --devices' parent
-    if launch is not None:
-        from pisa_cli.cli import ranks
+        common.warn_unusual(run.options)  # once per run: by rank 0, not by --devices' parent
+    load = common.pipeline_factory(context)
+    if isinstance(launch, list):
+        from pisa_cli.cli.ranks import run_devices
 
-        if isinstance(launch, list):
-            ranks.run_devices(launch, context)
-        else:
-            ranks.upscale_as_rank(
-                launch, inputs, output, model_options, options, batch, quiet, report
-            )
-        return
-    outcome = _upscale(inputs, output, model_options, options, batch, dry_run, quiet)
-    if outcome is not None:
-        finish(outcome, report)
+        run_devices(launch, context)
+    elif launch is not None:
+        from pisa_cli.cli.ranks import upscale_as_rank
+
+        upscale_as_rank(launch, run, load)
+    else:
+        upscale(run, load)
 
 
-def _upscale(
-    inputs: list[Path],
-    output: Path,
-    model_options: ModelOptions,
-    options: UpscaleOptions,
-    batch: BatchOptions,
-    dry_run: bool,
-    quiet: bool,
-) -> Outcome | None:
+def upscale(run: spec.UpscaleSpec, load: PipelineFactory) -> None:
+    """One process: plan, run with a display, sum up; exits non-zero through typer.Exit."""
     start = time.perf_counter()
-    planned = plan_run(inputs, output, model_options, options, batch, dry_run, quiet)
+    planned = plan(run)
     if planned is None:
-        return None
-    outcome, to_run, reasons, manifest = planned
-    if to_run:
-        prepare_output(output, batch, outcome)
-        process(to_run, reasons, model_options, options, batch, manifest, quiet, outcome)
+        return
+    plan_, outcome = planned
+    if plan_.to_run:
+        prepare_output(run, outcome)
+        stop = threading.Event()
+        execute(run, plan_, plan_.to_run, outcome, load, stop)
     outcome.seconds = time.perf_counter() - start
-    return outcome
+    finish(outcome, run)
 
 
-def plan_run(inputs, output, model_options, options, batch, dry_run: bool, quiet: bool):
-    """(outcome so far, jobs to run, why each runs, manifest): discovery, settings and
-    resume decisions; None after a dry run. Exits on errors (typer.Exit)."""
-    from pisa_cli.imaging.manifest import Manifest
+def plan(run: spec.UpscaleSpec) -> tuple[RunPlan, Outcome] | None:
+    """The run's plan and its outcome so far (conflicts, skipped), with every message said;
+    None after a dry run. Exits when there is nothing to upscale or the weights are
+    missing."""
+    from pisa_cli.batch.plan import decide, find_jobs
+    from pisa_cli.batch.run import Outcome
 
-    manifest = Manifest(output)
-    found = _discover(inputs, output, batch, manifest)
-    if dry_run:
-        _print_plans(found.jobs, options, model_options, batch.max_pixels)
-        return None
-    outcome = Outcome(failed_early=len(found.missing) + len(found.unreadable))
-    outcome.results += [_conflict(job) for job in found.conflicts]
-    try:
-        settings = _settings(model_options, options, batch)
-    except PisaError as error:
-        raise common.fail(error) from None
-    manifest.use_settings(settings)
-    from pisa_cli.batch.runner import sort_jobs
-
-    to_run, reasons, skipped = sort_jobs(found.jobs, manifest, batch.overwrite)
-    outcome.results += skipped
-    _say_skipped(skipped, to_run, reasons, quiet)
-    outcome.extra, outcome.settings = _extra(found), settings
-    return outcome, to_run, reasons, manifest
-
-
-def _discover(inputs: list[Path], output: Path, batch: BatchOptions, manifest):
-    from pisa_cli.imaging.discover import discover
-
-    found = discover(inputs, output, batch=batch, exclude=manifest.outputs())
+    planned = find_jobs(list(run.inputs), run.output, run.batch)
+    found = planned.found
     common.say_discovery(found)
-    for job in found.conflicts:
-        common.say(f"error: {_conflict(job).error}", err=True)
+    for conflict in planned.conflicts:
+        common.say(f"error: {conflict.error}", err=True)
     if not found.jobs:
         common.say("error: no images to upscale in the given inputs", err=True)
         raise typer.Exit(1)
-    return found
-
-
-def _conflict(job):
-    """The failed result of a job whose output would replace its input."""
-    from pisa_cli.batch.runner import FAILED, JobResult
-
-    error = f"{job.source}: the output would replace the input; use --suffix or another --output"
-    return JobResult(job=job, status=FAILED, error=error)
-
-
-def _settings(model: ModelOptions, options: UpscaleOptions, batch: BatchOptions) -> dict:
-    """The manifest's settings: what the outputs depend on (raises WeightsError when the
-    weights cannot be found)."""
-    from pisa_cli.batch.runner import run_settings
-    from pisa_cli.imaging.manifest import file_sha256
-    from pisa_cli.models.checkpoint import load_checkpoint, resolve_weights_path
-    from pisa_cli.models.device import resolve_device, resolve_dtype
-
-    weights = resolve_weights_path(model.resolved_weights())
-    if not weights.is_file():
-        load_checkpoint(weights)  # raises its "not found" error with the download hint
+    if run.dry_run:
+        _print_plans(run, found.jobs)
+        return None
     try:
-        digest = file_sha256(weights)
-    except OSError as error:
-        from pisa_cli.errors import WeightsError
-
-        raise WeightsError(f"{weights}: cannot read ({error.strerror or error})") from None
-    dtype = resolve_dtype(model.dtype, resolve_device(model.device))
-    base = model.resolved_base_model()
-    identity = {
-        "weights_sha256": digest,
-        "base_model": str(Path(base).resolve()) if Path(base).exists() else base,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-    second = Path(options.second_pass.weights)
-    if options.second_pass.kind == "tudsr" and second.exists():
-        files = sorted(second.glob("*")) if second.is_dir() else [second]
-        identity["second_pass_sha256"] = [file_sha256(f) for f in files if f.is_file()]
-    return run_settings(options, batch, identity)
+        decide(planned, run.model, run.options, run.batch)
+    except PisaError as error:
+        raise common.fail(error) from None
+    _say_skipped(planned, run.quiet)
+    outcome = Outcome(failed_early=planned.failed_early, settings=planned.settings)
+    outcome.results += planned.conflicts + planned.skipped
+    outcome.extra = _extra(found)
+    return planned, outcome
 
 
-def _say_skipped(skipped: list, to_run: list, reasons: dict, quiet: bool) -> None:
+def prepare_output(run: spec.UpscaleSpec, outcome: Outcome) -> None:
+    """Create and probe the output folder before the model loads (exit 1 when it cannot
+    be written)."""
+    from pisa_cli.batch.plan import prepare_output as prepare
+
+    try:
+        if prepare(run.output, run.batch):
+            outcome.made_folder = run.output
+    except PisaError as error:
+        raise common.fail(error) from None
+
+
+def execute(run, planned: RunPlan, jobs, outcome: Outcome, load, stop, watch=None) -> None:
+    """Build the pipeline (exit on failure) and stream ``jobs`` with a display, Ctrl-C
+    setting ``stop``."""
+    from pisa_cli.batch.run import prepare, stream
+
+    try:
+        prepared = prepare(jobs, run.model, run.options, run.batch, load)
+    except PisaError as error:
+        raise common.fail(error) from None
+    with display(len(jobs), run.quiet) as shown, stop_on_signals(stop, shown.warn):
+        stream(
+            prepared, jobs, planned.reasons, run.options, run.batch, planned.manifest, outcome,
+            display=shown, stop=stop, watch=watch,
+        )  # fmt: skip
+
+
+def _say_skipped(planned: RunPlan, quiet: bool) -> None:
     if quiet:
         return
+    skipped = planned.skipped
     current = sum(1 for result in skipped if result.reason == "up to date")
     if current:
         common.say(f"{current} outputs up to date, skipped (--overwrite redoes them)", err=True)
     for result in skipped:
         if result.reason != "up to date":
             common.say(f"warning: {result.reason}", err=True)
-    counts = Counter(reasons[job] for job in to_run)
+    counts = Counter(planned.reasons[job] for job in planned.to_run)
     for reason in ("settings changed", "input changed"):
         if counts[reason]:
             common.say(f"{counts[reason]} outputs will be redone: {reason}", err=True)
@@ -254,183 +156,41 @@ def _extra(found) -> str:
     return extra
 
 
-def prepare_output(output: Path, batch: BatchOptions, outcome: Outcome) -> None:
-    """Create the output folder (noted in ``outcome``) and prove it writable, before the
-    model loads; remove what killed runs left there."""
-    from pisa_cli.fsutil import probe_writable, remove_stale_temp_files
+def finish(outcome: Outcome, run: spec.UpscaleSpec) -> None:
+    """The summary line, the report, an empty output folder this run made removed, and the
+    exit code."""
+    from pisa_cli.batch.plan import remove_empty_folder
+    from pisa_cli.batch.run import summarize, write_report
 
-    existed = output.is_dir()
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe_writable(output)
-    except OSError as error:
-        if not existed:
-            remove_empty_folder(output)
-        reason = error.strerror or error
-        common.say(f"error: {output}: cannot write into the output folder ({reason})", err=True)
-        raise typer.Exit(1) from None
-    if not existed:
-        outcome.made_folder = output
-    remove_stale_temp_files(output, recursive=batch.recursive)
-
-
-def remove_empty_folder(folder: Path) -> None:
-    """Remove ``folder`` (made by this run) if nothing was written into it."""
-    import contextlib
-
-    with contextlib.suppress(OSError):
-        folder.rmdir()
-
-
-def process(
-    to_run, reasons, model_options, options, batch, manifest, quiet, outcome, watch=None
-) -> None:
-    """Load the model, run the jobs with a display, collect results into ``outcome``.
-
-    ``watch(shown, processed)`` (several ranks) returns a context manager around the run;
-    ``processed()`` is (images finished, seconds since the first started).
-
-    When no image header passes the check (``runner.screen``: unreadable, not images, too
-    large), the model is not loaded: every image fails at once, as it would in the run."""
-    from pisa_cli.batch.runner import refused_results, run_jobs, screen
-
-    runnable, refused = screen(to_run, options, batch.max_pixels)
-    pipeline = _load(model_options, options) if runnable else None
-    stop = threading.Event()
-    processed, start = 0, time.perf_counter()
-
-    def progress() -> tuple[int, float]:
-        return processed, time.perf_counter() - start
-
-    with (
-        display(len(to_run), quiet) as shown,
-        _stop_on_signals(stop, shown.warn),
-        watch(shown, progress) if watch else nullcontext(),
-    ):
-        if pipeline is None:
-            results = refused_results(refused)
-        else:
-            results = run_jobs(
-                pipeline,
-                to_run,
-                options,
-                batch,
-                manifest=manifest,
-                on_start=shown.started,
-                stop=stop,
-            )
-        while True:
-            try:
-                for result in results:
-                    result.reason = reasons.get(result.job, "")
-                    shown.finished(result)
-                    outcome.results.append(result)
-                    processed += 1
-                break
-            except KeyboardInterrupt:
-                stop.set()  # keep draining: the runner yields what it finishes, then ends
-    outcome.interrupted = stop.is_set()
-    outcome.not_done = len(to_run) - processed
-    outcome.run_seconds = time.perf_counter() - start
-
-
-def _load(model_options: ModelOptions, options: UpscaleOptions):
-    from pisa_cli.core.loading import load_pipeline
-
-    try:
-        pipeline = load_pipeline(model_options, options=options)
-    except PisaError as error:
-        raise common.fail(error) from None
-    dtype_name = str(pipeline.dtype).removeprefix("torch.")
-    logging.getLogger("pisa_cli").info("model ready on %s in %s", pipeline.device, dtype_name)
-    return pipeline
-
-
-@contextmanager
-def _stop_on_signals(stop: threading.Event, warn) -> Iterator[None]:
-    """First Ctrl-C: finish the current image, then stop. Second Ctrl-C or SIGTERM: abandon
-    it (KeyboardInterrupt). Finished images are written either way."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_signal(number: int, frame: object) -> None:
-        if number == signal.SIGINT and not stop.is_set():
-            stop.set()
-            warn("stopping after the current image (Ctrl-C again to abandon it)")
-            return
-        stop.set()
-        raise KeyboardInterrupt
-
-    previous = {number: signal.signal(number, on_signal) for number in stop_signals()}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def stop_signals() -> tuple[int, ...]:
-    return (signal.SIGINT, signal.SIGTERM)
-
-
-def finish(outcome: Outcome, report: Path | None) -> None:
     if outcome.made_folder is not None:
         remove_empty_folder(outcome.made_folder)
-    counts = Counter(result.status for result in outcome.results)
-    counts["failed"] += outcome.failed_early
-    extra = outcome.extra
-    if outcome.lost_ranks:
-        names = ", ".join(map(str, outcome.lost_ranks))
-        extra += f"; rank {names} stopped without reporting"
-    if outcome.interrupted or outcome.lost_ranks:
-        extra += f"; stopped, {outcome.not_done} not done (run again to resume)"
-    done = counts["done"]
+    result: Summary = summarize(outcome)
+    done = result.counts["done"]
     speed = done / outcome.run_seconds if done and outcome.run_seconds > 0 else 0
     rate = f" ({speed:.2f} img/s)" if speed else ""
-    common.say(summary(counts, extra) + f" in {outcome.seconds:.1f} s{rate}", err=True)
-    report_failed = report is not None and not _write_report(report, outcome, counts)
-    code = 1 if counts["failed"] or report_failed or outcome.lost_ranks else 0
-    if outcome.interrupted:
-        code = INTERRUPTED_EXIT
+    line = summary(result.counts, result.extra) + f" in {outcome.seconds:.1f} s{rate}"
+    common.say(line, err=True)
+    code = result.exit_code
+    if run.report is not None:
+        error = write_report(run.report, outcome)
+        if error is not None:
+            common.say(f"error: {error}", err=True)
+            code = code or 1
     if code:
         raise typer.Exit(code)
 
 
-def _write_report(report: Path, outcome: Outcome, counts: Counter) -> bool:
-    from pisa_cli.batch.report import write_report
-
-    totals = {
-        "done": counts["done"],
-        "skipped": counts["skipped"],
-        "failed": counts["failed"],
-        "not_done": outcome.not_done,
-        "interrupted": outcome.interrupted,
-        "seconds": round(outcome.seconds, 3),
-    }
-    if outcome.ranks > 1:
-        totals["ranks"] = outcome.ranks
-        totals["lost_ranks"] = outcome.lost_ranks
-    try:
-        write_report(report, outcome.results, totals, outcome.settings)
-    except OSError as error:
-        reason = error.strerror or error
-        common.say(f"error: {report}: cannot write the report ({reason})", err=True)
-        return False
-    return True
-
-
-def _print_plans(jobs: list, options, model_options, max_pixels: int) -> None:
+def _print_plans(run: spec.UpscaleSpec, jobs: list) -> None:
     """--dry-run: each image's plan, from its header and the free memory; no model loaded."""
-    from pisa_cli.batch.runner import dry_run
+    from pisa_cli.batch.plan import dry_run
 
     try:
-        for job, plans in dry_run(jobs, options, model_options, max_pixels):
+        for job, plans in dry_run(jobs, run.options, run.model, run.batch.max_pixels):
             if isinstance(plans, str):
                 common.say(f"error: {plans}", err=True)
                 continue
             common.say(f"{job.source} -> {job.output}")
-            for index, plan in enumerate(plans):
-                common.say_lines(("second pass: " if index else "") + plan.describe())
+            for index, plan_ in enumerate(plans):
+                common.say_lines(("second pass: " if index else "") + plan_.describe())
     except PisaError as error:
         raise common.fail(error) from None

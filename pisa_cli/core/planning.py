@@ -170,3 +170,16 @@ def check_pixels(
             f"{least}) for the model, more than --max-pixels {limit:,}; crop it, lower "
             "--process-size or raise --max-pixels"
         )
+
+
+def model_widths(base_model: str) -> memory.Widths:
+    """Channel widths of the base model, from its configs when it is on disk (no weights
+    read), else SD 2.1-base's: what a plan needs before any model is loaded."""
+    from pisa_cli.models.base import find_local_base_model, read_part_config
+
+    folder = find_local_base_model(base_model)
+    if folder is None:
+        return memory.Widths()
+    unet, vae = read_part_config(folder, "unet"), read_part_config(folder, "vae")
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    return memory.Widths(unet["block_out_channels"][0], vae["block_out_channels"][0], factor)

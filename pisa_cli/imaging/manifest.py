@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pisa_cli.fsutil import file_sha256
+
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = ".pisa-manifest.jsonl"
@@ -48,14 +50,6 @@ def settings_key(settings: dict) -> str:
     """A short hash of the settings (canonical JSON): equal settings, equal key."""
     text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _rank_of(path: Path) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pisa_cli.fsutil import atomic_path
+from pisa_cli.fsutil import atomic_path, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,7 @@ def file_digest(path: Path) -> str:
         index = json.loads(index_path.read_text())
     if marker in index:
         return index[marker]
-    digest = hashlib.sha256()
-    with open(resolved, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    index[marker] = digest.hexdigest()
+    index[marker] = file_sha256(resolved)
     with contextlib.suppress(OSError):
         index_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(index_path) as temp:

@@ -20,9 +20,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pisa_cli.batch.runner import DONE, FAILED
 from pisa_cli.core.planning import check_pixels
-from pisa_cli.errors import ImageError, OptionsError, PisaError
+from pisa_cli.errors import ImageError, OptionsError, describe_error
 from pisa_cli.fsutil import TEMP_PREFIX
 from pisa_cli.imaging.discover import Job, image_extensions
 from pisa_cli.imaging.io import read_image
@@ -34,6 +33,8 @@ from pisa_cli.sweep.metrics import MetricSet
 from pisa_cli.sweep.sheet import SheetOptions
 
 log = logging.getLogger(__name__)
+
+DONE, FAILED = "done", "failed"
 
 
 @dataclass(frozen=True)
@@ -120,15 +121,8 @@ def sweep_job(
             prepared.notes,
         )
         result.status = DONE
-    except ImageError as error:
-        result.error = str(error)
-    except PisaError as error:
-        result.error = f"{job.source}: {error}"
-    except MemoryError:
-        result.error = f"{job.source}: out of memory"
     except Exception as error:
-        log.debug("unexpected failure on %s", job.source, exc_info=True)
-        result.error = f"{job.source}: internal error ({type(error).__name__}: {error})"
+        result.error = describe_error(job.source, error)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -1,0 +1,185 @@
+"""A run before any model: which inputs become which outputs, which are up to date
+(resume), the header screen, the output folder's write probe, and --dry-run's plans.
+
+Nothing here loads a model or prints: it returns what it found, and the CLI says it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from pisa_cli.batch.runner import FAILED, SKIPPED, JobResult
+from pisa_cli.batch.settings import model_identity, run_settings
+from pisa_cli.core.planning import ImagePlan, check_pixels
+from pisa_cli.errors import ImageError, PisaError
+from pisa_cli.imaging.discover import Discovery, Job, discover
+from pisa_cli.imaging.manifest import RUN, Decision, Manifest
+from pisa_cli.options import (
+    DEFAULT_MAX_PIXELS,
+    BatchOptions,
+    ModelOptions,
+    SecondPassOptions,
+    UpscaleOptions,
+)
+
+
+class OutputFolderError(PisaError):
+    """The output folder cannot be created or written: nothing is run."""
+
+    exit_code = 1
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, decided from names, headers and the manifest alone."""
+
+    found: Discovery
+    manifest: Manifest
+    settings: dict = field(default_factory=dict)
+    """What the outputs depend on, as the manifest records it."""
+    to_run: list[Job] = field(default_factory=list)
+    reasons: dict[Job, str] = field(default_factory=dict)
+    """Why each job runs: new, settings changed, input changed, --overwrite."""
+    skipped: list[JobResult] = field(default_factory=list)
+    """Up-to-date outputs, and files pisa did not write (kept)."""
+
+    @property
+    def conflicts(self) -> list[JobResult]:
+        """The failed results of jobs whose output would replace their input."""
+        return [conflict_result(job) for job in self.found.conflicts]
+
+    @property
+    def failed_early(self) -> int:
+        """Missing and unusable inputs (they have no result of their own)."""
+        return len(self.found.missing) + len(self.found.unreadable)
+
+
+def find_jobs(inputs: Sequence[Path], output: Path, batch: BatchOptions) -> RunPlan:
+    """The jobs of ``inputs`` (outputs that the manifest knows are never taken as inputs)."""
+    manifest = Manifest(output)
+    found = discover(inputs, output, batch=batch, exclude=manifest.outputs())
+    return RunPlan(found=found, manifest=manifest)
+
+
+def decide(
+    plan: RunPlan, model: ModelOptions, options: UpscaleOptions, batch: BatchOptions
+) -> RunPlan:
+    """Which of ``plan``'s jobs run (and why) and which are skipped, from the manifest and
+    this run's settings. Raises WeightsError when the weights cannot be found."""
+    plan.settings = run_settings(options, batch, model_identity(model, options))
+    plan.manifest.use_settings(plan.settings)
+    plan.to_run, plan.reasons, plan.skipped = sort_jobs(
+        plan.found.jobs, plan.manifest, batch.overwrite
+    )
+    return plan
+
+
+def conflict_result(job: Job) -> JobResult:
+    """The failed result of a job whose output would replace its input."""
+    error = f"{job.source}: the output would replace the input; use --suffix or another --output"
+    return JobResult(job=job, status=FAILED, error=error)
+
+
+def sort_jobs(
+    jobs: Iterable[Job], manifest: Manifest, overwrite: bool = False
+) -> tuple[list[Job], dict[Job, str], list[JobResult]]:
+    """(jobs to run, why each runs, results of the skipped ones), from the manifest."""
+    to_run, reasons, skipped = [], {}, []
+    for job in jobs:
+        try:
+            decision = manifest.decide(job.source, job.output, overwrite)
+        except OSError as error:  # cannot tell: run it, the reader or writer will say why
+            decision = Decision(RUN, f"cannot check the output ({error.strerror or error})")
+        if decision.action == RUN:
+            to_run.append(job)
+            reasons[job] = decision.reason
+        else:
+            skipped.append(JobResult(job=job, status=SKIPPED, reason=decision.reason))
+    return to_run, reasons, skipped
+
+
+def screen(
+    jobs: list[Job], options: UpscaleOptions, max_pixels: int
+) -> tuple[list[Job], list[tuple[Job, str]]]:
+    """(jobs from the first that can run on, refused jobs before it with their error):
+    image headers are checked (readable, within ``max_pixels``, see ``check_pixels``) up to
+    the first image that can run, so a batch of nothing but bad inputs fails in a moment,
+    without loading the model. The images after the first good one are checked as they are
+    read; so are the refused ones when the batch runs (their errors are the same)."""
+    from pisa_cli.imaging.io import read_size
+
+    refused = []
+    for index, job in enumerate(jobs):
+        try:
+            check_pixels(job.source, read_size(job.source), options, max_pixels)
+        except ImageError as error:
+            refused.append((job, str(error)))
+            continue
+        return jobs[index:], refused
+    return [], refused
+
+
+def prepare_output(output: Path, batch: BatchOptions) -> bool:
+    """Create the output folder and prove it writable, before any model loads; remove what
+    killed runs left there. True when this call created the folder. Raises
+    OutputFolderError."""
+    from pisa_cli.fsutil import probe_writable, remove_stale_temp_files
+
+    existed = output.is_dir()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe_writable(output)
+    except OSError as error:
+        if not existed:
+            remove_empty_folder(output)
+        reason = error.strerror or error
+        raise OutputFolderError(
+            f"{output}: cannot write into the output folder ({reason})"
+        ) from None
+    remove_stale_temp_files(output, recursive=batch.recursive)
+    return not existed
+
+
+def remove_empty_folder(folder: Path) -> None:
+    """Remove ``folder`` (made by this run) if nothing was written into it."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def dry_run(
+    jobs: Iterable[Job],
+    options: UpscaleOptions,
+    model: ModelOptions,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[tuple[Job, list[ImagePlan] | str]]:
+    """The plans of each job (one per pass) from its image header, without loading a model;
+    an image the run would refuse (``max_pixels``, see ``check_pixels``) gets its error.
+
+    Channel widths come from the base model's configs when it is on disk, else from SD
+    2.1-base's; the free memory is that of the device the run would use.
+    """
+    from pisa_cli.core.planning import model_widths, plan_image
+    from pisa_cli.imaging.io import read_size
+    from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
+
+    device = resolve_device(model.device)
+    dtype = resolve_dtype(model.dtype, device)
+    widths = model_widths(model.resolved_base_model())
+    for job in jobs:
+        try:
+            size = read_size(job.source)
+            check_pixels(job.source, size, options, max_pixels)
+        except ImageError as error:
+            yield job, str(error)
+            continue
+        plans = [plan_image(size, options, widths, dtype.itemsize, free_memory(device))]
+        if options.second_pass.kind != "none":
+            second = replace(options, scale=2, second_pass=SecondPassOptions())
+            variants = ("second",) if options.second_pass.kind == "tudsr" else None
+            size = plans[0].resize.output_size
+            free = free_memory(device)
+            plans.append(plan_image(size, second, widths, dtype.itemsize, free, variants))
+        yield job, plans

@@ -1,0 +1,226 @@
+"""The options of the commands that run the model, declared once, and the typed spec a
+command's values become.
+
+``pisa upscale`` and ``pisa sweep`` take the same model, quality, tile and second-pass
+options: each group is a list of parameters (the declarations in ``common``) that a
+command's signature is built from (``takes``), so no option is written twice. A command
+is called with its values as keyword arguments and turns them into a spec once, reading
+each value by name (``model_options`` ...): no dict is popped in a hidden order.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from pisa_cli.cli import common
+from pisa_cli.options import (
+    DEFAULT_MAX_PIXELS,
+    BatchOptions,
+    ModelOptions,
+    SecondPassOptions,
+    TileOptions,
+    UpscaleOptions,
+    parse_tile,
+)
+
+
+def option(name: str, annotation: object, default: object = inspect.Parameter.empty):
+    """A keyword parameter of a command: its name, its typer declaration, its default."""
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+    )
+
+
+CONTEXT = [option("context", typer.Context)]
+INPUTS = [option("inputs", common.Inputs), option("output", common.OutputDir)]
+MODEL = [
+    option("base_model", common.BaseModel, ""),
+    option("weights", common.Weights, ""),
+]
+SCALE = [
+    option("scale", common.Scale, 4),
+    option("process_size", common.ProcessSize, 512),
+]
+LAMBDAS = [
+    option("lambda_pix", common.LambdaPix, 1.0),
+    option("lambda_sem", common.LambdaSem, 1.0),
+]
+LOOK = [
+    option("color_fix", common.ColorFix, "adain"),
+    option("prompt", common.Prompt, ""),
+    option("seed", common.Seed, None),
+    option("vae_sample", common.VaeSample, False),
+]
+TILES = [
+    option("latent_tile", common.LatentTile, "auto"),
+    option("latent_overlap", common.LatentOverlap, 32),
+    option("vae_encoder_tile", common.VaeEncoderTile, "auto"),
+    option("vae_decoder_tile", common.VaeDecoderTile, "auto"),
+    option("tile_batch", common.TileBatch, "auto"),
+]
+SECOND = [
+    option("second_pass", common.SecondPass, "none"),
+    option("second_pass_weights", common.SecondPassWeights, ""),
+    option("second_pass_timestep", common.SecondPassTimestep, None),
+    option("second_pass_prompt", common.SecondPassPrompt, ""),
+]
+DEVICE = [
+    option("device", common.Device, "auto"),
+    option("dtype", common.Dtype, "auto"),
+    option("compile", common.Compile, False),
+]
+MAX_PIXELS = [option("max_pixels", common.MaxPixels, DEFAULT_MAX_PIXELS)]
+OUTPUTS = [
+    option("recursive", common.Recursive, False),
+    *MAX_PIXELS,
+    option("format", common.Format, "png"),
+    option("quality", common.Quality, 95),
+    option("suffix", common.Suffix, ""),
+    option("overwrite", common.Overwrite, False),
+    option("report", common.Report, None),
+]
+RANKS = [option("devices", common.Devices, "")]
+RUN = [
+    option("dry_run", common.DryRun, False),
+    option("quiet", common.Quiet, False),
+    option("verbose", common.Verbose, False),
+]
+
+
+def takes(*groups: list[inspect.Parameter]) -> Callable[[Callable], Callable]:
+    """Give a command ``def command(**values)`` the parameters of ``groups`` (typer reads a
+    command's options from its signature)."""
+    parameters = [parameter for group in groups for parameter in group]
+
+    def decorate(function: Callable) -> Callable:
+        function.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        return function
+
+    return decorate
+
+
+def model_options(values: Mapping[str, Any]) -> ModelOptions:
+    """Where the models come from and where they run (raises OptionsError)."""
+    return ModelOptions(
+        base_model=values["base_model"],
+        weights=values["weights"],
+        device=values["device"],
+        dtype=values["dtype"],
+        compile=values["compile"],
+    )
+
+
+def upscale_options(values: Mapping[str, Any]) -> UpscaleOptions:
+    """What is done to each image (raises OptionsError); the lambdas default to the paper's
+    when the command has none (the sweep's come from its grid)."""
+    tiles = TileOptions(
+        latent_tile=parse_tile("--latent-tile", values["latent_tile"]),
+        latent_overlap=values["latent_overlap"],
+        vae_encoder_tile=parse_tile("--vae-encoder-tile", values["vae_encoder_tile"]),
+        vae_decoder_tile=parse_tile("--vae-decoder-tile", values["vae_decoder_tile"]),
+        tile_batch=parse_tile("--tile-batch", values["tile_batch"]),
+    )
+    second = SecondPassOptions(
+        kind=values["second_pass"],
+        weights=values["second_pass_weights"],
+        timestep=values["second_pass_timestep"],
+        prompt=values["second_pass_prompt"],
+    )
+    return UpscaleOptions(
+        scale=values["scale"],
+        process_size=values["process_size"],
+        lambda_pix=values.get("lambda_pix", 1.0),
+        lambda_sem=values.get("lambda_sem", 1.0),
+        color_fix=values["color_fix"],
+        prompt=values["prompt"],
+        seed=values["seed"],
+        vae_sample=values["vae_sample"],
+        tiles=tiles,
+        second_pass=second,
+    )
+
+
+def batch_options(values: Mapping[str, Any]) -> BatchOptions:
+    """How the batch finds inputs and writes outputs (raises OptionsError)."""
+    return BatchOptions(
+        format=values["format"],
+        quality=values["quality"],
+        suffix=values["suffix"],
+        recursive=values["recursive"],
+        overwrite=values["overwrite"],
+        max_pixels=values["max_pixels"],
+    )
+
+
+@dataclass(frozen=True)
+class UpscaleSpec:
+    """Everything ``pisa upscale`` was asked to do, checked."""
+
+    inputs: tuple[Path, ...]
+    output: Path
+    model: ModelOptions
+    options: UpscaleOptions
+    batch: BatchOptions
+    report: Path | None = None
+    devices: str = ""
+    dry_run: bool = False
+    quiet: bool = False
+    verbose: bool = False
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any]) -> UpscaleSpec:
+        """The spec of ``pisa upscale``'s values (raises OptionsError)."""
+        report = values["report"]
+        if report is not None:
+            from pisa_cli.batch.report import check_report_path
+
+            check_report_path(report)
+        return cls(
+            inputs=tuple(values["inputs"]),
+            output=values["output"],
+            model=model_options(values),
+            options=upscale_options(values),
+            batch=batch_options(values),
+            report=report,
+            devices=values["devices"],
+            dry_run=values["dry_run"],
+            quiet=values["quiet"],
+            verbose=values["verbose"],
+        )
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """Everything ``pisa sweep`` was asked to do, checked (its own options in ``sweep``)."""
+
+    inputs: tuple[Path, ...]
+    output: Path
+    model: ModelOptions
+    options: UpscaleOptions
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    sweep: dict = field(default_factory=dict)
+    """The sweep's own values (grid, images, viewer, metrics, sheet), checked by the sweep."""
+    dry_run: bool = False
+    quiet: bool = False
+    verbose: bool = False
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any], own: tuple[str, ...]) -> SweepSpec:
+        """The spec of ``pisa sweep``'s values; ``own`` names the sweep's own options."""
+        return cls(
+            inputs=tuple(values["inputs"]),
+            output=values["output"],
+            model=model_options(values),
+            options=upscale_options(values),
+            max_pixels=values["max_pixels"],
+            sweep={name: values[name] for name in own},
+            dry_run=values["dry_run"],
+            quiet=values["quiet"],
+            verbose=values["verbose"],
+        )
