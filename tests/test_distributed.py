@@ -175,7 +175,7 @@ def test_ranks_line_adds_up_the_ranks():
 
 
 def test_worker_arguments_rebuild_the_command_without_devices():
-    from pisa_cli.cli.ranks import worker_arguments
+    from pisa_cli.cli.launch import worker_arguments
 
     command = typer.main.get_command(app).commands["upscale"]  # type: ignore[attr-defined]
     given_args = ["a.png", "-o", "out", "--devices", "cpu,cpu", "--scale", "2", "--quiet"]

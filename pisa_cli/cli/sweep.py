@@ -156,7 +156,7 @@ def _settings(run: spec.SweepSpec):
     """SweepSettings and metric names from the sweep's own options (OptionsError if bad)."""
     from pisa_cli.sweep.grid import parse_grid
     from pisa_cli.sweep.metrics import BUILT_IN, parse_metrics
-    from pisa_cli.sweep.run import SweepSettings
+    from pisa_cli.sweep.settings import SweepSettings
     from pisa_cli.sweep.sheet import SheetOptions
 
     values = run.sweep

@@ -12,7 +12,6 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -24,11 +23,9 @@ from pisa_cli.imaging.names import shown
 from pisa_cli.sweep.core import BASIS, Prepared, Sweeper
 from pisa_cli.sweep.grid import GridPoint
 from pisa_cli.sweep.metrics import LOWER_IS_BETTER, MetricSet, best_points
+from pisa_cli.sweep.settings import SweepSettings
 from pisa_cli.sweep.sheet import cell_image, contact_sheet, heat_map
 from pisa_cli.sweep.viewer import build_viewer, png_data_uri
-
-if TYPE_CHECKING:
-    from pisa_cli.sweep.run import SweepSettings
 
 CONTACT_SHEET = "contact_sheet.png"
 SWEEP_JSON = "sweep.json"

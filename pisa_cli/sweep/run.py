@@ -25,40 +25,15 @@ from pisa_cli.errors import ImageError, OptionsError, describe_error
 from pisa_cli.fsutil import TEMP_PREFIX
 from pisa_cli.imaging.discover import Job, image_extensions
 from pisa_cli.imaging.io import read_image
-from pisa_cli.options import DEFAULT_MAX_PIXELS, ModelOptions, UpscaleOptions
 from pisa_cli.sweep.core import Sweeper
 from pisa_cli.sweep.files import OWN_FILES, write_sweep
-from pisa_cli.sweep.grid import GridPoint, LambdaGrid
+from pisa_cli.sweep.grid import GridPoint
 from pisa_cli.sweep.metrics import MetricSet
-from pisa_cli.sweep.sheet import SheetOptions
+from pisa_cli.sweep.settings import SweepSettings
 
 log = logging.getLogger(__name__)
 
 DONE, FAILED = "done", "failed"
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    """What a sweep makes of each image; the same for every image of a run."""
-
-    grid: LambdaGrid
-    options: UpscaleOptions
-    """Everything of ``pisa upscale`` but the lambdas, which come from the grid."""
-    images: bool = True
-    """Write every grid point's image (``pix0.50_sem1.30.png``)."""
-    viewer: bool = False
-    """Write ``viewer.html``."""
-    gt_dir: Path | None = None
-    """Folder of ground-truth images, matched to inputs by file stem."""
-    sheet: SheetOptions = field(default_factory=SheetOptions)
-    model: ModelOptions = field(default_factory=ModelOptions)
-    """Recorded in sweep.json."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    """Inputs with more pixels, or enlarged to more for the model, fail before decoding."""
-
-    def __post_init__(self) -> None:
-        if self.max_pixels < 1:
-            raise OptionsError(f"--max-pixels {self.max_pixels} must be at least 1")
 
 
 @dataclass

@@ -1,0 +1,141 @@
+"""The steps of `pisa upscale` that speak to the user, shared by one process and the ranks
+of several: plan (with every message), prepare the output folder, run with a display,
+finish (summary line, report, exit code)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import typer
+
+from pisa_cli.cli import common, spec
+from pisa_cli.cli.progress import display, summary
+from pisa_cli.cli.signals import stop_on_signals
+from pisa_cli.errors import PisaError
+
+if TYPE_CHECKING:  # the batch imports torch: only when a command runs, not for --help
+    from pisa_cli.batch.plan import RunPlan
+    from pisa_cli.batch.run import Outcome, Summary
+
+
+def plan(run: spec.UpscaleSpec) -> tuple[RunPlan, Outcome] | None:
+    """The run's plan and its outcome so far (conflicts, skipped), with every message said;
+    None after a dry run. Exits when there is nothing to upscale or the weights are
+    missing."""
+    from pisa_cli.batch.plan import decide, find_jobs
+    from pisa_cli.batch.run import Outcome
+
+    planned = find_jobs(list(run.inputs), run.output, run.batch)
+    found = planned.found
+    common.say_discovery(found)
+    for conflict in planned.conflicts:
+        common.say(f"error: {conflict.error}", err=True)
+    if not found.jobs:
+        common.say("error: no images to upscale in the given inputs", err=True)
+        raise typer.Exit(1)
+    if run.dry_run:
+        _print_plans(run, found.jobs)
+        return None
+    try:
+        decide(planned, run.model, run.options, run.batch)
+    except PisaError as error:
+        raise common.fail(error) from None
+    _say_skipped(planned, run.quiet)
+    outcome = Outcome(failed_early=planned.failed_early, settings=planned.settings)
+    outcome.results += planned.conflicts + planned.skipped
+    outcome.extra = _extra(found)
+    return planned, outcome
+
+
+def prepare_output(run: spec.UpscaleSpec, outcome: Outcome) -> None:
+    """Create and probe the output folder before the model loads (exit 1 when it cannot
+    be written)."""
+    from pisa_cli.batch.plan import prepare_output as prepare
+
+    try:
+        if prepare(run.output, run.batch):
+            outcome.made_folder = run.output
+    except PisaError as error:
+        raise common.fail(error) from None
+
+
+def execute(run, planned: RunPlan, jobs, outcome: Outcome, load, stop, watch=None) -> None:
+    """Build the pipeline (exit on failure) and stream ``jobs`` with a display, Ctrl-C
+    setting ``stop``."""
+    from pisa_cli.batch.run import prepare, stream
+
+    try:
+        prepared = prepare(jobs, run.model, run.options, run.batch, load)
+    except PisaError as error:
+        raise common.fail(error) from None
+    with display(len(jobs), run.quiet) as shown, stop_on_signals(stop, shown.warn):
+        stream(
+            prepared, jobs, planned.reasons, run.options, run.batch, planned.manifest, outcome,
+            display=shown, stop=stop, watch=watch,
+        )  # fmt: skip
+
+
+def _say_skipped(planned: RunPlan, quiet: bool) -> None:
+    if quiet:
+        return
+    skipped = planned.skipped
+    current = sum(1 for result in skipped if result.reason == "up to date")
+    if current:
+        common.say(f"{current} outputs up to date, skipped (--overwrite redoes them)", err=True)
+    for result in skipped:
+        if result.reason != "up to date":
+            common.say(f"warning: {result.reason}", err=True)
+    counts = Counter(planned.reasons[job] for job in planned.to_run)
+    for reason in ("settings changed", "input changed"):
+        if counts[reason]:
+            common.say(f"{counts[reason]} outputs will be redone: {reason}", err=True)
+
+
+def _extra(found) -> str:
+    extra = ""
+    if found.skipped:
+        extra += f"; {len(found.skipped)} non-image files ignored"
+    if found.unsearched:
+        extra += f"; {len(found.unsearched)} sub-folders not searched (--recursive)"
+    return extra
+
+
+def finish(outcome: Outcome, run: spec.UpscaleSpec) -> None:
+    """The summary line, the report, an empty output folder this run made removed, and the
+    exit code."""
+    from pisa_cli.batch.plan import remove_empty_folder
+    from pisa_cli.batch.run import summarize, write_report
+
+    if outcome.made_folder is not None:
+        remove_empty_folder(outcome.made_folder)
+    result: Summary = summarize(outcome)
+    done = result.counts["done"]
+    speed = done / outcome.run_seconds if done and outcome.run_seconds > 0 else 0
+    rate = f" ({speed:.2f} img/s)" if speed else ""
+    line = summary(result.counts, result.extra) + f" in {outcome.seconds:.1f} s{rate}"
+    common.say(line, err=True)
+    code = result.exit_code
+    if run.report is not None:
+        error = write_report(run.report, outcome)
+        if error is not None:
+            common.say(f"error: {error}", err=True)
+            code = code or 1
+    if code:
+        raise typer.Exit(code)
+
+
+def _print_plans(run: spec.UpscaleSpec, jobs: list) -> None:
+    """--dry-run: each image's plan, from its header and the free memory; no model loaded."""
+    from pisa_cli.batch.plan import dry_run
+
+    try:
+        for job, plans in dry_run(jobs, run.options, run.model, run.batch.max_pixels):
+            if isinstance(plans, str):
+                common.say(f"error: {plans}", err=True)
+                continue
+            common.say(f"{job.source} -> {job.output}")
+            for index, plan_ in enumerate(plans):
+                common.say_lines(("second pass: " if index else "") + plan_.describe())
+    except PisaError as error:
+        raise common.fail(error) from None
