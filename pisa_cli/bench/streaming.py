@@ -37,26 +37,9 @@ CASES = {"in turn (no threads)": (0, 0), "streamed (2 ahead, 2 behind)": (2, 2)}
 
 def tiny_pipeline(device: torch.device, dtype: torch.dtype) -> PisaPipeline:
     """The tiny random model (as `pisa doctor`'s self-test builds it)."""
-    from transformers import CLIPTokenizer
+    from pisa_cli.core.random import random_pipeline
 
-    from pisa_cli.core.loading import build_pipeline
-    from pisa_cli.models.synthetic import (
-        build_random_base,
-        config_dir,
-        random_checkpoint,
-        write_tokenizer,
-    )
-    from pisa_cli.models.text import PromptEncoder
-
-    parts = build_random_base("tiny", seed=0)
-    with tempfile.TemporaryDirectory(prefix="pisa-bench-tokenizer-") as folder:
-        write_tokenizer(Path(folder), config_dir("tiny"))
-        tokenizer = CLIPTokenizer.from_pretrained(folder)
-    prompts = PromptEncoder(lambda: tokenizer, lambda: parts.text_encoder)  # type: ignore[arg-type,return-value]
-    checkpoint = random_checkpoint(parts.unet, seed=1)
-    return build_pipeline(
-        parts.unet, parts.vae, prompts, parts.scheduler, checkpoint, device, dtype
-    )
+    return random_pipeline("tiny", device, dtype)
 
 
 class TimedPipeline:

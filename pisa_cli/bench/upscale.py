@@ -10,21 +10,9 @@ from PIL import Image
 
 from pisa_cli.batch.runner import run_jobs
 from pisa_cli.bench import Row, measured, scenario
-from pisa_cli.core.loading import build_pipeline
 from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.imaging.discover import discover
-from pisa_cli.models.second_lora import SecondLora
-from pisa_cli.models.synthetic import (
-    build_random_base,
-    random_checkpoint,
-    random_lora_layers,
-    write_tokenizer,
-)
-from pisa_cli.models.text import PromptEncoder
 from pisa_cli.options import SecondPassOptions, UpscaleOptions
-
-SECOND_PASS_TIMESTEP = 200
-"""Timestep of the random second-pass LoRA (TUDSR's own value is not published)."""
 
 
 def random_pipeline(
@@ -32,23 +20,9 @@ def random_pipeline(
 ) -> PisaPipeline:
     """The full SD 2.1-base architecture with random weights and a random PiSA-SR LoRA (and
     a random second-pass LoRA of ``second_rank``, TUDSR-S uses 32)."""
-    from transformers import CLIPTokenizer
+    from pisa_cli.core.random import random_pipeline as build
 
-    from pisa_cli.models.synthetic import config_dir
-
-    parts = build_random_base("sd21-base", seed=0)
-    folder = Path(tempfile.mkdtemp(prefix="pisa-bench-tokenizer-"))
-    write_tokenizer(folder, config_dir("sd21-base"))
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-    prompts = PromptEncoder(lambda: tokenizer, lambda: parts.text_encoder)  # type: ignore[arg-type,return-value]
-    checkpoint = random_checkpoint(parts.unet, seed=1)
-    second = None
-    if second_rank:
-        layers = tuple(random_lora_layers(parts.unet, second_rank, seed=2))
-        second = SecondLora(layers, SECOND_PASS_TIMESTEP, "random second-pass LoRA")
-    return build_pipeline(
-        parts.unet, parts.vae, prompts, parts.scheduler, checkpoint, device, dtype, merged, second
-    )
+    return build("sd21-base", device, dtype, merged=merged, second_rank=second_rank)
 
 
 def noise_photo(size: int, seed: int = 0) -> Image.Image:

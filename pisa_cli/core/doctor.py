@@ -109,28 +109,15 @@ def _self_test(model: ModelOptions) -> Check:
     """Upscale a small random image with a tiny random model on the chosen device."""
     from PIL import Image
 
-    from pisa_cli.core.loading import build_pipeline
+    from pisa_cli.core.random import random_pipeline
     from pisa_cli.models.device import resolve_device, resolve_dtype
-    from pisa_cli.models.synthetic import build_random_base, random_checkpoint, write_tokenizer
-    from pisa_cli.models.text import PromptEncoder
     from pisa_cli.options import UpscaleOptions
 
     try:
         device = resolve_device(model.device)
         dtype = resolve_dtype(model.dtype, device)
         start = time.perf_counter()
-        parts = build_random_base("tiny", seed=0)
-        tokenizer = _tiny_tokenizer(write_tokenizer)
-        prompts = PromptEncoder(lambda: tokenizer, lambda: parts.text_encoder)  # type: ignore[arg-type,return-value]
-        pipeline = build_pipeline(
-            parts.unet,
-            parts.vae,
-            prompts,
-            parts.scheduler,
-            random_checkpoint(parts.unet),
-            device,
-            dtype,
-        )
+        pipeline = random_pipeline("tiny", device, dtype)
         image = Image.effect_noise((24, 20), 60).convert("RGB")
         options = UpscaleOptions(process_size=64, lambda_pix=0.8, lambda_sem=0.5)
         out = pipeline.upscale(image, options)
@@ -144,16 +131,3 @@ def _self_test(model: ModelOptions) -> Check:
         )
     except Exception as error:
         return Check("self-test", BROKEN, f"{type(error).__name__}: {error}")
-
-
-def _tiny_tokenizer(write_tokenizer) -> object:
-    import tempfile
-    from pathlib import Path
-
-    from transformers import CLIPTokenizer
-
-    from pisa_cli.models.synthetic import config_dir
-
-    with tempfile.TemporaryDirectory() as folder:
-        write_tokenizer(Path(folder), config_dir("tiny"))
-        return CLIPTokenizer.from_pretrained(folder)
