@@ -8,15 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from pisa_cli.models.synthetic import lora_target_modules, save_random_base
-
-BRANCHES = ("pix", "sem")
-GROUPS = ("encoder", "decoder", "others")
+from pisa_cli.models.synthetic import save_random_base
+from tests.helpers import write_official_checkpoint, write_second_lora
 
 
 @pytest.fixture(autouse=True)
@@ -36,34 +31,6 @@ def tiny_base(tmp_path_factory) -> Path:
     return save_random_base(tmp_path_factory.mktemp("models") / "tiny-sd21", "tiny", seed=0)
 
 
-def write_official_checkpoint(base: Path, path: Path, rank: int = 4, seed: int = 1) -> Path:
-    """A pisa_sr.pkl as the official training code saves it: peft adapters named
-    default_{encoder,decoder,others}_{pix,sem} on the UNet, and a dict with ranks, module
-    lists and the state dict entries whose names contain "lora"."""
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    groups = lora_target_modules(unet)
-    torch.manual_seed(seed)
-    for branch in BRANCHES:
-        for group in GROUPS:
-            config = LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=groups[group])
-            unet.add_adapter(config, adapter_name=f"default_{group}_{branch}")
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero; trained LoRAs are not
-                param.normal_(0.0, 0.02)
-    checkpoint: dict = {}
-    for branch in BRANCHES:
-        checkpoint[f"lora_rank_unet_{branch}"] = rank
-        for group in GROUPS:
-            checkpoint[f"unet_lora_{group}_modules_{branch}"] = list(groups[group])
-    checkpoint["state_dict_unet"] = {k: v for k, v in unet.state_dict().items() if "lora" in k}
-    torch.save(checkpoint, path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def pisa_pkl(tiny_base, tmp_path_factory) -> Path:
     return write_official_checkpoint(tiny_base, tmp_path_factory.mktemp("weights") / "pisa_sr.pkl")
@@ -77,83 +44,6 @@ def pipeline(tiny_base, pisa_pkl):
     return load_pipeline(
         weights=str(pisa_pkl), base_model=str(tiny_base), device="cpu", dtype="fp32"
     )
-
-
-def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
-    """A smooth random colour image (structure at several scales, like a photo)."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.random((max(2, height // 8), max(2, width // 8), 3))
-    image = Image.fromarray((coarse * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
-    fine = rng.normal(0, 12, (height, width, 3))
-    array = np.clip(np.asarray(image, dtype=np.float64) + fine, 0, 255).astype(np.uint8)
-    return Image.fromarray(array).convert(mode)
-
-
-def assert_close(ours: Image.Image, theirs: Image.Image, mean: float = 0.5) -> None:
-    """The correctness bar: within 3/255 per pixel, mean difference under ``mean``/255.
-
-    (Float differences of 1e-6 can flip the reference's 8-bit truncation by a level, and the
-    colour fix can stretch that level by the contrast ratio of source and output.)"""
-    assert ours.size == theirs.size
-    diff = np.abs(np.asarray(ours, dtype=int) - np.asarray(theirs, dtype=int))
-    assert diff.max() <= 3 and diff.mean() < mean, (diff.max(), diff.mean())
-
-
-SECOND_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out"]
-
-
-def second_lora_unet(base: Path, rank: int = 8, alpha: float = 16.0, seed: int = 2):
-    """The base UNet with a random second-pass LoRA attached by peft (active, unmerged)."""
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet").eval()
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=SECOND_TARGETS
-    )
-    torch.manual_seed(seed)
-    unet.add_adapter(config)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05)
-    return unet, config
-
-
-def write_second_lora(
-    base: Path,
-    folder: Path,
-    layout: str = "peft",
-    timestep: int | None = 250,
-    alpha_in_file: bool = True,
-) -> Path:
-    """A second-pass LoRA as peft (adapter folder) or diffusers (one .safetensors) save it."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    unet, config = second_lora_unet(base)
-    state = get_peft_model_state_dict(unet)
-    metadata = {} if timestep is None else {"timestep": str(timestep)}
-    folder.mkdir(parents=True, exist_ok=True)
-    if layout == "peft":
-        config.save_pretrained(folder)
-        save_file(state, str(folder / "adapter_model.safetensors"), metadata=metadata)
-        return folder
-    from diffusers import StableDiffusionPipeline
-
-    adapter = config.to_dict() if alpha_in_file else None
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=state, unet_lora_adapter_metadata=adapter
-    )
-    path = folder / "pytorch_lora_weights.safetensors"
-    if metadata:  # rewrite with our timestep in the header, the tensors unchanged
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-            header = {**(handle.metadata() or {}), **metadata}
-        save_file(tensors, str(path), metadata=header)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,9 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from pisa_cli.cli import app
-from tests.conftest import noise_image
+from tests.helpers import model_args, noise_image, run, visible
 
-runner = CliRunner()
 FIXED_OPTIONS = [
     "--output",
     "--base-model",
@@ -34,19 +31,6 @@ FIXED_OPTIONS = [
     "--vae-sample",
     "--tile-batch",
 ]
-
-
-def run(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def visible(folder):
-    """Names of the files in ``folder``, without hidden ones (the manifest)."""
-    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-
-
-def model_args(tiny_base, pisa_pkl):
-    return ["--base-model", str(tiny_base), "--weights", str(pisa_pkl), "--device", "cpu"]
 
 
 @pytest.fixture

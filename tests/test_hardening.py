@@ -24,14 +24,9 @@ from pisa_cli.cli import app
 from pisa_cli.imaging.discover import discover
 from pisa_cli.imaging.names import FORMULA_STARTS, csv_cell, safe_stem, shown
 from pisa_cli.options import UpscaleOptions
-from tests.conftest import noise_image
-from tests.helpers import FakePipeline, forbid_model_loading, use_fake_pipeline
+from tests.helpers import FakePipeline, noise_image, run_on
 
 SUMMARY = re.compile(r"^\d+ done, \d+ skipped, \d+ failed")
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture
@@ -153,12 +148,14 @@ FORGED = "x.png\n0 done, 0 skipped, 0 failed in 1.0 s.png"
 
 
 def test_a_file_name_cannot_forge_a_summary_line(tmp_path, fake_model, monkeypatch):
-    use_fake_pipeline(monkeypatch)
+    fake = FakePipeline()
     photos = tmp_path / "photos"
     photos.mkdir()
     noise_image(8, 8).save(photos / FORGED, format="PNG")
     (photos / "bad\x1b[2J.png").write_bytes(b"not an image")
-    result = run("upscale", photos, "-o", tmp_path / "out", *fake_model, "--process-size", "16")
+    result = run_on(
+        fake, "upscale", photos, "-o", tmp_path / "out", *fake_model, "--process-size", "16"
+    )
     lines = result.output.splitlines()
     assert sum(bool(SUMMARY.match(line)) for line in lines) == 1, result.output
     assert "\x1b" not in result.output
@@ -166,7 +163,7 @@ def test_a_file_name_cannot_forge_a_summary_line(tmp_path, fake_model, monkeypat
 
 
 def test_report_cells_cannot_run_as_formulas(tmp_path, fake_model, monkeypatch):
-    use_fake_pipeline(monkeypatch)
+    fake = FakePipeline()
     photos = tmp_path / "photos"
     photos.mkdir()
     name = "=cmd|' \\C calc'!A0.png"  # a '/' cannot be in a file name
@@ -175,7 +172,7 @@ def test_report_cells_cannot_run_as_formulas(tmp_path, fake_model, monkeypatch):
     (photos / "-x.png").write_bytes(b"not an image")
     monkeypatch.chdir(photos)  # relative names: the cells start with the names
     report = tmp_path / "report.csv"
-    run("upscale", ".", "-o", tmp_path / "out", *fake_model, "--report", report)
+    run_on(fake, "upscale", ".", "-o", tmp_path / "out", *fake_model, "--report", report)
     rows = list(csv.DictReader(report.open(newline="", encoding="utf-8")))
     assert len(rows) == 3
     for row in rows:
@@ -215,17 +212,19 @@ def test_symlink_loops_are_walked_once_and_named(tmp_path):
 
 
 def test_a_fifo_is_refused_in_one_line_without_blocking(tmp_path, fake_model, monkeypatch):
-    forbid_model_loading(monkeypatch)
+    fake = None  # any model load fails the command
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     found = discover([fifo], tmp_path / "out")
     assert found.jobs == [] and found.unreadable == [f"{fifo}: not a regular file or a folder"]
     with deadline(60):
-        result = run("upscale", fifo, "-o", tmp_path / "out", *fake_model)
+        result = run_on(fake, "upscale", fifo, "-o", tmp_path / "out", *fake_model)
     assert result.exit_code == 1
     assert f"error: {fifo}: not a regular file or a folder" in result.output.splitlines()
     with deadline(60):
-        assert run("upscale", "/dev/zero", "-o", tmp_path / "out", *fake_model).exit_code == 1
+        assert (
+            run_on(fake, "upscale", "/dev/zero", "-o", tmp_path / "out", *fake_model).exit_code == 1
+        )
 
 
 # --- pixel limits on every path --------------------------------------------------------------
@@ -264,18 +263,18 @@ def test_a_dry_run_refuses_what_the_run_refuses(tmp_path, tiny_base):
     big = tmp_path / "big.png"
     noise_image(64, 64).save(big)
     args = ("upscale", big, "-o", tmp_path / "out", "--base-model", tiny_base, "--dry-run")
-    result = run(*args, "--device", "cpu", "--max-pixels", "1000")
+    result = run_on(None, *args, "--device", "cpu", "--max-pixels", "1000")
     assert "more than --max-pixels 1,000" in result.output
     assert "->" not in result.output  # no plan for it
-    assert "->" in run(*args, "--device", "cpu").output
+    assert "->" in run_on(None, *args, "--device", "cpu").output
 
 
 def test_a_strip_is_refused_before_it_is_enlarged(tmp_path, fake_model, monkeypatch):
-    forbid_model_loading(monkeypatch)
+    fake = None  # any model load fails the command
     strip = tmp_path / "strip.png"
     Image.new("RGB", (20000, 1)).save(strip)
     out = tmp_path / "out"
-    result = run("upscale", strip, "-o", out, *fake_model, "--max-pixels", "1000000")
+    result = run_on(fake, "upscale", strip, "-o", out, *fake_model, "--max-pixels", "1000000")
     assert result.exit_code == 1
     line = next(line for line in result.output.splitlines() if "failed" in line)
     assert "enlarged to 2560000x128" in line and "--max-pixels" in line, line
@@ -316,7 +315,7 @@ def test_sharding_reads_no_pixels_and_weighs_refused_images_lightly(tmp_path, mo
 
 
 def test_a_batch_of_bad_inputs_fails_without_loading_the_model(tmp_path, fake_model, monkeypatch):
-    forbid_model_loading(monkeypatch)
+    fake = None  # any model load fails the command
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "text.png").write_text("not an image")
@@ -325,7 +324,7 @@ def test_a_batch_of_bad_inputs_fails_without_loading_the_model(tmp_path, fake_mo
     out = tmp_path / "out"
     report = tmp_path / "report.json"
     args = ("upscale", photos, "-o", out, *fake_model, "--max-pixels", "1000", "--report", report)
-    result = run(*args)
+    result = run_on(fake, *args)
     assert result.exit_code == 1, result.output
     assert "0 done, 0 skipped, 3 failed" in result.output
     assert (
@@ -343,23 +342,25 @@ def test_a_batch_of_bad_inputs_fails_without_loading_the_model(tmp_path, fake_mo
 def test_an_unwritable_output_folder_fails_before_the_model_loads(
     tmp_path, fake_model, monkeypatch
 ):
-    forbid_model_loading(monkeypatch)
+    fake = None  # any model load fails the command
     noise_image(8, 8).save(tmp_path / "a.png")
-    result = run("upscale", tmp_path / "a.png", "-o", "/proc/self", *fake_model)
+    result = run_on(fake, "upscale", tmp_path / "a.png", "-o", "/proc/self", *fake_model)
     assert result.exit_code == 1
     assert "error: /proc/self: cannot write into the output folder" in result.output
 
 
 def test_a_run_that_writes_nothing_leaves_no_folder(tmp_path, fake_model, monkeypatch):
-    fake = use_fake_pipeline(monkeypatch, FakePipeline(fail=True))
+    fake = FakePipeline(fail=True)
     noise_image(8, 8).save(tmp_path / "a.png")
     out = tmp_path / "new" / "out"
-    result = run("upscale", tmp_path / "a.png", "-o", out, *fake_model, "--process-size", "16")
+    result = run_on(
+        fake, "upscale", tmp_path / "a.png", "-o", out, *fake_model, "--process-size", "16"
+    )
     assert result.exit_code == 1 and fake.calls == 1
     assert not out.exists()
     kept = tmp_path / "kept"
     kept.mkdir()
-    run("upscale", tmp_path / "a.png", "-o", kept, *fake_model, "--process-size", "16")
+    run_on(fake, "upscale", tmp_path / "a.png", "-o", kept, *fake_model, "--process-size", "16")
     assert kept.is_dir()  # not ours to remove
 
 
@@ -367,12 +368,12 @@ def test_a_run_that_writes_nothing_leaves_no_folder(tmp_path, fake_model, monkey
 
 
 def test_unusual_settings_are_said_once_per_run(tmp_path, fake_model, monkeypatch):
-    use_fake_pipeline(monkeypatch)
+    fake = FakePipeline()
     photos = tmp_path / "photos"
     photos.mkdir()
     for index in range(3):
         noise_image(8, 8, index).save(photos / f"{index}.png")
-    result = run(
+    result = run_on(fake,
         "upscale", photos, "-o", tmp_path / "out", *fake_model, "--scale", "2",
         "--lambda-sem", "-0.5", "--process-size", "16",
     )  # fmt: skip
@@ -381,7 +382,9 @@ def test_unusual_settings_are_said_once_per_run(tmp_path, fake_model, monkeypatc
     assert len(warnings) == 2, warnings
     assert "--scale 2" in warnings[0] and "trained for x4" in warnings[0]
     assert "--lambda-sem -0.5" in warnings[1]
-    usual = run("upscale", photos, "-o", tmp_path / "out2", *fake_model, "--process-size", "16")
+    usual = run_on(
+        fake, "upscale", photos, "-o", tmp_path / "out2", *fake_model, "--process-size", "16"
+    )
     assert "warning:" not in usual.output
 
 

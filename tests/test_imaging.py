@@ -11,7 +11,7 @@ import numpy as np
 import png
 import pytest
 import tifffile
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageOps
 
 from pisa_cli.errors import ImageError
 from pisa_cli.fsutil import TEMP_PREFIX, atomic_path, remove_stale_temp_files
@@ -20,24 +20,7 @@ from pisa_cli.imaging.discover import discover
 from pisa_cli.imaging.io import read_picture, read_size, write_output
 from pisa_cli.imaging.modes import Pixels, compose
 from pisa_cli.options import BatchOptions
-from tests.conftest import noise_image
-
-ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-"""An ICC profile (its bytes hold the time it was made: keep one copy)."""
-
-
-def ramp16(width: int, height: int, channels: int, seed: int = 0) -> np.ndarray:
-    """16-bit pixels using far more than 256 levels per channel."""
-    rng = np.random.default_rng(seed)
-    base = np.linspace(0, 65535, width * height).reshape(height, width)
-    planes = [np.roll(base, shift, axis=1) for shift in rng.integers(0, width, channels)]
-    return np.stack(planes, axis=-1).astype(np.uint16)
-
-
-def save_png16(array: np.ndarray, path) -> None:
-    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[array.shape[-1]] + ";16"
-    png.from_array(array.reshape(array.shape[0], -1), mode).save(str(path))
-
+from tests.helpers import ICC, noise_image, ramp16, save_png16
 
 # --- discovery ---------------------------------------------------------------------------
 

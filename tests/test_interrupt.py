@@ -3,10 +3,8 @@ rerun completes the set with the very bytes of an uninterrupted run."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,25 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pisa_cli.fsutil import TEMP_PREFIX
-from tests.conftest import noise_image
+from tests.helpers import (
+    check_partial_then_rerun,
+    environment,
+    noise_image,
+    pisa,
+    temporaries,
+    visible_bytes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = 16
-
-
-def pisa(*args: object) -> list[str]:
-    return [sys.executable, "-m", "pisa_cli", "upscale", *map(str, args)]
-
-
-def environment() -> dict[str, str]:
-    """This checkout's code (not an installed copy), the tests' isolated caches, and one
-    torch thread: on a busy two-core machine the tiny model runs many times faster so, and
-    every run of a test computes the same bytes either way."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 @pytest.fixture
@@ -50,14 +40,6 @@ def inputs(tmp_path):
     return folder
 
 
-def visible(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")}
-
-
-def temporaries(folder: Path) -> list[Path]:
-    return list(folder.glob(f"{TEMP_PREFIX}*"))
-
-
 def start_and_wait_for_outputs(args: list[str], out: Path, count: int) -> subprocess.Popen:
     """Start a run and return once ``count`` outputs are in place. (The manifest records an
     output just before its rename, so its lines run ahead of the files: count the files.)"""
@@ -66,27 +48,11 @@ def start_and_wait_for_outputs(args: list[str], out: Path, count: int) -> subpro
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        if out.is_dir() and len(visible(out)) >= count:
+        if out.is_dir() and len(visible_bytes(out)) >= count:
             return process
         time.sleep(0.02)
     process.kill()
     raise AssertionError(f"no {count} outputs in time: {process.communicate()}")
-
-
-def check_partial_then_rerun(
-    args: list[str], env: dict[str, str], out: Path, expected: dict[str, bytes]
-) -> None:
-    """What a killed run left in ``out`` is complete and right, and running ``args`` again
-    does exactly the rest: the whole expected set, no temporaries."""
-    partial = visible(out)
-    for name, data in partial.items():
-        assert data == expected[name], name
-    again = subprocess.run(args, env=env, text=True, capture_output=True)
-    assert again.returncode == 0, again.stderr
-    done, skipped = len(expected) - len(partial), len(partial)
-    assert f"{done} done, {skipped} skipped, 0 failed" in again.stderr
-    assert visible(out) == expected
-    assert not temporaries(out)
 
 
 @pytest.mark.slow
@@ -100,7 +66,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_complete_identical_set(
         pisa(inputs, "-o", reference, *common), env=environment(), text=True, capture_output=True
     )
     assert done.returncode == 0, done.stderr
-    expected = visible(reference)
+    expected = visible_bytes(reference)
     assert len(expected) == IMAGES
 
     out = tmp_path / "out"
@@ -108,7 +74,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_complete_identical_set(
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
-    partial = visible(out)
+    partial = visible_bytes(out)
     assert 3 <= len(partial) < IMAGES
     check_partial_then_rerun(pisa(inputs, "-o", out, *common), environment(), out, expected)
 
@@ -124,7 +90,7 @@ def test_ctrl_c_stops_cleanly_with_a_summary(tiny_base, pisa_pkl, inputs, tmp_pa
     assert process.returncode == 130, stderr
     assert "stopping after the current image" in stderr
     assert "not done (run again to resume)" in stderr.splitlines()[-1]
-    written = visible(out)
+    written = visible_bytes(out)
     assert 2 <= len(written) < IMAGES and not temporaries(out)
     for name in written:
         with Image.open(out / name) as image:

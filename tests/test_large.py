@@ -11,7 +11,7 @@ import pytest
 
 import pisa_cli.core.pipeline as pipeline_module
 from pisa_cli.options import UpscaleOptions
-from tests.conftest import noise_image
+from tests.helpers import noise_image
 
 MIB = 2**20
 
@@ -32,6 +32,7 @@ MEASURE = """
 import sys, torch
 from pisa_cli import load_pipeline
 from pisa_cli.bench import PeakMemory
+from tests.helpers import noise_image
 
 pipeline = load_pipeline(weights=sys.argv[2], base_model=sys.argv[1], device="cpu", dtype="fp32")
 for height, width in ((96, 128), (384, 512)):

@@ -21,7 +21,7 @@ from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.io import write_output
 from pisa_cli.imaging.manifest import MANIFEST_NAME, Manifest
 from pisa_cli.options import BatchOptions
-from tests.conftest import noise_image
+from tests.helpers import noise_image
 
 OPTIONS = UpscaleOptions(process_size=32)
 

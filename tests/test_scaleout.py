@@ -17,13 +17,13 @@ import pytest
 from PIL import Image
 
 from pisa_cli.imaging.manifest import Manifest
-from tests.conftest import noise_image
-from tests.test_interrupt import (
+from tests.helpers import (
     check_partial_then_rerun,
     environment,
+    noise_image,
     pisa,
     temporaries,
-    visible,
+    visible_bytes,
 )
 
 SIZES = [(24, 20), (40, 32), (16, 16), (56, 40), (24, 24), (32, 20), (20, 28), (48, 36)]
@@ -73,13 +73,13 @@ def reference(mixed, model, tmp_path_factory) -> dict[str, bytes]:
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    outputs = visible(out)
+    outputs = visible_bytes(out)
     assert len(outputs) == IMAGES
     return outputs
 
 
 def check_complete_run(out: Path, report: Path, stderr: str, reference: dict, mixed: Path):
-    assert visible(out) == reference
+    assert visible_bytes(out) == reference
     assert not temporaries(out)
     summaries = [line for line in stderr.splitlines() if re.match(r"\d+ done, \d+ skipped", line)]
     assert len(summaries) == 1, stderr  # one summary, rank 0's
@@ -180,7 +180,7 @@ def check_kill_then_rerun(launch, mixed, model, reference, tmp_path):
     )
     assert process.returncode != 0
     assert "rank 1 stopped without reporting" in stderr, stderr
-    partial = visible(out)
+    partial = visible_bytes(out)
     assert 1 <= len(partial) < IMAGES
     summary = json.loads(report.read_text())["summary"]
     assert summary["lost_ranks"] == [1] and summary["not_done"] >= IMAGES - len(partial)

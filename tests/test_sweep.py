@@ -13,7 +13,7 @@ from pisa_cli import TileOptions, UpscaleOptions, load_pipeline
 from pisa_cli.core.loading import merged_variant
 from pisa_cli.sweep.core import BASIS, MAX_DECODE_BATCH, Sweeper, blend_basis
 from pisa_cli.sweep.grid import GridPoint, parse_grid, plan_options
-from tests.conftest import assert_close, noise_image
+from tests.helpers import assert_close, noise_image
 
 
 def load_as_sweep(tiny_base, pisa_pkl, dtype: str):

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pisa_cli.cli import app
 from pisa_cli.sweep.metrics import psnr_y, ssim_y
-from tests.conftest import noise_image
+from tests.helpers import noise_image
 
 runner = CliRunner()
 GRID = "pix=0,1 sem=0,0.5,1"
