@@ -13,6 +13,7 @@ happens when a rank dies.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -20,8 +21,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -30,35 +31,10 @@ from pisa_cli.cli import common
 from pisa_cli.cli import upscale as single
 from pisa_cli.distributed import Group, RankEnv, RankProgress, parse_devices, rank_environment
 from pisa_cli.errors import LaunchError, OptionsError, PisaError
+from pisa_cli.rank_messages import RankReport, Share
 
 PROGRESS_SECONDS = 1.0
 """How often rank 0 reads the other ranks' progress for its display."""
-
-
-@dataclass(frozen=True)
-class Share:
-    """What rank 0 hands one rank."""
-
-    jobs: tuple = ()
-    reasons: dict = field(default_factory=dict)
-    """Why each job runs (new, settings changed, ...), for the report."""
-    settings: dict = field(default_factory=dict)
-    """The manifest settings the outputs are recorded with."""
-    exit_code: int | None = None
-    """Rank 0 stopped before the run (no images, bad weights): exit with this code."""
-
-
-@dataclass(frozen=True)
-class RankReport:
-    """What one rank sends rank 0 at the end."""
-
-    results: list = field(default_factory=list)
-    not_done: int = 0
-    interrupted: bool = False
-    run_seconds: float = 0.0
-    """From its first image into the model to its last written."""
-    failed_to_start: bool = False
-    """The model did not load on this rank (its own error line says why)."""
 
 
 def launch_of(devices: str, model, dry_run: bool) -> RankEnv | list[str] | None:
@@ -123,31 +99,41 @@ def _lead(group: Group, inputs, output, model_options, options, batch, quiet, re
             single.prepare_output(output, batch)  # before any rank writes: stale temp files
     except typer.Exit as stop:
         for rank in range(1, world):
-            group.send(f"share/{rank}", Share(exit_code=stop.exit_code or 1))
+            group.send(f"share/{rank}", Share(exit_code=stop.exit_code or 1).to_plain())
         raise
     shares = shard_by_weight(pixel_weights([job.source for job in to_run]), world)
     jobs = [[to_run[index] for index in share] for share in shares]
+    settings = json.loads(json.dumps(outcome.settings, default=str))  # as the manifest has it
     for rank in range(1, world):
         mine = {job: reasons[job] for job in jobs[rank]}
-        group.send(f"share/{rank}", Share(tuple(jobs[rank]), mine, outcome.settings))
+        group.send(f"share/{rank}", Share(tuple(jobs[rank]), mine, settings).to_plain())
     outcome.ranks = world
     own = _run_share(group, jobs[0], reasons, model_options, options, batch, manifest, quiet)
     stopped = threading.Event()
     with _stop_flag(stopped):
-        names = {rank: f"report/{rank}" for rank in range(1, world)}
-        reports, lost = group.receive(names, lambda: stopped.is_set() or own.interrupted)
+        reports, lost = collect_reports(group, jobs, lambda: stopped.is_set() or own.interrupted)
     reports[0] = own
-    _merge(outcome, reports, lost, jobs, to_run)
+    _merge(outcome, reports, sorted(lost), jobs, to_run)
     outcome.seconds = time.perf_counter() - start
-    if lost:
-        for rank in lost:
-            typer.echo(
-                f"error: rank {rank} stopped without reporting (killed, or its machine gone): "
-                f"its {len(jobs[rank])} images are counted as not done (those it finished "
-                "are kept and skipped by the next run)",
-                err=True,
-            )
+    for rank, why in lost.items():
+        typer.echo(
+            f"error: {why}: its {len(jobs[rank])} images are counted as not done (those it "
+            "finished are kept and skipped by the next run)",
+            err=True,
+        )
     single.finish(outcome, report)
+
+
+def collect_reports(
+    group: Group, jobs: list[list], stopped: Callable[[], bool]
+) -> tuple[dict[int, RankReport], dict[int, str]]:
+    """Every other rank's report, each checked against the jobs it was handed; (reports by
+    rank, ranks lost with the line saying why: silent, or what they sent does not fit)."""
+    names = {rank: f"report/{rank}" for rank in range(1, group.env.world_size)}
+    reports, lost = group.receive(
+        names, stopped, parse=lambda plain, rank: RankReport.from_plain(plain, jobs[rank])
+    )
+    return reports, lost  # type: ignore[return-value]
 
 
 def _merge(outcome, reports: dict, lost: list[int], jobs: list[list], to_run: list) -> None:
@@ -167,9 +153,11 @@ def _follow(group: Group, output: Path, model_options, options, batch) -> None:
     from pisa_cli.distributed import RankLost
     from pisa_cli.imaging.manifest import Manifest
 
-    shares, lost = group.receive({0: f"share/{group.env.rank}"})
+    shares, lost = group.receive(
+        {0: f"share/{group.env.rank}"}, parse=lambda plain, rank: Share.from_plain(plain, output)
+    )
     if lost:
-        raise RankLost(f"{group.env}: rank 0 stopped before handing out the images")
+        raise RankLost(f"{group.env}: no share of the images: {lost[0]}")
     share: Share = shares[0]  # type: ignore[assignment]
     if share.exit_code is not None:
         raise typer.Exit(share.exit_code)  # rank 0 printed why
@@ -177,7 +165,7 @@ def _follow(group: Group, output: Path, model_options, options, batch) -> None:
     own = _run_share(
         group, list(share.jobs), share.reasons, model_options, options, batch, manifest, quiet=True
     )
-    group.send(f"report/{group.env.rank}", own)
+    group.send(f"report/{group.env.rank}", own.to_plain(share.jobs))
     if own.failed_to_start:
         raise typer.Exit(1)
     if own.interrupted:
