@@ -162,8 +162,10 @@ def _reason(error: BaseException) -> str:
     text = str(error).strip()
     if "WeightsUnpickler error:" in text:  # torch's long message; the cause comes after
         text = text.split("WeightsUnpickler error:", 1)[1].strip()
-    lines = text.splitlines()
-    return lines[0][:160] if lines else type(error).__name__
+    line = (text.splitlines() or [type(error).__name__])[0]
+    if len(line) > 160:  # torch's own advice follows its first sentence
+        line = line.split(". ")[0][:160]
+    return line
 
 
 def _load_pickle(path: Path) -> PisaCheckpoint:
