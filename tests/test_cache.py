@@ -243,3 +243,30 @@ def test_a_damaged_prompt_entry_is_rebuilt(tiny_base, pisa_pkl, cache_dir, caplo
         again = load(tiny_base, pisa_pkl)
         assert torch.equal(again.embed(""), expected)
         assert again.prompts.encodes == 1 and "rebuilding" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["[1, 2]", '{"x": 1}', "{not json", "[" * 100_000 + "]" * 100_000, '"text"'],
+    ids=["list", "odd values", "not json", "deep", "string"],
+)
+def test_a_damaged_digest_index_is_rebuilt(cache_dir, tmp_path, caplog, content):
+    import hashlib
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"one")
+    cache_dir.mkdir()
+    (cache_dir / "digests.json").write_text(content)
+    assert cache.file_digest(path) == hashlib.sha256(b"one").hexdigest()
+    assert cache.file_digest(path) == hashlib.sha256(b"one").hexdigest()  # and remembered
+
+
+def test_a_wrong_remembered_digest_is_not_trusted(cache_dir, tmp_path):
+    import hashlib
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"one")
+    cache.file_digest(path)
+    index = json.loads((cache_dir / "digests.json").read_text())
+    (cache_dir / "digests.json").write_text(json.dumps({k: 42 for k in index}))
+    assert cache.file_digest(path) == hashlib.sha256(b"one").hexdigest()

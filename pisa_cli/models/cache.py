@@ -55,9 +55,7 @@ def file_digest(path: Path) -> str:
     stat = resolved.stat()
     marker = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}"
     index_path = cache_dir() / "digests.json"
-    index: dict[str, str] = {}
-    with contextlib.suppress(OSError, ValueError):
-        index = json.loads(index_path.read_text())
+    index = _digest_index(index_path)
     if marker in index:
         return index[marker]
     digest = hashlib.sha256()
@@ -70,6 +68,26 @@ def file_digest(path: Path) -> str:
         with atomic_path(index_path) as temp:
             temp.write_text(json.dumps(index))
     return index[marker]
+
+
+def _digest_index(path: Path) -> dict[str, str]:
+    """The remembered digests; a damaged index counts as empty (and is rewritten), and
+    only what looks like a SHA-256 is believed."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, RecursionError) as error:
+        log.warning("digest index %s unreadable (%s); rebuilding it", path, type(error).__name__)
+        return {}
+    if not isinstance(index, dict):
+        log.warning("digest index %s is not a JSON object; rebuilding it", path)
+        return {}
+    return {
+        marker: digest
+        for marker, digest in index.items()
+        if isinstance(digest, str) and _SHA256.match(digest)
+    }
 
 
 def make_key(**parts: object) -> str:
