@@ -26,7 +26,6 @@ import contextlib
 import heapq
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pisa_cli.errors import LaunchError
-from pisa_cli.rank_store import decode, is_loopback, loopback_store
+from pisa_cli.rank_store import decode, is_loopback, loopback_store, progress_of
 
 log = logging.getLogger(__name__)
 
@@ -300,13 +299,12 @@ class Group:
                 for rank, name in list(waiting.items()):
                     key = f"{PREFIX}{name}"
                     if self.store.check([key]):
-                        raw = self.store.get(key)
                         del waiting[rank]
-                        try:
-                            values[rank] = parse(decode(raw), rank)
-                        except Exception as error:  # whatever it holds, it loses one rank
-                            what = name.split("/")[0]
-                            lost[rank] = f"rank {rank} sent a {what} that is not usable ({error})"
+                        value, why = _parsed(self.store.get(key), rank, name, parse)
+                        if why:
+                            lost[rank] = why
+                        else:
+                            values[rank] = value
                     elif self._silent(rank, timeout):
                         lost[rank] = f"rank {rank} stopped without reporting ({SILENT})"
                         del waiting[rank]
@@ -325,20 +323,20 @@ class Group:
             shown = RankProgress(rank, 0, 0, 0.0)
             with contextlib.suppress(Exception):  # a display is never worth a crash
                 if self.store.check([key]):
-                    shown = _progress(rank, decode(self.store.get(key)))
+                    shown = RankProgress(rank, *progress_of(decode(self.store.get(key))))
             progress.append(shown)
         return progress
 
 
-def _progress(rank: int, value: object) -> RankProgress:
-    """[done, total, seconds] -> RankProgress; ValueError for anything else."""
-    if not isinstance(value, list) or len(value) != 3:
-        raise ValueError("progress is not [done, total, seconds]")
-    done, total, seconds = value
-    counts = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (done, total))
-    if not counts or not isinstance(seconds, int | float) or not math.isfinite(seconds):
-        raise ValueError("progress is not [done, total, seconds]")
-    return RankProgress(rank, done, total, float(seconds))
+def _parsed(
+    raw: bytes, rank: int, name: str, parse: Callable[[object, int], object]
+) -> tuple[object, str]:
+    """(the value, '') or (None, the line saying why ``rank``'s value is not usable)."""
+    try:
+        return parse(decode(raw), rank), ""
+    except Exception as error:  # whatever the store holds loses that rank, never the run
+        what = name.split("/")[0]
+        return None, f"rank {rank} sent a {what} that is not usable ({_first_line(error)[:200]})"
 
 
 def _first_line(error: BaseException) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import socket
 from datetime import timedelta
 from typing import Any
@@ -37,6 +38,17 @@ def decode(raw: bytes) -> object:
 
 def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not a number")
+
+
+def progress_of(value: object) -> tuple[int, int, float]:
+    """A rank's published progress, [done, total, seconds]; ValueError for anything else."""
+    if not isinstance(value, list) or len(value) != 3:
+        raise ValueError("progress is not [done, total, seconds]")
+    done, total, seconds = value
+    counts = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (done, total))
+    if not counts or not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        raise ValueError("progress is not [done, total, seconds]")
+    return done, total, float(seconds)
 
 
 def is_loopback(host: str) -> bool:
