@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -151,3 +152,121 @@ def test_a_damaged_mapped_file_is_refused(tmp_path):
     path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
     with pytest.raises(ValueError, match="malformed"):
         map_safetensors(path)
+
+
+def _entry(header: object, data: bytes = bytes(16), raw_header: bytes | None = None) -> bytes:
+    text = raw_header if raw_header is not None else json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+W = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+DAMAGED = {
+    "no offsets": _entry({"w": {"dtype": "F32", "shape": [4]}}),
+    "no shape": _entry({"w": {"dtype": "F32", "data_offsets": [0, 16]}}),
+    "no dtype": _entry({"w": {"shape": [4], "data_offsets": [0, 16]}}),
+    "odd dtype": _entry({"w": {**W, "dtype": "F99"}}),
+    "dtype not text": _entry({"w": {**W, "dtype": ["F32"]}}),
+    "offsets not a pair": _entry({"w": {**W, "data_offsets": [0, 8, 16]}}),
+    "offsets not numbers": _entry({"w": {**W, "data_offsets": ["0", "16"]}}),
+    "offsets backwards": _entry({"w": {**W, "data_offsets": [16, 0]}}),
+    "offsets negative": _entry({"w": {**W, "data_offsets": [-16, 0]}}),
+    "offsets past the end": _entry({"w": {**W, "data_offsets": [0, 1 << 40]}}),
+    "shape not a list": _entry({"w": {**W, "shape": 4}}),
+    "shape negative": _entry({"w": {**W, "shape": [-4]}}),
+    "shape not numbers": _entry({"w": {**W, "shape": ["4"]}}),
+    "shape and bytes disagree": _entry({"w": {**W, "shape": [5]}}),
+    "entry not an object": _entry({"w": [1, 2]}),
+    "header a list": _entry([1, 2]),
+    "header not JSON": _entry(None, raw_header=b"{not json}"),
+    "header not UTF-8": _entry(None, raw_header=b'{"\xff": 1}'),
+    "header nested deep": _entry(
+        None, raw_header=b'{"w":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    ),
+    "truncated data": _entry({"w": W}, data=bytes(8)),
+    "length past the end": (1 << 40).to_bytes(8, "little") + b"{}",
+    "too short": b"\x01\x02",
+}
+
+
+@pytest.mark.parametrize("content", list(DAMAGED.values()), ids=list(DAMAGED))
+def test_a_damaged_entry_of_any_kind_is_dropped_with_one_warning(cache_dir, caplog, content):
+    entry = cache_dir / "merged" / "key.safetensors"
+    entry.parent.mkdir(parents=True)
+    entry.write_bytes(content)
+    with caplog.at_level("WARNING", logger="pisa_cli"):
+        assert cache.load_tensors("merged", "key") is None
+    assert not entry.exists()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "rebuilding" in warnings[0].getMessage()
+
+
+def test_an_entry_that_does_not_fit_the_unet_is_rebuilt(
+    tiny_base, pisa_pkl, cache_dir, monkeypatch, caplog
+):
+    """Readable, but not what this run would have written: a tensor missing, one of
+    another shape, one of another dtype."""
+    from safetensors.torch import load_file, save_file
+
+    load(tiny_base, pisa_pkl)
+    entry = next((cache_dir / "merged").iterdir())
+    state = load_file(str(entry))
+    names = sorted(state)
+    damaged = [
+        {k: v for k, v in state.items() if k != names[0]},
+        {**state, names[1]: state[names[1]].flatten()[:-1].contiguous()},
+        {**state, names[2]: state[names[2]].to(torch.float16)},
+    ]
+    merges = count_merges(monkeypatch)
+    for tensors in damaged:
+        save_file(tensors, str(entry))
+        caplog.clear()
+        load(tiny_base, pisa_pkl)
+        assert "rebuilding" in caplog.text
+    assert len(merges) == len(damaged)
+    load(tiny_base, pisa_pkl)  # the rebuilt entry is served again
+    assert len(merges) == len(damaged)
+
+
+def test_a_damaged_prompt_entry_is_rebuilt(tiny_base, pisa_pkl, cache_dir, caplog):
+    from safetensors.torch import save_file
+
+    first = load(tiny_base, pisa_pkl)
+    expected = first.embed("")
+    entry = next((cache_dir / "prompts").iterdir())
+    for tensors in (
+        {"embedding": expected[0]},  # a dimension short
+        {"embedding": expected.to(torch.float16)},
+        {"other": expected},
+    ):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(entry))
+        caplog.clear()
+        again = load(tiny_base, pisa_pkl)
+        assert torch.equal(again.embed(""), expected)
+        assert again.prompts.encodes == 1 and "rebuilding" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["[1, 2]", '{"x": 1}', "{not json", "[" * 100_000 + "]" * 100_000, '"text"'],
+    ids=["list", "odd values", "not json", "deep", "string"],
+)
+def test_a_damaged_digest_index_is_rebuilt(cache_dir, tmp_path, caplog, content):
+    import hashlib
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"one")
+    cache_dir.mkdir()
+    (cache_dir / "digests.json").write_text(content)
+    assert cache.file_digest(path) == hashlib.sha256(b"one").hexdigest()
+    assert cache.file_digest(path) == hashlib.sha256(b"one").hexdigest()  # and remembered
+
+
+def test_a_wrong_remembered_digest_is_not_trusted(cache_dir, tmp_path):
+    import hashlib
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"one")
+    cache.file_digest(path)
+    index = json.loads((cache_dir / "digests.json").read_text())
+    (cache_dir / "digests.json").write_text(json.dumps({k: 42 for k in index}))
+    assert cache.file_digest(path) == hashlib.sha256(b"one").hexdigest()

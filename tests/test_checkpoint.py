@@ -74,7 +74,7 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
     ("content", "message"),
     [
         (b"", "empty"),
-        (b"this is not a checkpoint at all", "cannot read|not a readable"),
+        (b"this is not a checkpoint at all", "not a PiSA-SR checkpoint \\(a text file"),
     ],
 )
 def test_broken_files_give_one_clear_error(tmp_path, content, message):
@@ -130,3 +130,107 @@ def test_foreign_safetensors_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(WeightsError, match="pisa convert"):
         load_checkpoint(path)
+
+
+def _torch_file_with(path: pathlib.Path, data_pkl: bytes) -> pathlib.Path:
+    """A torch zip checkpoint whose pickle is ``data_pkl``, written by hand (torch.save
+    itself cannot write what these tests need)."""
+    import zipfile
+
+    template = path.with_suffix(".template")
+    torch.save({"a": 1}, template)
+    with zipfile.ZipFile(template) as source, zipfile.ZipFile(path, "w") as target:
+        for info in source.infolist():
+            content = source.read(info.filename)
+            target.writestr(
+                info.filename, data_pkl if info.filename.endswith("data.pkl") else content
+            )
+    template.unlink()
+    return path
+
+
+DEEP = 200_000
+
+
+def _safetensors_bytes(header: bytes, data: bytes = b"") -> bytes:
+    return len(header).to_bytes(8, "little") + header + data
+
+
+BAD_WEIGHTS = {
+    # 200,000 nested lists: each level is one opcode, but checking them recursed
+    "deep.pkl": lambda p: _torch_file_with(p, b"\x80\x02" + b"]" * DEEP + b"a" * (DEEP - 1) + b"."),
+    "deep-dict.pkl": lambda p: _torch_file_with(
+        p, b"\x80\x02}X\x01\x00\x00\x00k" + b"}" * DEEP + b"X\x01\x00\x00\x00ks" * DEEP + b"s."
+    ),
+    "text.pkl": lambda p: p.write_text("these are not the weights you are looking for\n"),
+    "json.pkl": lambda p: p.write_text('{"lora_rank_unet_pix": 4}\n'),
+    "digits.pkl": lambda p: p.write_text("123456\n"),
+    "binary.pkl": lambda p: p.write_bytes(bytes(range(256)) * 4),
+    "empty.pkl": lambda p: p.write_bytes(b""),
+    "other.zip": lambda p: __import__("zipfile").ZipFile(p, "w").writestr("a.txt", "hi"),
+    "cut.pkl": lambda p: p.write_bytes(b"PK\x03\x04" + bytes(40)),
+    "list.pkl": lambda p: torch.save([torch.zeros(2)], p),
+    "folder": lambda p: p.mkdir(),
+    "folder.safetensors": lambda p: p.mkdir(),
+    "text.safetensors": lambda p: p.write_text("hello there, this is a text file\n"),
+    "empty.safetensors": lambda p: p.write_bytes(b""),
+    "short.safetensors": lambda p: p.write_bytes(b"\x01\x02"),
+    "bad-json.safetensors": lambda p: p.write_bytes(_safetensors_bytes(b"{not json}   ")),
+    "deep-json.safetensors": lambda p: p.write_bytes(
+        _safetensors_bytes(b"{" + b'"a":{' * DEEP + b"}" * DEEP + b"}")
+    ),
+    "cut.safetensors": lambda p: p.write_bytes(
+        _safetensors_bytes(b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', b"x")
+    ),
+    "no-offsets.safetensors": lambda p: p.write_bytes(
+        _safetensors_bytes(b'{"w": {"dtype": "F32", "shape": [1]}}', bytes(4))
+    ),
+    "header-list.safetensors": lambda p: p.write_bytes(_safetensors_bytes(b"[1, 2, 3]")),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_WEIGHTS))
+def test_every_unusable_weights_file_is_one_line_and_exit_3(tmp_path, name):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from pisa_cli.cli import app
+
+    bad = tmp_path / name
+    BAD_WEIGHTS[name](bad)
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    arguments = ["upscale", str(tmp_path / "img.png"), "-o", str(tmp_path / "out")]
+    arguments += ["--weights", str(bad), "--base-model", str(tmp_path / "no-base")]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 3, (result.exception, result.output[-500:])
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}"), result.output[-500:]
+    assert "arbitrary code" not in lines[0]  # said of real pickles with foreign objects only
+    if name.startswith("folder"):
+        assert "is a folder" in lines[0]
+    elif name.startswith(("text", "json", "digits", "binary")):
+        assert "not a PiSA-SR checkpoint" in lines[0]
+
+
+def _second_lora_cases(tmp_path: pathlib.Path) -> list[pathlib.Path]:
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("[1, 2, 3]")  # JSON, not an object
+    save_file({"w": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
+    packed = tmp_path / "packed.safetensors"
+    save_file({"w": torch.zeros(1)}, str(packed), metadata={"lora_adapter_metadata": "[1]"})
+    deep = tmp_path / "deep.safetensors"
+    nested = "[" * 100_000 + "]" * 100_000
+    save_file({"w": torch.zeros(1)}, str(deep), metadata={"lora_adapter_metadata": nested})
+    return [folder, packed, deep]
+
+
+def test_an_unusable_second_pass_lora_is_one_line(tmp_path):
+    from pisa_cli.models.second_lora import load_second_lora
+
+    for path in _second_lora_cases(tmp_path):
+        with pytest.raises(WeightsError) as error:
+            load_second_lora(path)
+        assert str(path) in str(error.value) and "\n" not in str(error.value)

@@ -6,7 +6,9 @@ starts the same command once per device. Each process reads its rank from the
 environment (``rank_environment``) and joins a torch.distributed process group (gloo on
 CPUs, nccl on GPUs). Rank 0 decides what to run (the manifest's resume decisions) and
 splits the remaining inputs by pixel count (``shard_by_weight``); every rank runs its
-share and sends its results back through the group's key-value store.
+share and sends its results back through the group's key-value store, as plain JSON
+checked on the way in (pisa_cli/batch/store.py, pisa_cli/batch/messages.py): the store has
+no authentication, so a value that does not fit loses one rank, and runs nothing.
 
 Why the store and not a collective: a collective needs every rank, so one killed rank
 would hang the others in it until a timeout meant for the slowest image. The store is
@@ -25,7 +27,6 @@ import heapq
 import json
 import logging
 import os
-import pickle
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pisa_cli.batch.store import decode, is_loopback, loopback_store, progress_of
 from pisa_cli.errors import LaunchError
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ INTERRUPTED_TIMEOUT = 5.0
 """Once stopped (Ctrl-C, SIGTERM from the launcher), wait this long for a silent rank: a
 launcher that stops everyone when one rank dies kills the rest soon after."""
 PREFIX = "pisa/"
+SILENT = "killed, or its machine gone"
 
 
 @dataclass(frozen=True)
@@ -227,15 +230,16 @@ class Group:
         self.progress = (0, 0, 0.0)
         """(done, total, seconds) of this rank, published with each heartbeat."""
         self._stop = threading.Event()
-        self._beats: dict[int, tuple[int, float]] = {}
+        self._beats: dict[int, tuple[int | None, float]] = {}
         self._beating = threading.Thread(target=self._beat, name="pisa-heartbeat", daemon=True)
         self._beating.start()
 
     def _beat(self) -> None:
-        rank = self.env.rank
+        rank, count = self.env.rank, 0
         while True:
-            try:
-                self.store.add(f"{PREFIX}beat/{rank}", 1)
+            count += 1
+            try:  # set, not add: the store's add ends the connection on a key not a number
+                self.store.set(f"{PREFIX}beat/{rank}", str(count))
                 self.store.set(f"{PREFIX}progress/{rank}", json.dumps(self.progress))
             except Exception:  # the store is gone (rank 0 ended): the waits below say so
                 pass
@@ -252,31 +256,44 @@ class Group:
             dist.destroy_process_group()
 
     def send(self, name: str, value: object) -> None:
-        """Publish ``value`` (pickled) under ``name``."""
+        """Publish ``value`` (plain data: dicts, lists, strings, numbers) under ``name``."""
+        payload = json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
         try:
-            self.store.set(f"{PREFIX}{name}", pickle.dumps(value))
+            self.store.set(f"{PREFIX}{name}", payload)
         except Exception as error:
             raise RankLost(f"{self.env}: cannot reach rank 0 ({_first_line(error)})") from None
 
     def _silent(self, rank: int, timeout: float) -> bool:
         """Whether ``rank``'s heartbeat has not moved for ``timeout`` seconds."""
-        count = int(self.store.add(f"{PREFIX}beat/{rank}", 0))
+        count = self._beat_count(rank)
         now = time.monotonic()
-        last, since = self._beats.get(rank, (-1, now))
+        last, since = self._beats.get(rank, (None, now))
         if count != last:
             self._beats[rank] = (count, now)
             return False
         return now - since > timeout
 
+    def _beat_count(self, rank: int) -> int:
+        """The heartbeat counter of ``rank``: 0 before its first beat, -1 when its key
+        holds something else (set by someone other than the rank): it then never moves."""
+        key = f"{PREFIX}beat/{rank}"
+        if not self.store.check([key]):
+            return 0
+        text = self.store.get(key)
+        return int(text) if len(text) <= 20 and text.isdigit() else -1
+
     def receive(
         self,
         names: dict[int, str],
         stopped: Callable[[], bool] = lambda: False,
-    ) -> tuple[dict[int, object], list[int]]:
-        """Wait for each rank's value (``names``: rank -> name); return (values by rank,
-        ranks given up on). Raises RankLost when the store itself is gone."""
+        parse: Callable[[object, int], object] = lambda value, rank: value,
+    ) -> tuple[dict[int, object], dict[int, str]]:
+        """Wait for each rank's value (``names``: rank -> name), plain JSON data checked by
+        ``parse(value, rank)`` (raising: not usable); return (values by rank, ranks given up
+        on with why: silent, or what they sent did not fit). Raises RankLost when the store
+        itself is gone."""
         values: dict[int, object] = {}
-        lost: list[int] = []
+        lost: dict[int, str] = {}
         waiting = dict(names)
         while waiting:
             timeout = INTERRUPTED_TIMEOUT if stopped() else self.timeout
@@ -284,28 +301,44 @@ class Group:
                 for rank, name in list(waiting.items()):
                     key = f"{PREFIX}{name}"
                     if self.store.check([key]):
-                        values[rank] = pickle.loads(self.store.get(key))
                         del waiting[rank]
+                        value, why = _parsed(self.store.get(key), rank, name, parse)
+                        if why:
+                            lost[rank] = why
+                        else:
+                            values[rank] = value
                     elif self._silent(rank, timeout):
-                        lost.append(rank)
+                        lost[rank] = f"rank {rank} stopped without reporting ({SILENT})"
                         del waiting[rank]
             except Exception as error:
                 raise RankLost(f"{self.env}: lost rank 0 ({_first_line(error)})") from None
             if waiting:
                 time.sleep(POLL_SECONDS)
-        return values, sorted(lost)
+        return values, dict(sorted(lost.items()))
 
     def ranks_progress(self) -> list[RankProgress]:
-        """Every rank's last published progress (zeros for a rank not heard from yet)."""
+        """Every rank's last published progress (zeros for a rank not heard from yet, or
+        whose progress is not three numbers)."""
         progress = []
         for rank in range(self.env.world_size):
             key = f"{PREFIX}progress/{rank}"
-            done, total, seconds = 0, 0, 0.0
+            shown = RankProgress(rank, 0, 0, 0.0)
             with contextlib.suppress(Exception):  # a display is never worth a crash
                 if self.store.check([key]):
-                    done, total, seconds = json.loads(self.store.get(key))
-            progress.append(RankProgress(rank, int(done), int(total), float(seconds)))
+                    shown = RankProgress(rank, *progress_of(decode(self.store.get(key))))
+            progress.append(shown)
         return progress
+
+
+def _parsed(
+    raw: bytes, rank: int, name: str, parse: Callable[[object, int], object]
+) -> tuple[object, str]:
+    """(the value, '') or (None, the line saying why ``rank``'s value is not usable)."""
+    try:
+        return parse(decode(raw), rank), ""
+    except Exception as error:  # whatever the store holds loses that rank, never the run
+        what = name.split("/")[0]
+        return None, f"rank {rank} sent a {what} that is not usable ({_first_line(error)[:200]})"
 
 
 def _first_line(error: BaseException) -> str:
@@ -332,15 +365,11 @@ def join(env: RankEnv, device_type: str, timeout: float | None = None) -> Group:
             "MASTER_ADDR (the first node's address) and MASTER_PORT before srun"
         )
     backend = "nccl" if device_type == "cuda" else "gloo"
-    address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    host, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    address = f"{host}:{port}"
+    wait = timedelta(seconds=timeout)
     try:
-        dist.init_process_group(
-            backend,
-            init_method="env://",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=timedelta(seconds=timeout),
-        )
+        _init_group(env, backend, host, int(port), wait)
         store = dist.distributed_c10d._get_default_store()
     except Exception as error:
         raise LaunchError(
@@ -349,3 +378,15 @@ def join(env: RankEnv, device_type: str, timeout: float | None = None) -> Group:
         ) from None
     log.info("%s joined the process group (%s at %s)", env, backend, address)
     return Group(env, store, timeout)
+
+
+def _init_group(env: RankEnv, backend: str, host: str, port: int, wait: timedelta) -> None:
+    import torch.distributed as dist
+
+    ranks = {"rank": env.rank, "world_size": env.world_size, "timeout": wait}
+    if is_loopback(host) and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        store = loopback_store(env.rank, env.world_size, host, port, wait)
+        # under the prefix env:// puts its store under: the same keys either way
+        dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), **ranks)
+    else:  # torchrun's agent serves the store, or ranks on other machines must reach it
+        dist.init_process_group(backend, init_method="env://", **ranks)

@@ -11,11 +11,14 @@ collects the others' results (``collect``) for the one summary and report. See
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 from pisa_cli.batch.distributed import Group, RankLost, RankProgress
+from pisa_cli.batch.messages import RankReport, Share
 from pisa_cli.batch.plan import RunPlan
 from pisa_cli.batch.run import Display, Outcome, PipelineFactory, prepare, stream
 from pisa_cli.errors import PisaError
@@ -27,36 +30,10 @@ PROGRESS_SECONDS = 1.0
 """How often rank 0 reads the other ranks' progress for its display."""
 
 
-@dataclass(frozen=True)
-class Share:
-    """What rank 0 hands one rank."""
-
-    jobs: tuple = ()
-    reasons: dict = field(default_factory=dict)
-    """Why each job runs (new, settings changed, ...), for the report."""
-    settings: dict = field(default_factory=dict)
-    """The manifest settings the outputs are recorded with."""
-    exit_code: int | None = None
-    """Rank 0 stopped before the run (no images, bad weights): exit with this code."""
-
-
-@dataclass(frozen=True)
-class RankReport:
-    """What one rank sends rank 0 at the end."""
-
-    results: list = field(default_factory=list)
-    not_done: int = 0
-    interrupted: bool = False
-    run_seconds: float = 0.0
-    """From its first image into the model to its last written."""
-    failed_to_start: bool = False
-    """The model did not load on this rank (its own error line says why)."""
-
-
 def abort(group: Group, exit_code: int) -> None:
     """Rank 0 stopped before the run: tell every other rank to exit with ``exit_code``."""
     for rank in range(1, group.env.world_size):
-        group.send(f"share/{rank}", Share(exit_code=exit_code))
+        group.send(f"share/{rank}", Share(exit_code=exit_code).to_plain())
 
 
 def hand_out(group: Group, plan: RunPlan, batch: BatchOptions) -> list[list[Job]]:
@@ -66,18 +43,27 @@ def hand_out(group: Group, plan: RunPlan, batch: BatchOptions) -> list[list[Job]
     world = group.env.world_size
     weights = pixel_weights([job.source for job in plan.to_run], batch.max_pixels)
     jobs = [[plan.to_run[i] for i in share] for share in shard_by_weight(weights, world)]
+    settings = json.loads(json.dumps(plan.settings, default=str))  # as the manifest has it
     for rank in range(1, world):
         mine = {job: plan.reasons[job] for job in jobs[rank]}
-        group.send(f"share/{rank}", Share(tuple(jobs[rank]), mine, plan.settings))
+        group.send(f"share/{rank}", Share(tuple(jobs[rank]), mine, settings).to_plain())
     return jobs
 
 
-def receive_share(group: Group) -> Share:
-    """A rank's share from rank 0 (RankLost when rank 0 is gone)."""
-    shares, lost = group.receive({0: f"share/{group.env.rank}"})
+def receive_share(group: Group, output: Path) -> Share:
+    """A rank's share from rank 0, checked (every output inside ``output``); RankLost when
+    rank 0 is gone or what it sent does not fit."""
+    shares, lost = group.receive(
+        {0: f"share/{group.env.rank}"}, parse=lambda plain, rank: Share.from_plain(plain, output)
+    )
     if lost:
-        raise RankLost(f"{group.env}: rank 0 stopped before handing out the images")
+        raise RankLost(f"{group.env}: no share of the images: {lost[0]}")
     return shares[0]  # type: ignore[return-value]
+
+
+def send_report(group: Group, report: RankReport, share: Share) -> None:
+    """This rank's report to rank 0, as plain data."""
+    group.send(f"report/{group.env.rank}", report.to_plain(share.jobs))
 
 
 @dataclass(frozen=True)
@@ -118,14 +104,26 @@ def run_share(
     return report, ""
 
 
+def collect_reports(
+    group: Group, jobs: list[list[Job]], stopped: Callable[[], bool]
+) -> tuple[dict[int, RankReport], dict[int, str]]:
+    """Every other rank's report, each checked against the jobs it was handed; (reports by
+    rank, ranks lost with the line saying why: silent, or what they sent does not fit)."""
+    names = {rank: f"report/{rank}" for rank in range(1, group.env.world_size)}
+    reports, lost = group.receive(
+        names, stopped, parse=lambda plain, rank: RankReport.from_plain(plain, jobs[rank])
+    )
+    return reports, lost  # type: ignore[return-value]
+
+
 def collect(
     group: Group, outcome: Outcome, own: RankReport, jobs: list[list[Job]], plan: RunPlan,
     stopped: Callable[[], bool],
-) -> None:  # fmt: skip
+) -> dict[int, str]:  # fmt: skip
     """Every rank's results into rank 0's ``outcome``, in input order; ranks that never
-    report (or while ``stopped()`` holds, stop answering) are lost."""
-    names = {rank: f"report/{rank}" for rank in range(1, group.env.world_size)}
-    reports, lost = group.receive(names, lambda: stopped() or own.interrupted)
+    report (or while ``stopped()`` holds, stop answering), or whose report does not fit,
+    are lost: returned with the line saying why."""
+    reports, lost = collect_reports(group, jobs, lambda: stopped() or own.interrupted)
     reports[0] = own
     order = {job: index for index, job in enumerate(plan.to_run)}
     results = [result for report in reports.values() for result in report.results]
@@ -133,10 +131,11 @@ def collect(
     outcome.not_done += sum(report.not_done for report in reports.values())
     outcome.not_done += sum(len(jobs[rank]) for rank in lost)
     outcome.interrupted = any(report.interrupted for report in reports.values())
-    outcome.lost_ranks = lost
+    outcome.lost_ranks = sorted(lost)
     outcome.ranks = group.env.world_size
     # the ranks ran side by side: the run took as long as the slowest (models loaded aside)
     outcome.run_seconds = max(report.run_seconds for report in reports.values())
+    return lost
 
 
 def watch_ranks(group: Group, total: int):

@@ -76,13 +76,12 @@ def _lead(group, run: spec.UpscaleSpec, load: PipelineFactory) -> None:
         common.say(f"error: {error}", err=True)
     stopped = threading.Event()
     with flag_on_signals(stopped):
-        ranks.collect(group, outcome, own, jobs, plan, stopped.is_set)
+        lost = ranks.collect(group, outcome, own, jobs, plan, stopped.is_set)
     outcome.seconds = time.perf_counter() - start
-    for rank in outcome.lost_ranks:
+    for rank, why in lost.items():
         common.say(
-            f"error: rank {rank} stopped without reporting (killed, or its machine gone): "
-            f"its {len(jobs[rank])} images are counted as not done (those it finished "
-            "are kept and skipped by the next run)",
+            f"error: {why}: its {len(jobs[rank])} images are counted as not done (those it "
+            "finished are kept and skipped by the next run)",
             err=True,
         )
     steps.finish(outcome, run)
@@ -93,7 +92,7 @@ def _follow(group, run: spec.UpscaleSpec, load: PipelineFactory) -> None:
     from pisa_cli.cli.signals import stop_on_signals
     from pisa_cli.imaging.manifest import Manifest
 
-    share = ranks.receive_share(group)
+    share = ranks.receive_share(group, run.output)
     if share.exit_code is not None:
         raise typer.Exit(share.exit_code)  # rank 0 printed why
     manifest = Manifest(run.output, share.settings, rank=group.env.rank)
@@ -101,7 +100,7 @@ def _follow(group, run: spec.UpscaleSpec, load: PipelineFactory) -> None:
     how = _share_run(run, load, True, stop)
     with stop_on_signals(stop, _warn):
         own, error = ranks.run_share(group, list(share.jobs), share.reasons, manifest, how)
-    group.send(f"report/{group.env.rank}", own)
+    ranks.send_report(group, own, share)
     if error:
         raise common.fail(PisaError(error))
     if own.interrupted:

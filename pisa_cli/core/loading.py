@@ -13,7 +13,7 @@ from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.engine.denoise import variants_needed
 from pisa_cli.engine.lean import use_lean_resnets
 from pisa_cli.models import cache
-from pisa_cli.models.base import unet_from_state
+from pisa_cli.models.base import unet_from_state, unet_state_spec
 from pisa_cli.models.checkpoint import PisaCheckpoint, load_checkpoint, resolve_weights_path
 from pisa_cli.models.device import keep_freed_memory, resolve_device, resolve_dtype
 from pisa_cli.models.lora import PisaUNet
@@ -72,7 +72,9 @@ def load_pipeline(
     log.info("base model %s, weights %s", folder, checkpoint.source)
     merged = merged_variant(options)
     key = _merged_key(folder, weights_path, merged, torch_dtype, second)
-    state = cache.load_tensors("merged", key)
+    state = cache.load_tensors(
+        "merged", key, lambda found: cache.mismatch(found, unet_state_spec(folder, torch_dtype))
+    )
     unet = load_part(folder, "unet") if state is None else unet_from_state(folder, state)
     prompts = PromptEncoder(
         lambda: load_part(folder, "tokenizer"),

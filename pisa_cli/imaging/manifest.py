@@ -11,7 +11,9 @@ folder at once. Each appends to a file of its own: rank 0 (and a single process)
 ``.pisa-manifest.jsonl``, rank N to ``.pisa-manifest.rankN.jsonl``; a manifest is read as
 all of them together. No lock is needed, which matters on shared storage: appends from
 several machines to one NFS file are not atomic, and file locks are not available on every
-network filesystem. A killed rank can only cut the last line of its own file.
+network filesystem. A killed rank or a failed write (a full disk) can only cut the last
+line of its own file: every record starts on a new line (a newline first when the file
+does not end in one), and a cut line read back is skipped with one warning.
 
 On a rerun an existing output is skipped only when it is the file a record describes and
 that record's settings key and input match this run; an output written with other
@@ -29,6 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pisa_cli.fsutil import file_sha256
 
@@ -106,8 +109,6 @@ class Manifest:
         self._records: dict[str, list[Record]] = {}
         self._lock = threading.Lock()
         self.unreadable_lines = 0
-        self._open_line = False
-        """The file ends in the middle of a line (a killed run): start the next on a new one."""
         for path in self.files():
             try:
                 self._load(path)
@@ -126,17 +127,28 @@ class Manifest:
         self.key = settings_key(settings)
 
     def _load(self, path: Path) -> None:
+        """Read one manifest file; a line that does not parse (cut by a failed write or a
+        killed run) is skipped, said once per file."""
+        cut = 0
         with open(path, encoding="utf-8", errors="replace") as handle:
             for text in handle:
-                if path == self.path:
-                    self._open_line = not text.endswith("\n")
-                try:
-                    line = json.loads(text)
-                    record = Record.from_json(line)
-                except (ValueError, KeyError, TypeError):
-                    self.unreadable_lines += 1  # e.g. the last line of a killed run
+                if not text.strip():
                     continue
-                self._records.setdefault(str(line["output"]), []).append(record)
+                parsed = _parse(text)
+                if parsed is None or parsed[0] > 0:
+                    cut += 1
+                if parsed is not None:
+                    name, record = parsed[1], parsed[2]
+                    self._records.setdefault(name, []).append(record)
+        if cut:
+            log.warning(
+                "%s: %d cut line%s skipped (a write that failed or a run stopped while "
+                "writing); the records before and after it count",
+                path,
+                cut,
+                "" if cut == 1 else "s",
+            )
+        self.unreadable_lines += cut
 
     def _name(self, output: Path) -> str:
         try:
@@ -191,12 +203,46 @@ class Manifest:
             "output_sha256": file_sha256(written),
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        text = json.dumps(line, sort_keys=True, default=str) + "\n"
+        data = (json.dumps(line, sort_keys=True, default=str) + "\n").encode("utf-8")
         with self._lock:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write("\n" + text if self._open_line else text)
-                self._open_line = False
+            with open(self.path, "a+b") as handle:
+                handle.write(_fresh_line(handle) + data)
                 handle.flush()
                 os.fsync(handle.fileno())
             record = Record.from_json(line)
             self._records.setdefault(line["output"], []).append(record)
+
+
+RECORD_START = '{"output": '
+"""How every record's line begins (its keys are sorted): where a record glued to a cut
+line starts (manifests written before records always began on a new line)."""
+
+
+def _parse(text: str) -> tuple[int, str, Record] | None:
+    """(characters of a cut record before it, output name, record) of one line; None when
+    no record can be read from it."""
+    starts = [0]
+    glued = text.find(RECORD_START, 1)  # a cut record's own start is at 0
+    if glued > 0:
+        starts.append(glued)
+    for start in starts:
+        try:
+            line = json.loads(text[start:])
+            record = Record.from_json(line)
+            name = line["output"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            continue
+        if isinstance(name, str):
+            return start, name, record
+    return None
+
+
+def _fresh_line(handle: BinaryIO) -> bytes:
+    """A newline to write first when the file (opened a+b) does not end with one: the
+    last record was cut (our write failed, or another run was stopped while writing), and
+    the next must not be glued to it."""
+    end = handle.seek(0, os.SEEK_END)
+    if end == 0:
+        return b""
+    handle.seek(end - 1)
+    return b"" if handle.read(1) == b"\n" else b"\n"

@@ -236,6 +236,16 @@ def weights_file(folder: Path, part: str) -> Path:
     raise ModelError(f"{folder / part}: no weights file ({' or '.join(WEIGHT_FILES[part])})")
 
 
+def unet_state_spec(folder: Path, dtype: torch.dtype) -> dict:
+    """Name -> (shape, ``dtype``) of every weight of ``folder``'s UNet: what a merged UNet
+    cached for this base model and dtype must hold (built on the meta device: no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(read_part_config(folder, "unet"))
+    return {name: (tuple(tensor.shape), dtype) for name, tensor in unet.state_dict().items()}
+
+
 def unet_from_state(folder: Path, state: dict) -> object:
     """A UNet built from ``folder``'s config and given weights, without random init."""
     from diffusers import UNet2DConditionModel

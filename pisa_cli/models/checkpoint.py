@@ -9,6 +9,7 @@ the same names, with ranks, alphas and module lists as metadata.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from collections.abc import Iterator, Mapping
@@ -101,55 +102,113 @@ def resolve_weights_path(spec: str) -> Path:
     raise WeightsError(f"no PiSA-SR weights given or found; {DOWNLOAD_HINT}{folder}/")
 
 
+MAX_DEPTH = 16
+"""Nesting a checkpoint may have (the official one: dict, dict, tensor); deeper is not ours."""
+
+
 def load_checkpoint(path: str | Path) -> PisaCheckpoint:
-    """Read ``pisa_sr.pkl`` (official) or a safetensors file written by ``pisa convert``."""
+    """Read ``pisa_sr.pkl`` (official) or a safetensors file written by ``pisa convert``.
+
+    Whatever the file holds, a failure is one WeightsError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    kind = _kind(path)
+    try:
+        return _load_safetensors(path) if kind == "safetensors" else _load_pickle(path)
+    except WeightsError:
+        raise
+    except RecursionError:
+        raise WeightsError(f"{path}: not a PiSA-SR checkpoint (nested too deep)") from None
+    except MemoryError:
+        raise WeightsError(f"{path}: not enough memory to read the checkpoint") from None
+    except Exception as error:  # whatever else a foreign file makes a reader raise
+        raise WeightsError(f"{path}: not a PiSA-SR checkpoint ({_reason(error)})") from None
+
+
+def _kind(path: Path) -> str:
+    """torch (a zip or a legacy pickle) or safetensors, from the file's first bytes; a
+    WeightsError for anything else (a folder, a text file, an empty file)."""
+    if path.is_dir():
+        raise WeightsError(
+            f"{path}: is a folder, not a weights file; pass the pisa_sr.pkl (or the "
+            "safetensors file from `pisa convert`) itself"
+        )
+    if not path.exists():
         raise WeightsError(
             f"{path}: PiSA-SR weights not found (no such file); {DOWNLOAD_HINT}"
             f"{default_weights_dir()}/"
         )
-    if path.stat().st_size == 0:
+    if not path.is_file():
+        raise WeightsError(f"{path}: not a regular file; pass the weights file itself")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as error:
+        raise WeightsError(f"{path}: cannot read the weights ({error.strerror or error})") from None
+    if not head:
         raise WeightsError(f"{path}: the weights file is empty (0 bytes); download it again")
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path)
-    return _load_pickle(path)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return "torch"  # torch.save's zip, or its legacy format (a pickle, protocol 2)
+    if len(head) > 8 and head[8:9] == b"{":  # a header length, then the JSON header
+        return "safetensors"
+    text = all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head)
+    raise WeightsError(
+        f"{path}: not a PiSA-SR checkpoint ({'a text file' if text else 'unknown content'}, "
+        "neither a torch checkpoint nor safetensors)"
+    )
+
+
+def _reason(error: BaseException) -> str:
+    """The gist of a reader's error, on one short line."""
+    text = str(error).strip()
+    if "WeightsUnpickler error:" in text:  # torch's long message; the cause comes after
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    line = (text.splitlines() or [type(error).__name__])[0]
+    if len(line) > 160:  # torch's own advice follows its first sentence
+        line = line.split(". ")[0][:160]
+    return line
 
 
 def _load_pickle(path: Path) -> PisaCheckpoint:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
-        if "weights only" in reason.lower() or "unsupported global" in str(error).lower():
+        text = str(error).lower()
+        if "unsupported global" in text or "not an allowed global" in text:
             raise WeightsError(
                 f"{path}: refused to load: the checkpoint holds Python objects other than "
                 "tensors and plain containers, and unpickling them could run arbitrary code"
             ) from None
-        raise WeightsError(f"{path}: not a readable checkpoint ({reason})") from None
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise WeightsError(
-            f"{path}: cannot read the checkpoint (truncated or not a torch file: {reason})"
+            f"{path}: not a PiSA-SR checkpoint (not a readable pickle: {_reason(error)})"
         ) from None
-    _check_plain(raw, path, "checkpoint")
+    except Exception as error:
+        raise WeightsError(
+            f"{path}: cannot read the checkpoint (truncated or not a torch file: {_reason(error)})"
+        ) from None
+    _check_plain(raw, path)
     return _from_official_dict(raw, path)
 
 
-def _check_plain(value: object, path: Path, where: str) -> None:
-    """Refuse anything but tensors, numbers, strings and lists/dicts of them."""
-    if isinstance(value, torch.Tensor | int | float | str | bool) or value is None:
-        return
-    if isinstance(value, list | tuple):
-        for item in value:
-            _check_plain(item, path, where)
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_plain(key, path, where)
-            _check_plain(item, path, f"{where}[{key!r}]")
-        return
-    raise WeightsError(f"{path}: {where} holds a {type(value).__name__}; expected plain data")
+def _check_plain(value: object, path: Path) -> None:
+    """Refuse anything but tensors, numbers, strings and lists/dicts of them, nested at
+    most MAX_DEPTH deep (walked with a stack of our own: no recursion to run out of)."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, torch.Tensor | int | float | str | bool) or item is None:
+            continue
+        if depth >= MAX_DEPTH:
+            raise WeightsError(
+                f"{path}: not a PiSA-SR checkpoint (nested more than {MAX_DEPTH} deep)"
+            )
+        if isinstance(item, list | tuple):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, dict):
+            stack.extend((child, depth + 1) for pair in item.items() for child in pair)
+        else:
+            raise WeightsError(
+                f"{path}: checkpoint holds a {type(item).__name__}; expected plain data"
+            )
 
 
 def _from_official_dict(raw: object, path: Path) -> PisaCheckpoint:
@@ -182,8 +241,10 @@ def _build(
     for branch, rank in ranks.items():
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise WeightsError(
-                f"{path}: LoRA rank of the {branch} branch is {rank!r}, not a >0 int"
+                f"{path}: LoRA rank of the {branch} branch is {rank!r:.40}, not a >0 int"
             )
+        if not math.isfinite(alphas[branch]):
+            raise WeightsError(f"{path}: LoRA alpha of the {branch} branch is not a number")
     clean_modules: dict[str, tuple[str, ...]] = {}
     for adapter, names in modules.items():
         if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
@@ -198,6 +259,8 @@ def _build(
                 tensor = state.get(key)
                 if not isinstance(tensor, torch.Tensor):
                     raise WeightsError(f"{path}: tensor {key!r} is missing")
+                if not tensor.is_floating_point():
+                    raise WeightsError(f"{path}: tensor {key!r} holds {tensor.dtype}, not floats")
                 if tensor.dim() not in (2, 4) or tensor.shape[dims] != ranks[branch]:
                     raise WeightsError(
                         f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, which does not "
@@ -224,10 +287,11 @@ def _load_safetensors(path: Path) -> PisaCheckpoint:
                     f"{path}: not a PiSA-SR safetensors file (write one with `pisa convert`)"
                 )
             state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except SafetensorError as error:
-        raise WeightsError(f"{path}: cannot read the safetensors file ({error})") from None
-    except OSError as error:
-        raise WeightsError(f"{path}: cannot read the safetensors file ({error})") from None
+    except WeightsError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        reason = _reason(error)
+        raise WeightsError(f"{path}: cannot read the safetensors file ({reason})") from None
     try:
         ranks = {b: int(meta[f"lora_rank_unet_{b}"]) for b in BRANCHES}
         alphas = {b: float(meta[f"lora_alpha_unet_{b}"]) for b in BRANCHES}
@@ -236,8 +300,9 @@ def _load_safetensors(path: Path) -> PisaCheckpoint:
             for b in BRANCHES
             for g in GROUPS
         }
-    except (KeyError, ValueError) as error:
-        raise WeightsError(f"{path}: metadata incomplete or malformed ({error})") from None
+    except (KeyError, ValueError, RecursionError) as error:
+        reason = _reason(error)
+        raise WeightsError(f"{path}: metadata incomplete or malformed ({reason})") from None
     return _build(ranks, alphas, modules, state, path)
 
 

@@ -51,6 +51,18 @@ class SecondLora:
 def load_second_lora(path: str | Path) -> SecondLora:
     """Read a second-pass LoRA; WeightsError with the file and the problem otherwise."""
     path = Path(path).expanduser()
+    try:
+        return _load(path)
+    except WeightsError:
+        raise
+    except RecursionError:
+        raise WeightsError(f"{path}: not a usable second-pass LoRA (nested too deep)") from None
+    except Exception as error:  # whatever else a foreign file makes a reader raise
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise WeightsError(f"{path}: not a usable second-pass LoRA ({reason})") from None
+
+
+def _load(path: Path) -> SecondLora:
     if path.is_dir():
         config_path, weights_path = path / PEFT_CONFIG, path / PEFT_WEIGHTS
         if not config_path.is_file() or not weights_path.is_file():

@@ -41,8 +41,8 @@ class PromptEncoder:
         if prompt in self._cache:
             return self._cache[prompt]
         key = cache.make_key(encoder=self._cache_key, prompt=prompt) if self._cache_key else ""
-        stored = cache.load_tensors("prompts", key) if key else None
-        if stored is not None and "embedding" in stored:
+        stored = cache.load_tensors("prompts", key, _embedding_check) if key else None
+        if stored is not None:
             self._cache[prompt] = stored["embedding"]
         else:
             self._cache[prompt] = self._encode(prompt)
@@ -67,3 +67,8 @@ class PromptEncoder:
         self.encodes += 1
         self._encoder = encoder if self._keep_loaded else None
         return embedding
+
+
+def _embedding_check(tensors: dict[str, torch.Tensor]) -> str:
+    """What is wrong with a cached prompt entry: one (1, tokens, hidden) float32 tensor."""
+    return cache.mismatch(tensors, {"embedding": ((1, None, None), torch.float32)})
