@@ -254,10 +254,12 @@ def dry_run(
     """The plans of each job (one per pass) from its image header, without loading a model.
 
     Channel widths come from the base model's configs when it is on disk, else from SD
-    2.1-base's; the free memory is that of the device the run would use.
+    2.1-base's; the free memory is that of the device the run would use. The families (and
+    so the tile grids) follow the weights' names.
     """
     from pisa_cli.engine.memory import Widths
     from pisa_cli.imaging.io import read_size
+    from pisa_cli.models.adapters import OMGSR, family_of
     from pisa_cli.models.base import find_local_base_model, read_part_config
     from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
     from pisa_cli.planning import plan_image
@@ -270,17 +272,47 @@ def dry_run(
         unet, vae = read_part_config(folder, "unet"), read_part_config(folder, "vae")
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
         widths = Widths(unet["block_out_channels"][0], vae["block_out_channels"][0], factor)
+    first = family_of(model.resolved_weights())
+    kind = options.second_pass.kind
+    second_omgsr = kind == "tudsr" and family_of(options.second_pass.weights) == OMGSR
     for job in jobs:
         try:
             size = read_size(job.source)
         except ImageError as error:
             yield job, str(error)
             continue
-        plans = [plan_image(size, options, widths, dtype.itemsize, free_memory(device))]
-        if options.second_pass.kind != "none":
-            second = replace(options, scale=2, second_pass=SecondPassOptions())
-            variants = ("second",) if options.second_pass.kind == "tudsr" else None
+        free = free_memory(device)
+        if first == OMGSR:
+            plans = [plan_image(size, options, widths, dtype.itemsize, free, ("first",), OMGSR)]
+        else:
+            plans = [plan_image(size, options, widths, dtype.itemsize, free)]
+        if kind != "none":
+            second = replace(options, scale=2, timestep=None, second_pass=SecondPassOptions())
+            variants = ("second",) if kind == "tudsr" else plans[0].variants
+            tiling = OMGSR if second_omgsr else "stablesr"
             size = plans[0].resize.output_size
             free = free_memory(device)
-            plans.append(plan_image(size, second, widths, dtype.itemsize, free, variants))
+            plans.append(plan_image(size, second, widths, dtype.itemsize, free, variants, tiling))
         yield job, plans
+
+
+def describe_families(options: UpscaleOptions, model: ModelOptions) -> list[str]:
+    """Which model family each pass runs, for --dry-run (names and headers only)."""
+    from pisa_cli.models.adapters import FAMILY_NAMES, OMGSR, PISA, family_of, planned_timestep
+
+    weights = model.resolved_weights()
+    if family_of(weights) == OMGSR:
+        timestep, origin = planned_timestep(weights, options.timestep)
+        lines = [f"model: {FAMILY_NAMES[OMGSR]} {weights}, timestep {timestep} ({origin})"]
+    else:
+        lines = [f"model: {FAMILY_NAMES[PISA]} {weights or '(default weights)'}, timestep 1"]
+    second = options.second_pass
+    if second.kind == "tudsr" and family_of(second.weights) == OMGSR:
+        what = "--second-pass-timestep"
+        timestep, origin = planned_timestep(second.weights, second.timestep, what)
+        lines.append(
+            f"second pass: {FAMILY_NAMES[OMGSR]} {second.weights}, timestep {timestep} ({origin})"
+        )
+    elif second.kind != "none":
+        lines.append(f"second pass: {second.kind} {second.weights}".rstrip())
+    return lines

@@ -57,7 +57,9 @@ Weights = Annotated[
     typer.Option(
         "--weights",
         envvar=WEIGHTS_ENV,
-        help="PiSA-SR weights: the official pisa_sr.pkl or a .safetensors from `pisa convert` "
+        help="The model's weights, which pick its family: PiSA-SR's pisa_sr.pkl or a "
+        ".safetensors from `pisa convert`, or an OMGSR-style folder holding "
+        "unet_lora_adapter/ and vae_encoder_lora_adapter/ (OMGSR-S, TUDSR's LoRA-1) "
         "(default: pisa_sr.safetensors or pisa_sr.pkl in ~/.cache/pisa-cli/).",
         show_default=False,
         rich_help_panel=MODEL,
@@ -164,21 +166,32 @@ VaeSample = Annotated[
         rich_help_panel=QUALITY,
     ),
 ]
+Timestep = Annotated[
+    int | None,
+    typer.Option(
+        "--timestep",
+        help="UNet timestep of an OMGSR-style model (default: the one its folder records, "
+        "else 273, OMGSR-S's); PiSA-SR runs at t = 1.",
+        rich_help_panel=QUALITY,
+        show_default=False,
+    ),
+]
 LatentTile = Annotated[
     str,
     typer.Option(
         "--latent-tile",
         help="UNet tile side in latent pixels (1 latent pixel = 8 image pixels); latents of "
-        "up to tile x tile pixels are not tiled. auto: the reference's 96, smaller only when "
-        "memory is short.",
+        "up to tile x tile pixels are not tiled. auto: the reference's (PiSA-SR 96; "
+        "OMGSR-style process-size/8), smaller only when memory is short.",
         rich_help_panel=TILES,
     ),
 ]
 LatentOverlap = Annotated[
-    int,
+    str,
     typer.Option(
         "--latent-overlap",
-        help="Overlap of UNet tiles in latent pixels, blended with Gaussian weights.",
+        help="Overlap of UNet tiles in latent pixels, blended with Gaussian weights. auto: "
+        "the reference's (PiSA-SR 32; OMGSR-style half the tile).",
         rich_help_panel=TILES,
     ),
 ]
@@ -295,7 +308,8 @@ SecondPassWeights = Annotated[
     typer.Option(
         "--second-pass-weights",
         help="LoRA of the tudsr pass: a peft adapter folder (adapter_config.json + "
-        "adapter_model.safetensors) or a diffusers LoRA .safetensors.",
+        "adapter_model.safetensors), a diffusers LoRA .safetensors, or an OMGSR-style "
+        "folder (unet_lora_adapter/ + vae_encoder_lora_adapter/).",
         rich_help_panel=SECOND,
     ),
 ]
@@ -303,7 +317,8 @@ SecondPassTimestep = Annotated[
     int | None,
     typer.Option(
         "--second-pass-timestep",
-        help="UNet timestep of the tudsr pass (default: the one stored in the LoRA file).",
+        help="UNet timestep of the tudsr pass (default: the one stored in the LoRA file; "
+        "an OMGSR-style folder without one: 273).",
         rich_help_panel=SECOND,
     ),
 ]
@@ -323,7 +338,7 @@ def build_options(values: dict[str, object]) -> tuple[ModelOptions, UpscaleOptio
     model = ModelOptions(**{k: values.pop(k) for k in names})
     tiles = TileOptions(
         latent_tile=parse_tile("--latent-tile", values.pop("latent_tile")),
-        latent_overlap=values.pop("latent_overlap"),
+        latent_overlap=parse_tile("--latent-overlap", values.pop("latent_overlap")),
         vae_encoder_tile=parse_tile("--vae-encoder-tile", values.pop("vae_encoder_tile")),
         vae_decoder_tile=parse_tile("--vae-decoder-tile", values.pop("vae_decoder_tile")),
         tile_batch=parse_tile("--tile-batch", values.pop("tile_batch")),

@@ -10,7 +10,7 @@ import typer
 
 from pisa_cli.cli import common
 from pisa_cli.cli.progress import summary, track
-from pisa_cli.errors import OptionsError, PisaError
+from pisa_cli.errors import OptionsError, PisaError, WeightsError
 from pisa_cli.sweep.grid import DEFAULT_MAX_POINTS, DEFAULT_SPEC
 
 SWEEP = "Sweep"
@@ -131,7 +131,7 @@ def sweep_command(
     seed: common.Seed = None,
     vae_sample: common.VaeSample = False,
     latent_tile: common.LatentTile = "auto",
-    latent_overlap: common.LatentOverlap = 32,
+    latent_overlap: common.LatentOverlap = "auto",
     vae_encoder_tile: common.VaeEncoderTile = "auto",
     vae_decoder_tile: common.VaeDecoderTile = "auto",
     tile_batch: common.TileBatch = "auto",
@@ -185,8 +185,17 @@ def sweep_command(
 
 
 def _settings(values: dict, model_options, options):
-    """SweepSettings and metric names from the sweep's own options (OptionsError if bad)."""
+    """SweepSettings and metric names from the sweep's own options (OptionsError if bad;
+    WeightsError for weights without lambdas)."""
+    from pisa_cli.models.adapters import OMGSR, family_of
     from pisa_cli.sweep.grid import parse_grid
+
+    weights = model_options.resolved_weights()
+    if family_of(weights) == OMGSR:
+        raise WeightsError(
+            f"{weights}: an OMGSR-style adapter folder has no lambdas to sweep (they are "
+            "PiSA-SR's); use pisa upscale, or sweep with PiSA-SR weights"
+        )
     from pisa_cli.sweep.metrics import BUILT_IN, parse_metrics
     from pisa_cli.sweep.run import SweepSettings
     from pisa_cli.sweep.sheet import SheetOptions

@@ -61,8 +61,9 @@ def upscale_command(
     prompt: common.Prompt = "",
     seed: common.Seed = None,
     vae_sample: common.VaeSample = False,
+    timestep: common.Timestep = None,
     latent_tile: common.LatentTile = "auto",
-    latent_overlap: common.LatentOverlap = 32,
+    latent_overlap: common.LatentOverlap = "auto",
     vae_encoder_tile: common.VaeEncoderTile = "auto",
     vae_decoder_tile: common.VaeDecoderTile = "auto",
     tile_batch: common.TileBatch = "auto",
@@ -199,34 +200,49 @@ def _conflict(job):
 
 
 def _settings(model: ModelOptions, options: UpscaleOptions, batch: BatchOptions) -> dict:
-    """The manifest's settings: what the outputs depend on (raises WeightsError when the
-    weights cannot be found)."""
-    from pisa_cli.imaging.manifest import file_sha256
+    """The manifest's settings: what the outputs depend on, with the model family and (for
+    OMGSR-style folders) the timestep that runs (raises WeightsError when the weights cannot
+    be found)."""
+    from pisa_cli.models.adapters import OMGSR, family_of, planned_timestep, weight_files
     from pisa_cli.models.checkpoint import load_checkpoint, resolve_weights_path
     from pisa_cli.models.device import resolve_device, resolve_dtype
     from pisa_cli.runner import run_settings
 
     weights = resolve_weights_path(model.resolved_weights())
-    if not weights.is_file():
+    family = family_of(weights)
+    if family != OMGSR and not weights.is_file():
         load_checkpoint(weights)  # raises its "not found" error with the download hint
-    try:
-        digest = file_sha256(weights)
-    except OSError as error:
-        from pisa_cli.errors import WeightsError
-
-        raise WeightsError(f"{weights}: cannot read ({error.strerror or error})") from None
+    digests = _digests(weight_files(weights))
     dtype = resolve_dtype(model.dtype, resolve_device(model.device))
     base = model.resolved_base_model()
     identity = {
-        "weights_sha256": digest,
+        "family": family,
+        "weights_sha256": digests[0] if weights.is_file() else digests,
         "base_model": str(Path(base).resolve()) if Path(base).exists() else base,
         "dtype": str(dtype).removeprefix("torch."),
     }
+    if family == OMGSR:
+        identity["timestep"] = planned_timestep(weights, options.timestep)[0]
     second = Path(options.second_pass.weights)
     if options.second_pass.kind == "tudsr" and second.exists():
-        files = sorted(second.glob("*")) if second.is_dir() else [second]
-        identity["second_pass_sha256"] = [file_sha256(f) for f in files if f.is_file()]
+        identity["second_pass_sha256"] = _digests(weight_files(second))
+        if family_of(second) == OMGSR:
+            identity["second_pass_family"] = OMGSR
+            flag = options.second_pass.timestep
+            what = "--second-pass-timestep"
+            identity["second_pass_timestep"] = planned_timestep(second, flag, what)[0]
     return run_settings(options, batch, identity)
+
+
+def _digests(files: list[Path]) -> list[str]:
+    from pisa_cli.errors import WeightsError
+    from pisa_cli.imaging.manifest import file_sha256
+
+    try:
+        return [file_sha256(f) for f in files]
+    except OSError as error:
+        name = error.filename or files[0]
+        raise WeightsError(f"{name}: cannot read ({error.strerror or error})") from None
 
 
 def _say_skipped(skipped: list, to_run: list, reasons: dict, quiet: bool) -> None:
@@ -274,12 +290,16 @@ def process(
     from pisa_cli.loading import load_pipeline
     from pisa_cli.runner import run_jobs
 
+    log = logging.getLogger("pisa_cli")
     try:
         pipeline = load_pipeline(model_options, options=options)
+        pipeline.stages(options)  # timesteps and passes: refused here, not once per image
+        for line in pipeline.describe(options):
+            log.info("%s", line)
     except PisaError as error:
         raise common.fail(error) from None
     dtype_name = str(pipeline.dtype).removeprefix("torch.")
-    logging.getLogger("pisa_cli").info("model ready on %s in %s", pipeline.device, dtype_name)
+    log.info("model ready on %s in %s", pipeline.device, dtype_name)
     stop = threading.Event()
     processed, start = 0, time.perf_counter()
 
@@ -383,9 +403,11 @@ def _write_report(report: Path, outcome: Outcome, counts: Counter) -> bool:
 
 def _print_plans(jobs: list, options, model_options) -> None:
     """--dry-run: each image's plan, from its header and the free memory; no model loaded."""
-    from pisa_cli.runner import dry_run
+    from pisa_cli.runner import describe_families, dry_run
 
     try:
+        for line in describe_families(options, model_options):
+            typer.echo(line)
         for job, plans in dry_run(jobs, options, model_options):
             if isinstance(plans, str):
                 typer.echo(f"error: {plans}", err=True)

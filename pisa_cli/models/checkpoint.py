@@ -104,6 +104,11 @@ def resolve_weights_path(spec: str) -> Path:
 def load_checkpoint(path: str | Path) -> PisaCheckpoint:
     """Read ``pisa_sr.pkl`` (official) or a safetensors file written by ``pisa convert``."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(
+            f"{path}: a folder, but not an OMGSR-style adapter folder (one holding "
+            "unet_lora_adapter/ and vae_encoder_lora_adapter/); PiSA-SR weights are one file"
+        )
     if not path.is_file():
         raise WeightsError(
             f"{path}: PiSA-SR weights not found (no such file); {DOWNLOAD_HINT}"
