@@ -159,3 +159,68 @@ def write_second_lora(
 @pytest.fixture(scope="session")
 def second_lora(tiny_base, tmp_path_factory) -> Path:
     return write_second_lora(tiny_base, tmp_path_factory.mktemp("second") / "tudsr-lora")
+
+
+OMGSR_TARGETS = [
+    "conv1",
+    "conv2",
+    "conv_in",
+    "conv_shortcut",
+    "conv",
+    "conv_out",
+    "to_k",
+    "to_q",
+    "to_v",
+    "to_out.0",
+]
+"""The target modules of OMGSR-S's training script, for both LoRAs."""
+
+
+def write_adapter_folder(
+    base: Path,
+    folder: Path,
+    seed: int = 5,
+    unet_rank: int = 8,
+    vae_rank: int = 4,
+    vae_alpha: float = 8.0,
+    std: float = 0.03,
+) -> Path:
+    """An OMGSR-style folder exactly as its trainer saves one: peft models with adapters
+    named unet_lora_adapter and vae_encoder_lora_adapter, written by peft's own
+    save_pretrained (each lands in a sub-folder named after its adapter). The UNet LoRA has
+    lora_alpha = r as the official config; the encoder's has alpha 2r, so the scaling is
+    read from the file. lora_B is random (peft starts it at zero; trained LoRAs are not)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from peft import LoraConfig, PeftModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(str(base), subfolder="vae")
+    folder.mkdir(parents=True, exist_ok=True)
+    for model, name, rank, alpha in (
+        (unet, "unet_lora_adapter", unet_rank, unet_rank),
+        (vae.encoder, "vae_encoder_lora_adapter", vae_rank, vae_alpha),
+    ):
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=OMGSR_TARGETS, init_lora_weights="gaussian"
+        )
+        wrapped = PeftModel(model=model, peft_config=config, adapter_name=name)
+        with torch.no_grad():
+            for key, param in wrapped.named_parameters():
+                if "lora_B" in key:
+                    param.normal_(0.0, std)
+        wrapped.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def adapter_folder(tiny_base, tmp_path_factory) -> Path:
+    """An OMGSR-style folder (records no timestep, as the official one)."""
+    return write_adapter_folder(tiny_base, tmp_path_factory.mktemp("omgsr") / "omgsr-s")
+
+
+@pytest.fixture(scope="session")
+def adapter_folder_2(tiny_base, tmp_path_factory) -> Path:
+    """Another one, as TUDSR's LoRA-2 (different weights and ranks)."""
+    folder = tmp_path_factory.mktemp("omgsr") / "lora-2"
+    return write_adapter_folder(tiny_base, folder, seed=6, unet_rank=4, vae_rank=2, vae_alpha=2)
