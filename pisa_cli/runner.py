@@ -294,25 +294,3 @@ def dry_run(
             free = free_memory(device)
             plans.append(plan_image(size, second, widths, dtype.itemsize, free, variants, tiling))
         yield job, plans
-
-
-def describe_families(options: UpscaleOptions, model: ModelOptions) -> list[str]:
-    """Which model family each pass runs, for --dry-run (names and headers only)."""
-    from pisa_cli.models.adapters import FAMILY_NAMES, OMGSR, PISA, family_of, planned_timestep
-
-    weights = model.resolved_weights()
-    if family_of(weights) == OMGSR:
-        timestep, origin = planned_timestep(weights, options.timestep)
-        lines = [f"model: {FAMILY_NAMES[OMGSR]} {weights}, timestep {timestep} ({origin})"]
-    else:
-        lines = [f"model: {FAMILY_NAMES[PISA]} {weights or '(default weights)'}, timestep 1"]
-    second = options.second_pass
-    if second.kind == "tudsr" and family_of(second.weights) == OMGSR:
-        what = "--second-pass-timestep"
-        timestep, origin = planned_timestep(second.weights, second.timestep, what)
-        lines.append(
-            f"second pass: {FAMILY_NAMES[OMGSR]} {second.weights}, timestep {timestep} ({origin})"
-        )
-    elif second.kind != "none":
-        lines.append(f"second pass: {second.kind} {second.weights}".rstrip())
-    return lines

@@ -100,8 +100,8 @@ def test_each_detail_of_the_procedure_matters(omgsr_pipe, oracle, tiny_base):
 def test_only_the_encoder_gets_the_vae_lora(omgsr_pipe, tiny_base, adapter_folder):
     vae = AutoencoderKL.from_pretrained(str(tiny_base), subfolder="vae")
     ours = omgsr_pipe.vae
-    same = [torch.equal(a, b) for a, b in zip(ours.decoder.parameters(), vae.decoder.parameters())]
-    assert all(same)
+    pairs = zip(ours.decoder.parameters(), vae.decoder.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     assert torch.equal(ours.quant_conv.weight, vae.quant_conv.weight)
     changed = dict(ours.encoder.named_parameters())
     modules = {layer.module for layer in load_adapter_folder(adapter_folder).encoder}
@@ -131,7 +131,7 @@ def test_the_timestep_the_folder_records_is_the_default(tiny_base, tmp_path, ora
     image = noise_image(24, 20, seed=4)
     assert_close(
         pipe.upscale(image, options),
-        omgsr_upscale(oracle, image, PROCESS // PROCESS * 4, PROCESS, 400),
+        omgsr_upscale(oracle, image, process_size=PROCESS, timestep=400),
     )
 
 

@@ -200,49 +200,12 @@ def _conflict(job):
 
 
 def _settings(model: ModelOptions, options: UpscaleOptions, batch: BatchOptions) -> dict:
-    """The manifest's settings: what the outputs depend on, with the model family and (for
-    OMGSR-style folders) the timestep that runs (raises WeightsError when the weights cannot
-    be found)."""
-    from pisa_cli.models.adapters import OMGSR, family_of, planned_timestep, weight_files
-    from pisa_cli.models.checkpoint import load_checkpoint, resolve_weights_path
-    from pisa_cli.models.device import resolve_device, resolve_dtype
+    """The manifest's settings: what the outputs depend on (raises WeightsError when the
+    weights cannot be found)."""
+    from pisa_cli.families import model_identity
     from pisa_cli.runner import run_settings
 
-    weights = resolve_weights_path(model.resolved_weights())
-    family = family_of(weights)
-    if family != OMGSR and not weights.is_file():
-        load_checkpoint(weights)  # raises its "not found" error with the download hint
-    digests = _digests(weight_files(weights))
-    dtype = resolve_dtype(model.dtype, resolve_device(model.device))
-    base = model.resolved_base_model()
-    identity = {
-        "family": family,
-        "weights_sha256": digests[0] if weights.is_file() else digests,
-        "base_model": str(Path(base).resolve()) if Path(base).exists() else base,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-    if family == OMGSR:
-        identity["timestep"] = planned_timestep(weights, options.timestep)[0]
-    second = Path(options.second_pass.weights)
-    if options.second_pass.kind == "tudsr" and second.exists():
-        identity["second_pass_sha256"] = _digests(weight_files(second))
-        if family_of(second) == OMGSR:
-            identity["second_pass_family"] = OMGSR
-            flag = options.second_pass.timestep
-            what = "--second-pass-timestep"
-            identity["second_pass_timestep"] = planned_timestep(second, flag, what)[0]
-    return run_settings(options, batch, identity)
-
-
-def _digests(files: list[Path]) -> list[str]:
-    from pisa_cli.errors import WeightsError
-    from pisa_cli.imaging.manifest import file_sha256
-
-    try:
-        return [file_sha256(f) for f in files]
-    except OSError as error:
-        name = error.filename or files[0]
-        raise WeightsError(f"{name}: cannot read ({error.strerror or error})") from None
+    return run_settings(options, batch, model_identity(model, options))
 
 
 def _say_skipped(skipped: list, to_run: list, reasons: dict, quiet: bool) -> None:
@@ -403,7 +366,8 @@ def _write_report(report: Path, outcome: Outcome, counts: Counter) -> bool:
 
 def _print_plans(jobs: list, options, model_options) -> None:
     """--dry-run: each image's plan, from its header and the free memory; no model loaded."""
-    from pisa_cli.runner import describe_families, dry_run
+    from pisa_cli.families import describe_families
+    from pisa_cli.runner import dry_run
 
     try:
         for line in describe_families(options, model_options):
