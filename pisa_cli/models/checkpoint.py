@@ -105,6 +105,10 @@ def load_checkpoint(path: str | Path) -> PisaCheckpoint:
     """Read ``pisa_sr.pkl`` (official) or a safetensors file written by ``pisa convert``."""
     path = Path(path)
     if path.is_dir():
+        from pisa_cli.models.adapters import is_adapter_folder
+
+        if is_adapter_folder(path):
+            raise WeightsError(f"{path}: an OMGSR-style adapter folder, not PiSA-SR weights")
         raise WeightsError(
             f"{path}: a folder, but not an OMGSR-style adapter folder (one holding "
             "unet_lora_adapter/ and vae_encoder_lora_adapter/); PiSA-SR weights are one file"

@@ -172,8 +172,7 @@ class PisaUNet:
             for layer in layers:
                 check_layer_fits(layer, modules.get(layer.module), sources[name])
         if not premerged:  # premerged: the weights come from the merged-UNet cache
-            wanted = [layer for a in self.variants[merged] for layer in adapters[a]]
-            merge_layers(unet, wanted, "", "UNet")
+            self._merge([layer for a in self.variants[merged] for layer in adapters[a]], modules)
         self._install_side_paths(adapters, modules)
 
     @property
@@ -183,6 +182,10 @@ class PisaUNet:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    def _merge(self, layers: list[LoraLayer], modules: dict) -> None:
+        """Merge ``layers`` (checked already) into the UNet's weights, once, at load."""
+        merge_layers(self.unet, layers, "weights", "UNet")
 
     def _install_side_paths(self, adapters: dict[str, list[LoraLayer]], modules: dict) -> None:
         param = next(self.unet.parameters())
