@@ -56,8 +56,10 @@ def test_upscale_with_an_adapter_folder(tiny_base, adapter_folder, photo, tmp_pa
     )
     expected = pipe.upscale(noise_image(24, 20, 7), UpscaleOptions(process_size=64))
     assert np.array_equal(np.asarray(written), np.asarray(expected))
-    model = json.loads(report.read_text())["settings"]["model"]
+    data = json.loads(report.read_text())
+    model = data["settings"]["model"]
     assert (model["family"], model["timestep"]) == ("omgsr", 273)
+    assert data["images"][0]["family"] == "omgsr"
     record = json.loads((out / MANIFEST_NAME).read_text().splitlines()[-1])
     assert record["settings"]["model"]["family"] == "omgsr"
     assert record["settings"]["model"]["timestep"] == 273
