@@ -35,7 +35,8 @@ class ModelOptions:
     base_model: str = ""
     """Hub id or local diffusers folder of SD 2.1-base; empty: $PISA_BASE_MODEL, else the mirror."""
     weights: str = ""
-    """Path to ``pisa_sr.pkl`` or our safetensors; empty: $PISA_WEIGHTS, else the default place."""
+    """Path to ``pisa_sr.pkl`` or our safetensors, or an OMGSR-style adapter folder (the
+    family follows the weights); empty: $PISA_WEIGHTS, else the default place."""
     device: str = "auto"
     """``auto`` (CUDA, then MPS, then CPU), ``cuda``, ``cuda:N``, ``mps`` or ``cpu``."""
     dtype: str = "auto"
@@ -83,9 +84,10 @@ class TileOptions:
     latent_tile: int | None = AUTO
     """Side of a UNet tile in latent pixels (8 image pixels each). Auto: the reference's 96
     when it fits in memory, smaller when not."""
-    latent_overlap: int = 32
-    """Overlap of neighbouring UNet tiles in latent pixels; must be smaller than the tile
-    (with an automatic tile it is cut to a third of the tile when larger)."""
+    latent_overlap: int | None = AUTO
+    """Overlap of neighbouring UNet tiles in latent pixels; must be smaller than the tile.
+    Auto: the family's (PiSA-SR: 32, cut to a third of an automatic tile; OMGSR-style: half
+    the tile, as its script)."""
     vae_encoder_tile: int | None = AUTO
     """VAE encoder tile side in image pixels; larger images are encoded in bands of rows
     holding at most this many pixels' activations. Auto: whole image when it fits."""
@@ -100,13 +102,13 @@ class TileOptions:
             f"--latent-tile {self.latent_tile} is too small: use auto or at least "
             f"{MIN_LATENT_TILE} latent pixels (96 is the reference)",
         )
-        if self.latent_tile is not None:
+        if self.latent_tile is not None and self.latent_overlap is not None:
             _check(
                 0 <= self.latent_overlap < self.latent_tile,
                 f"--latent-overlap {self.latent_overlap} must be at least 0 and smaller than "
                 f"--latent-tile {self.latent_tile}",
             )
-        else:
+        elif self.latent_overlap is not None:
             _check(
                 self.latent_overlap >= 0,
                 f"--latent-overlap {self.latent_overlap} must be at least 0",
@@ -137,9 +139,11 @@ class SecondPassOptions:
     kind: str = "none"
     """none; tudsr (a second LoRA on the same backbone); pisa (PiSA-SR again, a fallback)."""
     weights: str = ""
-    """The second pass's LoRA: a peft adapter folder or a diffusers LoRA .safetensors."""
+    """The second pass's LoRA: a peft adapter folder, a diffusers LoRA .safetensors, or an
+    OMGSR-style folder (UNet + VAE-encoder LoRA)."""
     timestep: int | None = None
-    """UNet timestep of the second pass; None: the one stored in the LoRA file."""
+    """UNet timestep of the second pass; None: the one stored in the LoRA file (an
+    OMGSR-style folder without one: 273)."""
     prompt: str = ""
     """Prompt of the second pass (tudsr)."""
 
@@ -183,6 +187,9 @@ class UpscaleOptions:
     """Sample the VAE latent instead of taking its mean (the reference samples)."""
     seed: int | None = None
     """Seed for --vae-sample; None draws a fresh one."""
+    timestep: int | None = None
+    """UNet timestep of an OMGSR-style first pass; None: the one its folder records, else
+    273. PiSA-SR runs at t = 1 and takes none."""
     tiles: TileOptions = field(default_factory=TileOptions)
     """Tile sizes for the UNet and the VAE."""
     second_pass: SecondPassOptions = field(default_factory=SecondPassOptions)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pisa_cli.models.synthetic import save_random_base
-from tests.helpers import write_official_checkpoint, write_second_lora
+from tests.helpers import write_adapter_folder, write_official_checkpoint, write_second_lora
 
 
 @pytest.fixture(autouse=True)
@@ -49,3 +49,16 @@ def pipeline(tiny_base, pisa_pkl):
 @pytest.fixture(scope="session")
 def second_lora(tiny_base, tmp_path_factory) -> Path:
     return write_second_lora(tiny_base, tmp_path_factory.mktemp("second") / "tudsr-lora")
+
+
+@pytest.fixture(scope="session")
+def adapter_folder(tiny_base, tmp_path_factory) -> Path:
+    """An OMGSR-style folder (records no timestep, as the official one)."""
+    return write_adapter_folder(tiny_base, tmp_path_factory.mktemp("omgsr") / "omgsr-s")
+
+
+@pytest.fixture(scope="session")
+def adapter_folder_2(tiny_base, tmp_path_factory) -> Path:
+    """Another one, as TUDSR's LoRA-2 (different weights and ranks)."""
+    folder = tmp_path_factory.mktemp("omgsr") / "lora-2"
+    return write_adapter_folder(tiny_base, folder, seed=6, unet_rank=4, vae_rank=2, vae_alpha=2)

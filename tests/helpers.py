@@ -209,6 +209,58 @@ def check_partial_then_rerun(
     assert not temporaries(out)
 
 
+OMGSR_TARGETS = [
+    "conv1",
+    "conv2",
+    "conv_in",
+    "conv_shortcut",
+    "conv",
+    "conv_out",
+    "to_k",
+    "to_q",
+    "to_v",
+    "to_out.0",
+]
+"""The target modules of OMGSR-S's training script, for both LoRAs."""
+
+
+def write_adapter_folder(
+    base: Path,
+    folder: Path,
+    seed: int = 5,
+    unet_rank: int = 8,
+    vae_rank: int = 4,
+    vae_alpha: float = 8.0,
+    std: float = 0.03,
+) -> Path:
+    """An OMGSR-style folder exactly as its trainer saves one: peft models with adapters
+    named unet_lora_adapter and vae_encoder_lora_adapter, written by peft's own
+    save_pretrained (each lands in a sub-folder named after its adapter). The UNet LoRA has
+    lora_alpha = r as the official config; the encoder's has alpha 2r, so the scaling is
+    read from the file. lora_B is random (peft starts it at zero; trained LoRAs are not)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from peft import LoraConfig, PeftModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(str(base), subfolder="vae")
+    folder.mkdir(parents=True, exist_ok=True)
+    for model, name, rank, alpha in (
+        (unet, "unet_lora_adapter", unet_rank, unet_rank),
+        (vae.encoder, "vae_encoder_lora_adapter", vae_rank, vae_alpha),
+    ):
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=OMGSR_TARGETS, init_lora_weights="gaussian"
+        )
+        wrapped = PeftModel(model=model, peft_config=config, adapter_name=name)
+        with torch.no_grad():
+            for key, param in wrapped.named_parameters():
+                if "lora_B" in key:
+                    param.normal_(0.0, std)
+        wrapped.save_pretrained(str(folder))
+    return folder
+
+
 @dataclass
 class FakeResult:
     image: Image.Image
@@ -226,6 +278,12 @@ class FakePipeline:
     def __init__(self, fail: bool = False):
         self.fail = fail
         self.calls = 0
+
+    def stages(self, options) -> list:
+        return []
+
+    def describe(self, options) -> list[str]:
+        return ["fake pipeline"]
 
     def upscale_with_info(self, image: Image.Image, options) -> FakeResult:
         self.calls += 1

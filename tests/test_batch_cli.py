@@ -151,7 +151,7 @@ def test_report(models, photos, tmp_path, suffix):
             rows = {row["input"].rsplit("/", 1)[-1]: row for row in csv.DictReader(handle)}
     assert rows["bad.png"]["status"] == "failed" and "empty file" in rows["bad.png"]["error"]
     one = rows["one.png"]
-    assert one["status"] == "done" and one["reason"] == "new"
+    assert one["status"] == "done" and one["reason"] == "new" and one["family"] == "pisa-sr"
     assert [str(one[k]) for k in ("input_width", "output_width", "output_height")] == [
         "16",
         "64",

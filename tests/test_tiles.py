@@ -7,7 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pisa_cli.engine.tiles import axis_origins, gaussian_weights, plan_latent_tiles
+from pisa_cli.engine.tiles import (
+    axis_origins,
+    gaussian_weights,
+    plan_latent_tiles,
+    plan_square_tiles,
+)
 
 
 def reference_origins(size: int, tile: int, overlap: int) -> list[int]:
@@ -74,3 +79,49 @@ def test_every_latent_pixel_is_covered_with_positive_weight(height, width, tile,
         assert t.left >= 0 and t.left + t.width <= width
         total[t.rows, t.cols] += gaussian_weights(t.height, t.width)
     assert bool((total > 0).all())
+
+
+def _official_origins(h: int, w: int, tile: int, overlap: int) -> set[tuple[int, int]]:
+    """The OMGSR-S script's tile loop (x-major, last tile flush), as (top, left)."""
+    tile = min(tile, h, w)
+    rows, cur = 0, 0
+    while cur < w:
+        cur = max(rows * tile - overlap * rows, 0) + tile
+        rows += 1
+    cols, cur = 0, 0
+    while cur < h:
+        cur = max(cols * tile - overlap * cols, 0) + tile
+        cols += 1
+    origins = set()
+    for row in range(rows):
+        for col in range(cols):
+            x = w - tile if row == rows - 1 else max(row * tile - overlap * row, 0)
+            y = h - tile if col == cols - 1 else max(col * tile - overlap * col, 0)
+            origins.add((y, x))
+    return origins
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "tile", "overlap"),
+    [(12, 10, 8, 4), (64, 200, 64, 32), (50, 200, 64, 32), (8, 26, 12, 4), (90, 64, 64, 32)],
+)
+def test_square_tiles_follow_the_omgsr_script(h, w, tile, overlap):
+    plan = plan_square_tiles(h, w, tile, overlap)
+    side = min(tile, h, w)
+    assert {(t.top, t.left) for t in plan.tiles} == _official_origins(h, w, tile, overlap)
+    assert {(t.height, t.width) for t in plan.tiles} == {(side, side)}
+    assert plan.y_shift == 0.5
+
+
+def test_square_tiles_clip_an_overlap_the_script_would_loop_on():
+    plan = plan_square_tiles(6, 40, 8, 6)  # tile clipped to 6 = overlap: the script never ends
+    assert {(t.height, t.width) for t in plan.tiles} == {(6, 6)}
+    assert [t.left for t in plan.tiles] == list(range(35))
+
+
+def test_omgsr_weights_peak_half_a_row_lower():
+    shifted = gaussian_weights(8, 8, 0.5)
+    assert torch.equal(shifted[:, 3], shifted[:, 4])  # x centre (L - 1) / 2
+    assert shifted[4, 3] == shifted.max() and torch.equal(shifted[3], shifted[5])  # y centre L / 2
+    centred = gaussian_weights(8, 8)
+    assert torch.equal(centred[3], centred[4]) and not torch.equal(shifted, centred)

@@ -11,8 +11,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pisa_cli.batch.families import model_identity
 from pisa_cli.batch.runner import FAILED, SKIPPED, JobResult
-from pisa_cli.batch.settings import model_identity, run_settings
+from pisa_cli.batch.settings import run_settings
 from pisa_cli.core.planning import ImagePlan, check_pixels
 from pisa_cli.errors import ImageError, PisaError
 from pisa_cli.imaging.discover import Discovery, Job, discover
@@ -159,15 +160,20 @@ def dry_run(
     an image the run would refuse (``max_pixels``, see ``check_pixels``) gets its error.
 
     Channel widths come from the base model's configs when it is on disk, else from SD
-    2.1-base's; the free memory is that of the device the run would use.
+    2.1-base's; the free memory is that of the device the run would use. The families (and
+    so the tile grids) follow the weights' names.
     """
     from pisa_cli.core.planning import model_widths, plan_image
     from pisa_cli.imaging.io import read_size
+    from pisa_cli.models.adapters import OMGSR, family_of
     from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
 
     device = resolve_device(model.device)
     dtype = resolve_dtype(model.dtype, device)
     widths = model_widths(model.resolved_base_model())
+    first = family_of(model.resolved_weights())
+    kind = options.second_pass.kind
+    second_omgsr = kind == "tudsr" and family_of(options.second_pass.weights) == OMGSR
     for job in jobs:
         try:
             size = read_size(job.source)
@@ -175,11 +181,16 @@ def dry_run(
         except ImageError as error:
             yield job, str(error)
             continue
-        plans = [plan_image(size, options, widths, dtype.itemsize, free_memory(device))]
-        if options.second_pass.kind != "none":
-            second = replace(options, scale=2, second_pass=SecondPassOptions())
-            variants = ("second",) if options.second_pass.kind == "tudsr" else None
+        free = free_memory(device)
+        if first == OMGSR:
+            plans = [plan_image(size, options, widths, dtype.itemsize, free, ("first",), OMGSR)]
+        else:
+            plans = [plan_image(size, options, widths, dtype.itemsize, free)]
+        if kind != "none":
+            second = replace(options, scale=2, timestep=None, second_pass=SecondPassOptions())
+            variants = ("second",) if kind == "tudsr" else plans[0].variants
+            tiling = OMGSR if second_omgsr else "stablesr"
             size = plans[0].resize.output_size
             free = free_memory(device)
-            plans.append(plan_image(size, second, widths, dtype.itemsize, free, variants))
+            plans.append(plan_image(size, second, widths, dtype.itemsize, free, variants, tiling))
         yield job, plans

@@ -1,6 +1,7 @@
 """``--report``: what happened to each image, as JSON or CSV (picked by the extension).
 
-Each image: input, output, status, error, why it ran or was skipped, input mode, input and
+Each image: input, output, status, error, why it ran or was skipped, the model family that
+ran (pisa-sr or omgsr, from the run's settings), input mode, input and
 output sizes (pixels and bytes), seconds per stage, notes. JSON adds the run's summary and
 settings. The file is written atomically at the end of the run, Ctrl-C included.
 """
@@ -25,6 +26,7 @@ COLUMNS = (
     "status",
     "error",
     "reason",
+    "family",
     "input_mode",
     "input_width",
     "input_height",
@@ -122,7 +124,8 @@ def check_report_path(path: Path) -> None:
 def write_report(path: Path, results: Iterable[Result], summary: dict, settings: dict) -> None:
     """Write the report atomically (raises OSError when it cannot be written)."""
     check_report_path(path)
-    rows = [image_row(result) for result in results]
+    family = (settings.get("model") or {}).get("family", "")
+    rows = [{**image_row(result), "family": family} for result in results]
     text = WRITERS[path.suffix.lower()].render(rows, summary, settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temp:

@@ -101,6 +101,9 @@ def prepare(
     if not runnable:
         return Prepared(None, refused)
     pipeline = load(model, options)
+    pipeline.stages(options)  # timesteps and passes: refused here, not once per image
+    for line in pipeline.describe(options):
+        log.info("%s", line)
     dtype_name = str(pipeline.dtype).removeprefix("torch.")
     log.info("model ready on %s in %s", pipeline.device, dtype_name)
     return Prepared(pipeline, refused)

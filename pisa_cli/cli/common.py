@@ -53,7 +53,9 @@ Weights = Annotated[
     typer.Option(
         "--weights",
         envvar=WEIGHTS_ENV,
-        help="PiSA-SR weights: the official pisa_sr.pkl or a .safetensors from `pisa convert` "
+        help="The model's weights, which pick its family: PiSA-SR's pisa_sr.pkl or a "
+        ".safetensors from `pisa convert`, or an OMGSR-style folder holding "
+        "unet_lora_adapter/ and vae_encoder_lora_adapter/ (OMGSR-S, TUDSR's LoRA-1) "
         "(default: pisa_sr.safetensors or pisa_sr.pkl in ~/.cache/pisa-cli/).",
         show_default=False,
         rich_help_panel=MODEL,
@@ -160,21 +162,32 @@ VaeSample = Annotated[
         rich_help_panel=QUALITY,
     ),
 ]
+Timestep = Annotated[
+    int | None,
+    typer.Option(
+        "--timestep",
+        help="UNet timestep of an OMGSR-style model (default: the one its folder records, "
+        "else 273, OMGSR-S's); PiSA-SR runs at t = 1.",
+        rich_help_panel=QUALITY,
+        show_default=False,
+    ),
+]
 LatentTile = Annotated[
     str,
     typer.Option(
         "--latent-tile",
         help="UNet tile side in latent pixels (1 latent pixel = 8 image pixels); latents of "
-        "up to tile x tile pixels are not tiled. auto: the reference's 96, smaller only when "
-        "memory is short.",
+        "up to tile x tile pixels are not tiled. auto: the reference's (PiSA-SR 96; "
+        "OMGSR-style process-size/8), smaller only when memory is short.",
         rich_help_panel=TILES,
     ),
 ]
 LatentOverlap = Annotated[
-    int,
+    str,
     typer.Option(
         "--latent-overlap",
-        help="Overlap of UNet tiles in latent pixels, blended with Gaussian weights.",
+        help="Overlap of UNet tiles in latent pixels, blended with Gaussian weights. auto: "
+        "the reference's (PiSA-SR 32; OMGSR-style half the tile).",
         rich_help_panel=TILES,
     ),
 ]
@@ -291,7 +304,8 @@ SecondPassWeights = Annotated[
     typer.Option(
         "--second-pass-weights",
         help="LoRA of the tudsr pass: a peft adapter folder (adapter_config.json + "
-        "adapter_model.safetensors) or a diffusers LoRA .safetensors.",
+        "adapter_model.safetensors), a diffusers LoRA .safetensors, or an OMGSR-style "
+        "folder (unet_lora_adapter/ + vae_encoder_lora_adapter/).",
         rich_help_panel=SECOND,
     ),
 ]
@@ -299,7 +313,8 @@ SecondPassTimestep = Annotated[
     int | None,
     typer.Option(
         "--second-pass-timestep",
-        help="UNet timestep of the tudsr pass (default: the one stored in the LoRA file).",
+        help="UNet timestep of the tudsr pass (default: the one stored in the LoRA file; "
+        "an OMGSR-style folder without one: 273).",
         rich_help_panel=SECOND,
     ),
 ]

@@ -57,9 +57,11 @@ LOOK = [
     option("seed", common.Seed, None),
     option("vae_sample", common.VaeSample, False),
 ]
+TIMESTEP = [option("timestep", common.Timestep, None)]
+"""An OMGSR-style first pass's timestep (the sweep runs PiSA-SR only)."""
 TILES = [
     option("latent_tile", common.LatentTile, "auto"),
-    option("latent_overlap", common.LatentOverlap, 32),
+    option("latent_overlap", common.LatentOverlap, "auto"),
     option("vae_encoder_tile", common.VaeEncoderTile, "auto"),
     option("vae_decoder_tile", common.VaeDecoderTile, "auto"),
     option("tile_batch", common.TileBatch, "auto"),
@@ -121,7 +123,7 @@ def upscale_options(values: Mapping[str, Any]) -> UpscaleOptions:
     when the command has none (the sweep's come from its grid)."""
     tiles = TileOptions(
         latent_tile=parse_tile("--latent-tile", values["latent_tile"]),
-        latent_overlap=values["latent_overlap"],
+        latent_overlap=parse_tile("--latent-overlap", values["latent_overlap"]),
         vae_encoder_tile=parse_tile("--vae-encoder-tile", values["vae_encoder_tile"]),
         vae_decoder_tile=parse_tile("--vae-decoder-tile", values["vae_decoder_tile"]),
         tile_batch=parse_tile("--tile-batch", values["tile_batch"]),
@@ -141,6 +143,7 @@ def upscale_options(values: Mapping[str, Any]) -> UpscaleOptions:
         prompt=values["prompt"],
         seed=values["seed"],
         vae_sample=values["vae_sample"],
+        timestep=values.get("timestep"),
         tiles=tiles,
         second_pass=second,
     )

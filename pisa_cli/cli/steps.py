@@ -127,9 +127,12 @@ def finish(outcome: Outcome, run: spec.UpscaleSpec) -> None:
 
 def _print_plans(run: spec.UpscaleSpec, jobs: list) -> None:
     """--dry-run: each image's plan, from its header and the free memory; no model loaded."""
+    from pisa_cli.batch.families import describe_families
     from pisa_cli.batch.plan import dry_run
 
     try:
+        for line in describe_families(run.options, run.model):
+            common.say(line)
         for job, plans in dry_run(jobs, run.options, run.model, run.batch.max_pixels):
             if isinstance(plans, str):
                 common.say(f"error: {plans}", err=True)

@@ -10,7 +10,7 @@ import typer
 
 from pisa_cli.cli import common, spec
 from pisa_cli.cli.progress import summary, track
-from pisa_cli.errors import OptionsError, PisaError
+from pisa_cli.errors import OptionsError, PisaError, WeightsError
 from pisa_cli.sweep.grid import DEFAULT_MAX_POINTS, DEFAULT_SPEC
 
 SWEEP = "Sweep"
@@ -154,11 +154,18 @@ def sweep_command(context: typer.Context, **values) -> None:
 
 def _settings(run: spec.SweepSpec):
     """SweepSettings and metric names from the sweep's own options (OptionsError if bad)."""
+    from pisa_cli.models.adapters import OMGSR, family_of
     from pisa_cli.sweep.grid import parse_grid
     from pisa_cli.sweep.metrics import BUILT_IN, parse_metrics
     from pisa_cli.sweep.settings import SweepSettings
     from pisa_cli.sweep.sheet import SheetOptions
 
+    weights = run.model.resolved_weights()
+    if family_of(weights) == OMGSR:
+        raise WeightsError(
+            f"{weights}: an OMGSR-style adapter folder has no lambdas to sweep (they are "
+            "PiSA-SR's); use pisa upscale, or sweep with PiSA-SR weights"
+        )
     values = run.sweep
     grid = parse_grid(values["lambda_grid"], values["max_points"])
     gt = values["gt"]

@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # the batch imports torch: only when a command runs, not for 
 
 
 @spec.takes(
-    spec.CONTEXT, spec.INPUTS, spec.MODEL, spec.SCALE, spec.LAMBDAS, spec.LOOK, spec.TILES,
-    spec.SECOND, spec.DEVICE, spec.OUTPUTS, spec.RANKS, spec.RUN,
+    spec.CONTEXT, spec.INPUTS, spec.MODEL, spec.SCALE, spec.LAMBDAS, spec.LOOK, spec.TIMESTEP,
+    spec.TILES, spec.SECOND, spec.DEVICE, spec.OUTPUTS, spec.RANKS, spec.RUN,
 )  # fmt: skip
 def upscale_command(context: typer.Context, **values) -> None:
     """Upscale images with PiSA-SR: `pisa upscale photos/ -o upscaled/`.

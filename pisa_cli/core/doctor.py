@@ -94,15 +94,32 @@ def _base_model_check(model: ModelOptions) -> Check:
 
 
 def _weights_check(model: ModelOptions) -> Check:
+    """The weights and the model family they make (PiSA-SR or OMGSR-style)."""
+    from pisa_cli.models.adapters import (
+        FAMILY_NAMES,
+        OMGSR,
+        PISA,
+        family_of,
+        load_adapter_folder,
+        resolve_timestep,
+    )
     from pisa_cli.models.checkpoint import load_checkpoint, resolve_weights_path
 
     try:
         path = resolve_weights_path(model.resolved_weights())
+        if family_of(path) == OMGSR:
+            folder = load_adapter_folder(path)
+            timestep, origin = resolve_timestep(None, folder.timestep, None, str(path))
+            detail = f"{folder.describe()}, timestep {timestep} ({origin})"
+            return Check("weights", OK, f"{FAMILY_NAMES[OMGSR]}: {path} ({detail})")
         checkpoint = load_checkpoint(path)
     except PisaError as error:
         return Check("weights", MISSING, str(error))
     layers = sum(len(names) for names in checkpoint.modules.values())
-    return Check("weights", OK, f"{path} ({layers} LoRA layers, ranks {dict(checkpoint.ranks)})")
+    ranks = dict(checkpoint.ranks)
+    return Check(
+        "weights", OK, f"{FAMILY_NAMES[PISA]}: {path} ({layers} LoRA layers, ranks {ranks})"
+    )
 
 
 def _self_test(model: ModelOptions) -> Check:

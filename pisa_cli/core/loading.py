@@ -1,9 +1,10 @@
-"""Loading the models once per run: SD 2.1-base (hub id or folder), the PiSA-SR checkpoint,
-an optional second-pass LoRA, the merged-UNet and prompt caches, and assembling the
-PisaPipeline on the device."""
+"""Loading the models once per run: SD 2.1-base (hub id or folder), the first pass's weights
+(the PiSA-SR checkpoint or an OMGSR-style adapter folder), an optional second-pass LoRA, the
+merged-UNet and prompt caches, and assembling the PisaPipeline on the device."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -13,10 +14,18 @@ from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.engine.denoise import variants_needed
 from pisa_cli.engine.lean import use_lean_resnets
 from pisa_cli.models import cache
+from pisa_cli.models.adapters import (
+    OMGSR,
+    PISA,
+    AdapterFolder,
+    family_of,
+    load_adapter_folder,
+    weight_files,
+)
 from pisa_cli.models.base import unet_from_state, unet_state_spec
 from pisa_cli.models.checkpoint import PisaCheckpoint, load_checkpoint, resolve_weights_path
 from pisa_cli.models.device import keep_freed_memory, resolve_device, resolve_dtype
-from pisa_cli.models.lora import PisaUNet
+from pisa_cli.models.lora import PisaUNet, merge_layers
 from pisa_cli.models.second_lora import SecondLora, load_second_lora
 from pisa_cli.models.text import PromptEncoder
 from pisa_cli.options import ModelOptions, UpscaleOptions
@@ -24,15 +33,28 @@ from pisa_cli.options import ModelOptions, UpscaleOptions
 log = logging.getLogger(__name__)
 
 
-def merged_variant(options: UpscaleOptions | None) -> str:
+def merged_variant(options: UpscaleOptions | None, family: str = PISA) -> str:
     """The weight set worth merging for a run (the others are side paths): the second pass's
-    when there is a LoRA second pass (it works on 4x the pixels), else PiSA's for equal
-    lambdas, else the pixel set."""
+    when there is a LoRA second pass (it works on 4x the pixels), else an adapter folder's
+    (``family`` omgsr), else PiSA's for equal lambdas, else the pixel set."""
+    if options is not None and options.second_pass.kind == "tudsr":
+        return "second"
+    if family == OMGSR:
+        return "first"
     if options is None:
         return "pisa"
-    if options.second_pass.kind == "tudsr":
-        return "second"
     return "pisa" if variants_needed(options.lambda_pix, options.lambda_sem) == ("pisa",) else "pix"
+
+
+SecondWeights = SecondLora | AdapterFolder
+"""A second pass's weights: a UNet-only LoRA, or an OMGSR-style folder."""
+
+
+def load_second(path: str | Path) -> SecondWeights:
+    """The second pass's weights: an OMGSR-style folder, else a UNet LoRA file or folder."""
+    if family_of(path) == OMGSR:
+        return load_adapter_folder(path)
+    return load_second_lora(path)
 
 
 def load_pipeline(
@@ -63,14 +85,20 @@ def load_pipeline(
     torch_device = resolve_device(model.device)
     torch_dtype = resolve_dtype(model.dtype, torch_device)
     weights_path = resolve_weights_path(model.resolved_weights())
-    checkpoint = load_checkpoint(weights_path)
+    family = family_of(weights_path)
+    checkpoint, first = None, None
+    if family == OMGSR:
+        first = load_adapter_folder(weights_path)
+        log.info("%s: %s", first.source, first.describe())
+    else:
+        checkpoint = load_checkpoint(weights_path)
     second = None
     if options is not None and options.second_pass.kind == "tudsr":
-        second = load_second_lora(options.second_pass.weights)
+        second = load_second(options.second_pass.weights)
     folder = resolve_base_model(model.resolved_base_model())
     check_base_folder(folder)
-    log.info("base model %s, weights %s", folder, checkpoint.source)
-    merged = merged_variant(options)
+    log.info("base model %s, weights %s", folder, weights_path)
+    merged = merged_variant(options, family)
     key = _merged_key(folder, weights_path, merged, torch_dtype, second)
     state = cache.load_tensors(
         "merged", key, lambda found: cache.mismatch(found, unet_state_spec(folder, torch_dtype))
@@ -92,6 +120,7 @@ def load_pipeline(
         merged=merged,
         second=second,
         premerged=state is not None,
+        first=first,
     )
     if state is None:
         cache.save_tensors("merged", key, pipeline.unet.unet.state_dict(), keep=cache.MAX_MERGED)
@@ -101,20 +130,19 @@ def load_pipeline(
 
 
 def _merged_key(
-    folder: Path, weights: Path, merged: str, dtype: torch.dtype, second: SecondLora | None
+    folder: Path, weights: Path, merged: str, dtype: torch.dtype, second: SecondWeights | None
 ) -> str:
     """Cache key of a merged UNet: digests of everything the merged weights depend on."""
     from pisa_cli.models.base import weights_file
 
     second_files = []
     if second is not None:
-        source = Path(second.source)
-        files = sorted(source.glob("*")) if source.is_dir() else [source]
-        second_files = [cache.file_digest(f) for f in files if f.is_file()]
+        second_files = [cache.file_digest(f) for f in weight_files(Path(second.source))]
+    weights_digest = [cache.file_digest(f) for f in weight_files(weights)]
     return cache.make_key(
         unet=cache.file_digest(weights_file(folder, "unet")),
         unet_config=cache.file_digest(folder / "unet" / "config.json"),
-        weights=cache.file_digest(weights),
+        weights=weights_digest[0] if weights.is_file() else weights_digest,
         merged=merged,
         dtype=str(dtype),
         second=second_files,
@@ -135,32 +163,87 @@ def build_pipeline(
     vae_model: torch.nn.Module,
     prompts: PromptEncoder,
     scheduler: object,
-    checkpoint: PisaCheckpoint,
+    checkpoint: PisaCheckpoint | None,
     device: torch.device,
     dtype: torch.dtype,
     merged: str = "pisa",
-    second: SecondLora | None = None,
+    second: SecondWeights | None = None,
     premerged: bool = False,
+    first: AdapterFolder | None = None,
 ) -> PisaPipeline:
     """Assemble a pipeline from CPU parts: merge the LoRAs (unless ``premerged``: the UNet's
-    weights come merged from the cache), then move everything to the device."""
+    weights come merged from the cache), then move everything to the device.
+
+    ``first``: an OMGSR-style folder for the first pass (``checkpoint`` None). The VAE-encoder
+    LoRAs are merged into the encoder of the pass that has one; when the two passes need
+    different encoders, the second pass gets its own copy (see _second_vae)."""
     unet.eval().requires_grad_(False)
     vae_model.eval().requires_grad_(False)
     if device.type == "cpu":
         keep_freed_memory()
+    second_vae = _second_vae(vae_model, first, second)
+    if first is not None:
+        merge_layers(vae_model.encoder, first.encoder, first.encoder_source, "VAE encoder")
     use_lean_resnets(unet)  # the same values, fewer passes over memory
     use_lean_resnets(vae_model)
-    layers = list(second.layers) if second else None
-    source = second.source if second else ""
-    pisa_unet = PisaUNet(unet, checkpoint, merged, layers, source, premerged)
+    pisa_unet = PisaUNet(
+        unet,
+        checkpoint,
+        merged,
+        _unet_layers(second),
+        second.source if second else "",
+        premerged,
+        first=list(first.unet) if first else None,
+        first_source=first.unet_source if first else "",
+    )
     pisa_unet.to(device, dtype)
+    for model in (vae_model, second_vae):
+        if model is not None:
+            _vae_to(model, device, dtype)
+    pipeline = PisaPipeline(pisa_unet, vae_model, prompts, scheduler, device, dtype)
+    pipeline.second_vae = second_vae
+    if first is not None:
+        pipeline.family = OMGSR
+        pipeline.first_timestep, pipeline.first_source = first.timestep, first.source
+    if second is not None:
+        pipeline.second_timestep, pipeline.second_source = second.timestep, second.source
+        pipeline.second_family = OMGSR if isinstance(second, AdapterFolder) else "lora"
+    return pipeline
+
+
+def _unet_layers(second: SecondWeights | None) -> list | None:
+    if second is None:
+        return None
+    return list(second.unet if isinstance(second, AdapterFolder) else second.layers)
+
+
+def _second_vae(
+    vae_model: torch.nn.Module, first: AdapterFolder | None, second: SecondWeights | None
+) -> torch.nn.Module | None:
+    """The VAE of the second pass when its encoder differs from the first pass's, else None.
+
+    Two encoders rather than merging and restoring one: the weights never change after
+    loading (as the UNet's), which is exact by construction in any dtype and safe with
+    compiled or concurrent use; it costs one VAE encoder (34 M parameters, 68 MB in bf16,
+    4 % of the UNet). The copy is made before the first pass's LoRA is merged; the
+    decoder and quant_conv are shared, not copied."""
+    own = list(second.encoder) if isinstance(second, AdapterFolder) else []
+    if second is None or not (own or first is not None):
+        return None
+    encoder = copy.deepcopy(vae_model.encoder)
+    if own:
+        source = second.encoder_source  # type: ignore[union-attr]
+        merge_layers(encoder, own, source, "VAE encoder")
+    use_lean_resnets(encoder)
+    view = copy.copy(vae_model)  # shares the decoder: only the encoder is its own
+    view._modules = {**vae_model._modules, "encoder": encoder}
+    return view
+
+
+def _vae_to(vae_model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     vae_model.to(device=device)
     if vae_model.dtype != dtype:  # type: ignore[attr-defined]
         vae_model.to(dtype=dtype)
     if device.type == "cpu" and dtype == torch.bfloat16:
         # Measured on a 2-core AMX CPU: the VAE in bf16 runs ~2x faster channels-last.
         vae_model.to(memory_format=torch.channels_last)
-    pipeline = PisaPipeline(pisa_unet, vae_model, prompts, scheduler, device, dtype)
-    if second is not None:
-        pipeline.second_timestep, pipeline.second_source = second.timestep, second.source
-    return pipeline

@@ -27,9 +27,8 @@ from pisa_cli.engine.tiles import TilePlan
 from pisa_cli.errors import OptionsError
 from pisa_cli.imaging.deep import DEEP_MAX, DeepImage
 from pisa_cli.imaging.resize import ResizePlan, restore_size, upsample_input
-from pisa_cli.models.device import (
-    free_memory,
-)
+from pisa_cli.models.adapters import FAMILY_NAMES, OMGSR, PISA, resolve_timestep
+from pisa_cli.models.device import free_memory
 from pisa_cli.models.lora import PisaUNet
 from pisa_cli.models.text import PromptEncoder
 from pisa_cli.options import SecondPassOptions, UpscaleOptions
@@ -65,6 +64,10 @@ class Stage:
     """pisa: z_H = z_L - eps (lambdas combined); x0: the DDPM one-step formula."""
     options: UpscaleOptions
     """Scale, prompt, colour fix, tiles and lambdas of this pass."""
+    tiling: str = "stablesr"
+    """The UNet tile grid: stablesr (PiSA-SR's script) or omgsr (OMGSR-S's script)."""
+    encoder: str = "first"
+    """Whose VAE encoder encodes: the first pass's or the second pass's."""
 
 
 @dataclass
@@ -116,18 +119,36 @@ class PisaPipeline:
             vae_factor=self.vae_factor,
         )
         self.guard = StageGuard(self.vae, dtype)
+        self.family = PISA
+        """The first pass's model family: pisa-sr, or omgsr (an adapter folder)."""
+        self.first_timestep: int | None = None
+        """The timestep an OMGSR-style first pass's folder records, if it does."""
+        self.first_source = ""
+        self.second_family = ""
+        """The second pass's LoRA layout: lora (UNet only) or omgsr (an adapter folder)."""
         self.second_timestep: int | None = None
         """The timestep stored in the second-pass LoRA file, if it has one."""
         self.second_source = ""
+        self.second_vae: torch.nn.Module | None = None
+        """The VAE with the second pass's encoder, when it differs from the first's (the
+        decoder is the same module)."""
 
     def compile(self) -> None:
         """torch.compile the UNet and the untiled VAE passes (eager where that fails)."""
         from pisa_cli.models.compiled import CompiledOrEager
 
         self.unet.compile()
-        for name in ("encoder", "decoder"):
-            part = getattr(self.vae, name)
+        parts = [("encoder", self.vae.encoder), ("decoder", self.vae.decoder)]
+        if self.second_vae is not None:
+            parts.append(("second-pass encoder", self.second_vae.encoder))
+        for name, part in parts:
             part.forward = CompiledOrEager(part.forward, f"VAE {name}")
+
+    def vae_for(self, encoder: str) -> torch.nn.Module:
+        """The VAE whose encoder is that of pass ``encoder`` (first or second)."""
+        if encoder == "second" and self.second_vae is not None:
+            return self.second_vae
+        return self.vae
 
     # --- stages -------------------------------------------------------------------------
     def plan(
@@ -135,10 +156,12 @@ class PisaPipeline:
         size: tuple[int, int],
         options: UpscaleOptions,
         variants: tuple[str, ...] | None = None,
+        tiling: str = "stablesr",
     ) -> ImagePlan:
         """The plan for an input of ``size`` (width, height) in the memory free right now."""
         free = free_memory(self.device)
-        return plan_image(size, options, self.widths, self.dtype.itemsize, free, variants)
+        itemsize = self.dtype.itemsize
+        return plan_image(size, options, self.widths, itemsize, free, variants, tiling)
 
     @torch.inference_mode()
     def embed(self, prompt: str) -> torch.Tensor:
@@ -152,8 +175,10 @@ class PisaPipeline:
         options: UpscaleOptions,
         tile: int | None = None,
         store: str = "ram",
+        encoder: str = "first",
     ) -> Encoded:
-        """z_L of the bicubic upsampled image, padded (replicate) to a multiple of 8."""
+        """z_L of the bicubic upsampled image, padded (replicate) to a multiple of 8, by the
+        VAE encoder of pass ``encoder`` (first or second)."""
         source = to_tensor(upsampled).to(self.device)
         height, width = source.shape[-2:]
         pad_h, pad_w = (-height) % self.vae_factor, (-width) % self.vae_factor
@@ -164,8 +189,9 @@ class PisaPipeline:
         if options.vae_sample:
             seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
             generator = torch.Generator(self.device).manual_seed(seed)
+        model = self.vae_for(encoder)
         latents = vae.encode(
-            self.vae, image, sample=options.vae_sample, generator=generator, tile=tile, store=store
+            model, image, sample=options.vae_sample, generator=generator, tile=tile, store=store
         )
         return Encoded(latents=latents, source=source, size=(height, width))
 
@@ -225,31 +251,85 @@ class PisaPipeline:
         return UpscaleResult(image, plans[0], timings, notes, second)
 
     def stages(self, options: UpscaleOptions) -> list[Stage]:
-        """The passes ``options`` ask for: PiSA-SR at ``scale``, then the optional x2 pass."""
-        lambdas = (options.lambda_pix, options.lambda_sem)
-        first = Stage("", variants_needed(*lambdas), TIMESTEP, "pisa", options)
+        """The passes ``options`` ask for: the first pass at ``scale`` (PiSA-SR, or an
+        OMGSR-style folder at its timestep), then the optional x2 pass."""
+        first = self._first_stage(options)
         second = options.second_pass
         if second.kind == "none":
             return [first]
-        plain = replace(options, scale=2, second_pass=SecondPassOptions())
+        plain = replace(options, scale=2, timestep=None, second_pass=SecondPassOptions())
         if second.kind == "pisa":
+            if self.family != PISA:
+                raise OptionsError(
+                    "--second-pass pisa needs PiSA-SR weights; with an adapter folder use "
+                    "--second-pass tudsr --second-pass-weights DIR"
+                )
             return [first, Stage("second", first.variants, TIMESTEP, "pisa", plain)]
         if "second" not in self.unet.variants:
             raise OptionsError(
                 "this pipeline was loaded without a second-pass LoRA; load it with "
                 "options that name --second-pass-weights"
             )
+        tudsr = replace(plain, prompt=second.prompt)
+        if self.second_family == OMGSR:
+            timestep, _ = self.second_pass_timestep(second.timestep)
+            return [first, Stage("second", ("second",), timestep, "x0", tudsr, OMGSR, "second")]
         timestep = second.timestep if second.timestep is not None else self.second_timestep
         if timestep is None:
             raise OptionsError(
                 f"{self.second_source}: the LoRA file does not say its timestep; pass "
                 "--second-pass-timestep T"
             )
-        steps = len(self.scheduler.alphas_cumprod)  # type: ignore[attr-defined]
+        steps = self.timesteps
         if not 0 <= timestep < steps:
             raise OptionsError(f"--second-pass-timestep {timestep} must be from 0 to {steps - 1}")
-        tudsr = replace(plain, prompt=second.prompt)
-        return [first, Stage("second", ("second",), timestep, "x0", tudsr)]
+        return [first, Stage("second", ("second",), timestep, "x0", tudsr, encoder="second")]
+
+    def _first_stage(self, options: UpscaleOptions) -> Stage:
+        if self.family == PISA:
+            if options.timestep is not None:
+                raise OptionsError(
+                    f"--timestep {options.timestep}: PiSA-SR runs at t = 1; --timestep is for "
+                    "OMGSR-style adapter folders"
+                )
+            lambdas = (options.lambda_pix, options.lambda_sem)
+            return Stage("", variants_needed(*lambdas), TIMESTEP, "pisa", options)
+        timestep, _ = self.first_pass_timestep(options.timestep)
+        return Stage("", ("first",), timestep, "x0", options, OMGSR)
+
+    @property
+    def timesteps(self) -> int:
+        """The scheduler's number of training timesteps (valid timesteps: 0 to this - 1)."""
+        return len(self.scheduler.alphas_cumprod)  # type: ignore[attr-defined]
+
+    def first_pass_timestep(self, flag: int | None) -> tuple[int, str]:
+        """(timestep, where it came from) of an OMGSR-style first pass; WeightsError when
+        it is outside the scheduler's range."""
+        return resolve_timestep(flag, self.first_timestep, self.timesteps, self.first_source)
+
+    def second_pass_timestep(self, flag: int | None) -> tuple[int, str]:
+        """The same for an OMGSR-style second pass (the flag: --second-pass-timestep)."""
+        what = "--second-pass-timestep"
+        recorded, source = self.second_timestep, self.second_source
+        return resolve_timestep(flag, recorded, self.timesteps, source, what)
+
+    def describe(self, options: UpscaleOptions) -> list[str]:
+        """What runs, for the log: each pass's family, weights and timestep."""
+        lines = []
+        if self.family == OMGSR:
+            timestep, origin = self.first_pass_timestep(options.timestep)
+            lines.append(
+                f"{FAMILY_NAMES[OMGSR]} {self.first_source}, timestep {timestep} ({origin})"
+            )
+        else:
+            lines.append(f"{FAMILY_NAMES[PISA]}, timestep {TIMESTEP}")
+        if options.second_pass.kind == "tudsr" and self.second_family == OMGSR:
+            timestep, origin = self.second_pass_timestep(options.second_pass.timestep)
+            lines.append(
+                f"second pass: {FAMILY_NAMES[OMGSR]} {self.second_source}, timestep {timestep} "
+                f"({origin})"
+            )
+        return lines
 
     def run_stage(
         self, image: Image.Image, stage: Stage, timings: dict[str, float], notes: list[str]
@@ -260,12 +340,12 @@ class PisaPipeline:
         deep = isinstance(image, DeepImage)
         with _timed(timings, prefix + "preprocess"):
             rgb = image if deep or image.mode == "RGB" else image.convert("RGB")
-            plan = self.plan(rgb.size, options, stage.variants)
+            plan = self.plan(rgb.size, options, stage.variants, stage.tiling)
             upsampled = upsample_input(rgb, plan.resize)
         with _timed(timings, prefix + "text"):
             cond = self.embed(options.prompt)
         with _timed(timings, prefix + "encode", self.device):
-            encoded, plan = self.guard.encode(self, upsampled, options, plan, notes)
+            encoded, plan = self.guard.encode(self, upsampled, options, plan, notes, stage.encoder)
         with _timed(timings, prefix + "unet", self.device):
             eps, plan = self.guard.predict(self, encoded.latents, cond, plan, notes, stage.timestep)
             latents = self.step(encoded.latents, eps, stage)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pisa_cli.engine import memory
 from pisa_cli.engine.denoise import variants_needed
-from pisa_cli.engine.tiles import TilePlan, plan_latent_tiles
+from pisa_cli.engine.tiles import TilePlan, plan_tiles
 from pisa_cli.errors import ImageError
 from pisa_cli.imaging.resize import ResizePlan, plan_resize
 from pisa_cli.options import UpscaleOptions
@@ -30,6 +30,8 @@ class ImagePlan:
     latent_tile: int
     latent_overlap: int
     tile_batch: int
+    tiling: str
+    """The family's tile grid: stablesr (PiSA-SR) or omgsr (square tiles, OMGSR-S)."""
     encoder_tile: int | None
     """Encoder tile side in image pixels, None when the image is encoded whole."""
     decoder_tile: int | None
@@ -75,10 +77,12 @@ def plan_image(
     dtype_bytes: int,
     free_bytes: int,
     variants: tuple[str, ...] | None = None,
+    tiling: str = "stablesr",
 ) -> ImagePlan:
     """The plan for an input of ``size`` (width, height) under ``free_bytes`` of memory.
 
-    ``variants`` are the UNet weight sets the pass needs (default: those of the lambdas)."""
+    ``variants`` are the UNet weight sets the pass needs (default: those of the lambdas);
+    ``tiling`` the family's tile grid and defaults (REFERENCE sections 5 and 9)."""
     factor = widths.vae_factor
     resize = plan_resize(size, options.scale, options.process_size, factor)
     width, height = resize.model_size
@@ -87,13 +91,8 @@ def plan_image(
     variants = variants or variants_needed(options.lambda_pix, options.lambda_sem)
     tiles = options.tiles
 
-    latent_tile = tiles.latent_tile or memory.auto_latent_tile(
-        free_bytes, widths, dtype_bytes, len(variants)
-    )
-    overlap = tiles.latent_overlap
-    if tiles.latent_tile is None:
-        overlap = min(overlap, latent_tile // 3)
-    unet = plan_latent_tiles(latent_h, latent_w, latent_tile, overlap)
+    latent_tile, overlap = _latent_tile(options, widths, dtype_bytes, free_bytes, variants, tiling)
+    unet = plan_tiles(latent_h, latent_w, latent_tile, overlap, tiling)
     per_sample = memory.unet_tile_bytes(*unet.tile_size, widths.unet, dtype_bytes)
     batch = tiles.tile_batch or memory.auto_tile_batch(
         len(unet.tiles), len(variants), per_sample, free_bytes
@@ -139,6 +138,7 @@ def plan_image(
         latent_tile=latent_tile,
         latent_overlap=overlap,
         tile_batch=batch,
+        tiling=tiling,
         encoder_tile=encoder,
         decoder_tile=decoder,
         store=store,
@@ -183,3 +183,31 @@ def model_widths(base_model: str) -> memory.Widths:
     unet, vae = read_part_config(folder, "unet"), read_part_config(folder, "vae")
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
     return memory.Widths(unet["block_out_channels"][0], vae["block_out_channels"][0], factor)
+
+
+PISA_OVERLAP = 32
+"""PiSA-SR's script's latent tile overlap."""
+
+
+def _latent_tile(
+    options: UpscaleOptions,
+    widths: memory.Widths,
+    dtype_bytes: int,
+    free_bytes: int,
+    variants: tuple[str, ...],
+    tiling: str,
+) -> tuple[int, int]:
+    """(tile, overlap) in latent pixels: the options', else the family's default, which
+    shrinks when memory is short. PiSA-SR: 96 and 32 (at most a third of an automatic tile);
+    OMGSR-style: its script's process_size // 8 and half the tile."""
+    tiles = options.tiles
+    auto = memory.auto_latent_tile(free_bytes, widths, dtype_bytes, len(variants))
+    if tiling == "omgsr":
+        tile = tiles.latent_tile or min(max(1, options.process_size // 8), auto)
+        overlap = tile // 2 if tiles.latent_overlap is None else tiles.latent_overlap
+        return tile, overlap
+    tile = tiles.latent_tile or auto
+    overlap = PISA_OVERLAP if tiles.latent_overlap is None else tiles.latent_overlap
+    if tiles.latent_tile is None:
+        overlap = min(overlap, tile // 3)
+    return tile, overlap

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from pisa_cli.core.planning import ImagePlan
-from pisa_cli.engine.tiles import plan_latent_tiles
+from pisa_cli.engine.tiles import plan_tiles
 from pisa_cli.errors import OutOfMemoryError
 from pisa_cli.models.device import is_out_of_memory
 from pisa_cli.options import MIN_LATENT_TILE, MIN_VAE_DECODER_TILE, MIN_VAE_ENCODER_TILE
@@ -41,13 +41,20 @@ class StageGuard:
         self.upcast_warned = False
 
     # --- the three stages -----------------------------------------------------------------
-    def encode(self, pipe, upsampled, options, plan: ImagePlan, notes: list[str]):
+    def encode(
+        self, pipe, upsampled, options, plan: ImagePlan, notes: list[str], encoder: str = "first"
+    ):
+        """``encoder``: the pass whose VAE encoder runs (first or second)."""
+
         def run(current: ImagePlan):
             return self._finite(
                 "VAE encoder",
-                lambda: pipe.encode(upsampled, options, current.encoder_tile, current.store),
+                lambda: pipe.encode(
+                    upsampled, options, current.encoder_tile, current.store, encoder
+                ),
                 lambda out: out.latents,
                 notes,
+                pipe.vae_for(encoder),
             )
 
         def shrink(current: ImagePlan) -> ImagePlan | None:
@@ -70,9 +77,10 @@ class StageGuard:
             tile = min(current.latent_tile, max(current.unet.tile_size)) // 2
             if tile < MIN_LATENT_TILE:
                 return None
-            overlap = min(current.latent_overlap, tile // 3)
+            share = 2 if current.tiling == "omgsr" else 3  # the family's overlap of a tile
+            overlap = min(current.latent_overlap, tile // share)
             height, width = current.latent_size
-            tiles = plan_latent_tiles(height, width, tile, overlap)
+            tiles = plan_tiles(height, width, tile, overlap, current.tiling)
             return replace(current, unet=tiles, latent_tile=tile, latent_overlap=overlap)
 
         return self._retry("UNet", plan, run, shrink, _unet_tile, notes)
@@ -130,6 +138,7 @@ class StageGuard:
         run: Callable[[], Any],
         tensor_of: Callable[[Any], torch.Tensor],
         notes: list[str],
+        vae: torch.nn.Module | None = None,
     ) -> Any:
         result = run()
         if self.dtype == torch.float32 or bool(torch.isfinite(tensor_of(result)).all()):
@@ -140,16 +149,16 @@ class StageGuard:
             log.warning("%s (said once per run)", note)
             self.upcast_warned = True
         notes.append(note)
-        with self._vae_in(torch.float32):
+        with self._vae_in(torch.float32, vae or self.vae):
             return run()
 
     @contextlib.contextmanager
-    def _vae_in(self, dtype: torch.dtype) -> Iterator[None]:
-        self.vae.to(dtype=dtype)
+    def _vae_in(self, dtype: torch.dtype, vae: torch.nn.Module) -> Iterator[None]:
+        vae.to(dtype=dtype)
         try:
             yield
         finally:
-            self.vae.to(dtype=self.dtype)
+            vae.to(dtype=self.dtype)
 
 
 def _encoder_tile(plan: ImagePlan) -> str:

@@ -67,7 +67,7 @@ def predict_eps(
     _, channels, height, width = latents.shape
     sums = {v: torch.zeros(1, channels, height, width, device=latents.device) for v in variants}
     norm = torch.zeros(1, 1, height, width, device=latents.device)
-    weight = gaussian_weights(*plan.tile_size).to(latents.device)
+    weight = gaussian_weights(*plan.tile_size, plan.y_shift).to(latents.device)
     for start in range(0, len(plan.tiles), tile_batch):
         group: tuple[Tile, ...] = plan.tiles[start : start + tile_batch]
         batch = torch.cat([latents[:, :, t.rows, t.cols] for t in group])

@@ -37,6 +37,9 @@ class TilePlan:
     height: int
     width: int
     tiles: tuple[Tile, ...]
+    y_shift: float = 0.0
+    """Where the Gaussian weight of a tile peaks along y, past the middle row (L - 1) / 2:
+    0 for StableSR's grid, 0.5 for OMGSR's (its y centre is L / 2)."""
 
     def __post_init__(self) -> None:
         if not self.tiles:
@@ -94,18 +97,54 @@ def plan_latent_tiles(height: int, width: int, tile: int, overlap: int) -> TileP
     return TilePlan(height, width, tiles)
 
 
+def plan_square_tiles(height: int, width: int, tile: int, overlap: int) -> TilePlan:
+    """The OMGSR-S script's tile plan (REFERENCE section 9): square tiles of side
+    min(tile, height, width) on the grid of :func:`axis_origins`, Gaussian peak half a row
+    below the middle. Untiled up to ``tile * tile`` latent pixels, as in section 5.
+
+    Its script keeps the overlap when the short side clips the tile, and loops forever
+    once the tile is no longer than the overlap; we clip the overlap to side - 1 instead.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"latent size must be positive, got {height}x{width}")
+    if height * width <= tile * tile:
+        return TilePlan(height, width, (Tile(0, 0, height, width),))
+    side = min(tile, height, width)
+    overlap = min(overlap, side - 1)
+    tiles = tuple(
+        Tile(top, left, side, side)
+        for top in axis_origins(height, side, overlap)
+        for left in axis_origins(width, side, overlap)
+    )
+    return TilePlan(height, width, tiles, y_shift=0.5)
+
+
+TILINGS = ("stablesr", "omgsr")
+"""How a family tiles its latents: StableSR's grid (PiSA-SR's script) or OMGSR-S's."""
+
+
+def plan_tiles(height: int, width: int, tile: int, overlap: int, tiling: str) -> TilePlan:
+    """The tile plan of ``tiling`` (one of TILINGS)."""
+    if tiling == "omgsr":
+        return plan_square_tiles(height, width, tile, overlap)
+    if tiling != "stablesr":
+        raise ValueError(f"unknown tiling {tiling!r}")
+    return plan_latent_tiles(height, width, tile, overlap)
+
+
 @lru_cache(maxsize=16)
-def _gaussian_1d(length: int) -> torch.Tensor:
+def _gaussian_1d(length: int, shift: float = 0.0) -> torch.Tensor:
     index = torch.arange(length, dtype=torch.float64)
-    middle = (length - 1) / 2
+    middle = (length - 1) / 2 + shift
     sigma = 0.1 * length
     return torch.exp(-((index - middle) ** 2) / (2 * sigma**2))
 
 
-def gaussian_weights(height: int, width: int) -> torch.Tensor:
+def gaussian_weights(height: int, width: int, y_shift: float = 0.0) -> torch.Tensor:
     """(height, width) float32 weight of a tile: the outer product of two Gaussians.
 
-    g(i) = exp(-(i - (L-1)/2)^2 / (2 (0.1 L)^2)) along an axis of length L: 1 in the middle,
-    about 4e-6 at the border, never zero.
+    g(i) = exp(-(i - (L-1)/2 - shift)^2 / (2 (0.1 L)^2)) along an axis of length L (the
+    shift is ``y_shift`` along y, 0 along x): 1 in the middle, about 4e-6 at the border,
+    never zero.
     """
-    return torch.outer(_gaussian_1d(height), _gaussian_1d(width)).to(torch.float32)
+    return torch.outer(_gaussian_1d(height, y_shift), _gaussian_1d(width)).to(torch.float32)

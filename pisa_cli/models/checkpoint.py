@@ -102,6 +102,17 @@ def resolve_weights_path(spec: str) -> Path:
     raise WeightsError(f"no PiSA-SR weights given or found; {DOWNLOAD_HINT}{folder}/")
 
 
+UNET_ADAPTER = "unet_lora_adapter"
+ENCODER_ADAPTER = "vae_encoder_lora_adapter"
+"""The two peft adapter folders of an OMGSR-style model (models/adapters.py reads them)."""
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding either adapter folder of the OMGSR layout."""
+    path = Path(path).expanduser()
+    return path.is_dir() and any((path / name).is_dir() for name in (UNET_ADAPTER, ENCODER_ADAPTER))
+
+
 MAX_DEPTH = 16
 """Nesting a checkpoint may have (the official one: dict, dict, tensor); deeper is not ours."""
 
@@ -128,9 +139,12 @@ def _kind(path: Path) -> str:
     """torch (a zip or a legacy pickle) or safetensors, from the file's first bytes; a
     WeightsError for anything else (a folder, a text file, an empty file)."""
     if path.is_dir():
+        if is_adapter_folder(path):
+            raise WeightsError(f"{path}: an OMGSR-style adapter folder, not PiSA-SR weights")
         raise WeightsError(
-            f"{path}: is a folder, not a weights file; pass the pisa_sr.pkl (or the "
-            "safetensors file from `pisa convert`) itself"
+            f"{path}: is a folder, but not an OMGSR-style adapter folder (one holding "
+            "unet_lora_adapter/ and vae_encoder_lora_adapter/); PiSA-SR weights are one file: "
+            "pass the pisa_sr.pkl (or the safetensors file from `pisa convert`) itself"
         )
     if not path.exists():
         raise WeightsError(

@@ -22,10 +22,15 @@ from torch import nn
 from pisa_cli.errors import WeightsError
 from pisa_cli.models.checkpoint import LoraLayer, PisaCheckpoint
 
-VARIANT_ADAPTERS = {"pix": ("pix",), "pisa": ("pix", "sem"), "second": ("second",)}
+VARIANT_ADAPTERS = {
+    "pix": ("pix",),
+    "pisa": ("pix", "sem"),
+    "first": ("first",),
+    "second": ("second",),
+}
 """Each UNet weight set is the base weights plus these LoRAs: PiSA-SR's pixel LoRA, pixel +
-semantic LoRA, and the LoRA of an optional second pass (TUDSR-style x2), which is trained
-on the plain backbone."""
+semantic LoRA, the UNet LoRA of an OMGSR-style first pass, and the LoRA of an optional
+second pass (TUDSR-style x2); the last two are each trained on the plain backbone."""
 VARIANTS = ("pix", "pisa")
 """The two weight sets of PiSA-SR itself."""
 
@@ -43,11 +48,13 @@ def lora_delta(layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
     return torch.einsum("or,rikl->oikl", up.flatten(1), down) * layer.scaling
 
 
-def check_layer_fits(layer: LoraLayer, module: nn.Module | None, source: str) -> None:
+def check_layer_fits(
+    layer: LoraLayer, module: nn.Module | None, source: str, model: str = "UNet"
+) -> None:
     """Raise a WeightsError naming the module when a LoRA cannot apply to it."""
     if module is None:
         raise WeightsError(
-            f"{source}: LoRA module {layer.module!r} does not exist in the UNet "
+            f"{source}: LoRA module {layer.module!r} does not exist in the {model} "
             "(are these weights for SD 2.1-base?)"
         )
     rank = layer.down.shape[0]
@@ -59,14 +66,34 @@ def check_layer_fits(layer: LoraLayer, module: nn.Module | None, source: str) ->
         expected_up = (module.out_channels, rank, 1, 1)
     else:
         raise WeightsError(
-            f"{source}: LoRA for {layer.module!r} has {layer.down.dim()}-D weights but the UNet "
-            f"module is a {type(module).__name__}"
+            f"{source}: LoRA for {layer.module!r} has {layer.down.dim()}-D weights but the "
+            f"{model} module is a {type(module).__name__}"
         )
     if tuple(layer.down.shape) != expected_down or tuple(layer.up.shape) != expected_up:
         raise WeightsError(
             f"{source}: LoRA for {layer.module!r} has shapes {tuple(layer.down.shape)} and "
-            f"{tuple(layer.up.shape)}, the UNet module needs {expected_down} and {expected_up}"
+            f"{tuple(layer.up.shape)}, the {model} module needs {expected_down} and {expected_up}"
         )
+
+
+@torch.no_grad()
+def merge_layers(model: nn.Module, layers: Sequence[LoraLayer], source: str, name: str) -> None:
+    """Merge LoRAs into ``model``'s weights (checked first; ``name`` for messages).
+
+    Every delta of a module is summed in float32 first, then added once: W + (d1 + d2)
+    rounds once, whatever the dtype the weights are kept in.
+    """
+    modules = dict(model.named_modules())
+    for layer in layers:
+        check_layer_fits(layer, modules.get(layer.module), source, name)
+    deltas: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        delta = lora_delta(layer, modules[layer.module].weight)
+        deltas[layer.module] = deltas[layer.module] + delta if layer.module in deltas else delta
+    for module, delta in deltas.items():
+        weight = modules[module].weight
+        merged = weight.to(torch.float32) + delta.to(weight.device)
+        weight.copy_(merged.to(weight.dtype))
 
 
 @dataclass
@@ -104,13 +131,18 @@ class PisaUNet:
     def __init__(
         self,
         unet: nn.Module,
-        checkpoint: PisaCheckpoint,
+        checkpoint: PisaCheckpoint | None,
         merged: str = "pisa",
-        second: list[LoraLayer] | None = None,
+        second: Sequence[LoraLayer] | None = None,
         second_source: str = "second-pass LoRA",
         premerged: bool = False,
+        first: Sequence[LoraLayer] | None = None,
+        first_source: str = "first-pass LoRA",
     ):
-        self.variants = {k: v for k, v in VARIANT_ADAPTERS.items() if k != "second" or second}
+        """``checkpoint`` None: no PiSA-SR weights, ``first`` (an OMGSR-style UNet LoRA)
+        is the first pass's."""
+        present = {"pix": checkpoint, "pisa": checkpoint, "first": first, "second": second}
+        self.variants = {k: v for k, v in VARIANT_ADAPTERS.items() if present[k]}
         if merged not in self.variants:
             raise ValueError(f"merged must be one of {tuple(self.variants)}, not {merged!r}")
         self.unet = unet
@@ -122,14 +154,23 @@ class PisaUNet:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._branches: list[_SideBranch] = []
         modules = dict(unet.named_modules())
-        adapters = {"pix": list(checkpoint.layers("pix")), "sem": list(checkpoint.layers("sem"))}
-        for name in ("pix", "sem"):
-            for layer in adapters[name]:
-                check_layer_fits(layer, modules.get(layer.module), checkpoint.source or "weights")
-        if second:
-            for layer in second:
-                check_layer_fits(layer, modules.get(layer.module), second_source)
-            adapters["second"] = second
+        adapters: dict[str, list[LoraLayer]] = {}
+        sources: dict[str, str] = {}
+        if checkpoint is not None:
+            adapters = {
+                "pix": list(checkpoint.layers("pix")),
+                "sem": list(checkpoint.layers("sem")),
+            }
+            sources = {"pix": checkpoint.source or "weights", "sem": checkpoint.source or "weights"}
+        for name, layers, source in (
+            ("first", first, first_source),
+            ("second", second, second_source),
+        ):
+            if layers:
+                adapters[name], sources[name] = list(layers), source
+        for name, layers in adapters.items():
+            for layer in layers:
+                check_layer_fits(layer, modules.get(layer.module), sources[name])
         if not premerged:  # premerged: the weights come from the merged-UNet cache
             self._merge([layer for a in self.variants[merged] for layer in adapters[a]], modules)
         self._install_side_paths(adapters, modules)
@@ -142,18 +183,9 @@ class PisaUNet:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    @torch.no_grad()
     def _merge(self, layers: list[LoraLayer], modules: dict) -> None:
-        # Sum every delta of a module in float32 first, then add once: W + (d_pix + d_sem)
-        # rounds once, whatever the dtype the weights are kept in.
-        deltas: dict[str, torch.Tensor] = {}
-        for layer in layers:
-            delta = lora_delta(layer, modules[layer.module].weight)
-            deltas[layer.module] = deltas[layer.module] + delta if layer.module in deltas else delta
-        for name, delta in deltas.items():
-            weight = modules[name].weight
-            merged = weight.to(torch.float32) + delta.to(weight.device)
-            weight.copy_(merged.to(weight.dtype))
+        """Merge ``layers`` (checked already) into the UNet's weights, once, at load."""
+        merge_layers(self.unet, layers, "weights", "UNet")
 
     def _install_side_paths(self, adapters: dict[str, list[LoraLayer]], modules: dict) -> None:
         param = next(self.unet.parameters())

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-TIMESTEP_KEYS = ("timestep", "pisa.timestep")
+TIMESTEP_KEYS = ("timestep", "mid_timestep", "pisa.timestep")
 _PREFIXES = ("base_model.model.", "unet.")
 _SUFFIXES = {
     ".lora_A.weight": "down",
@@ -64,18 +64,8 @@ def load_second_lora(path: str | Path) -> SecondLora:
 
 def _load(path: Path) -> SecondLora:
     if path.is_dir():
-        config_path, weights_path = path / PEFT_CONFIG, path / PEFT_WEIGHTS
-        if not config_path.is_file() or not weights_path.is_file():
-            raise WeightsError(
-                f"{path}: a LoRA folder needs {PEFT_CONFIG} and {PEFT_WEIGHTS} (peft's layout)"
-            )
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as error:
-            raise WeightsError(f"{config_path}: unreadable adapter config ({error})") from None
-        tensors, header = _read(weights_path)
-        timestep = _timestep(config.get("timestep"), header, weights_path)
-        return SecondLora(_layers(tensors, config, path), timestep, str(path))
+        adapter = read_peft_folder(path, "UNet", strict=False)
+        return SecondLora(adapter.layers, adapter.timestep, str(path))
     if not path.is_file():
         raise WeightsError(f"{path}: second-pass LoRA not found (no such file or folder)")
     if path.suffix != ".safetensors":
@@ -83,6 +73,92 @@ def _load(path: Path) -> SecondLora:
     tensors, header = _read(path)
     config = _diffusers_config(header, path)
     return SecondLora(_layers(tensors, config, path), _timestep(None, header, path), str(path))
+
+
+@dataclass(frozen=True)
+class PeftAdapter:
+    """One peft adapter folder: its LoRA layers and the timestep it records (if any)."""
+
+    layers: tuple[LoraLayer, ...]
+    timestep: int | None
+    source: str
+    """The folder, for messages."""
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(sorted({layer.down.shape[0] for layer in self.layers}))
+
+
+def read_peft_folder(folder: Path, target: str, strict: bool = True) -> PeftAdapter:
+    """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) for
+    ``target`` (a name for messages). The config is read as JSON and checked; ``strict``
+    refuses tensors that are not plain LoRA weights and ranks that differ from the config's.
+    Nothing is unpickled."""
+    config_path, weights_path = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise WeightsError(
+            f"{folder}: a LoRA folder needs {PEFT_CONFIG} and {PEFT_WEIGHTS} (peft's layout)"
+        )
+    config = _read_config(config_path)
+    tensors, header = _read(weights_path)
+    if strict:
+        _check_keys(tensors, weights_path, target)
+    layers = _layers(tensors, config, weights_path, target)
+    if strict:
+        _check_ranks(layers, config, weights_path)
+    from_config = config.get("timestep", config.get("mid_timestep"))
+    return PeftAdapter(layers, _timestep(from_config, header, weights_path), str(folder))
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise WeightsError(f"{path}: unreadable adapter config ({error})") from None
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path}: the adapter config is not a JSON object")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise WeightsError(f"{path}: peft_type {peft_type!r} is not LORA")
+    for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
+        if config.get(flag):
+            raise WeightsError(f"{path}: {flag} adapters are not supported")
+    rank, alpha = config.get("r", 1), config.get("lora_alpha", 1)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise WeightsError(f"{path}: r {rank!r} is not a whole number above 0")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise WeightsError(f"{path}: lora_alpha {alpha!r} is not a number")
+    for name in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(name) or {}, dict):
+            raise WeightsError(f"{path}: {name} is not a JSON object")
+    return config
+
+
+def _check_keys(tensors: dict[str, torch.Tensor], path: Path, target: str) -> None:
+    for key in tensors:
+        split = _split_key(key)
+        if split is None or split[1] == "alpha":
+            raise WeightsError(
+                f"{path}: tensor {key!r} is not a {target} LoRA weight (lora_A / lora_B)"
+            )
+
+
+def _check_ranks(layers: tuple[LoraLayer, ...], config: dict, path: Path) -> None:
+    for layer in layers:
+        rank = _pattern(layer.module, config.get("rank_pattern"), config.get("r"))
+        down, up = tuple(layer.down.shape), tuple(layer.up.shape)
+        if rank is not None and (down[0] != rank or (len(up) > 1 and up[1] != rank)):
+            raise WeightsError(
+                f"{path}: LoRA for {layer.module!r} has shapes {down} and {up}, which do not "
+                f"fit rank {int(rank)} of the adapter config"
+            )
+
+
+def _pattern(module: str, patterns: dict | None, default: object) -> object:
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            return value
+    return default
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -138,7 +214,9 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _layers(tensors: dict[str, torch.Tensor], config: dict, path: Path) -> tuple[LoraLayer, ...]:
+def _layers(
+    tensors: dict[str, torch.Tensor], config: dict, path: Path, target: str = "UNet"
+) -> tuple[LoraLayer, ...]:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     ignored = 0
     for key, tensor in tensors.items():
@@ -148,25 +226,42 @@ def _layers(tensors: dict[str, torch.Tensor], config: dict, path: Path) -> tuple
             continue
         parts.setdefault(split[0], {})[split[1]] = tensor
     if ignored:
-        log.info("%s: ignored %d tensors that are not UNet LoRA weights", path, ignored)
+        log.info("%s: ignored %d tensors that are not %s LoRA weights", path, ignored, target)
     layers = []
     for module, found in sorted(parts.items()):
         if "down" not in found or "up" not in found:
             missing = "lora_A (down)" if "down" not in found else "lora_B (up)"
             raise WeightsError(f"{path}: LoRA for {module!r} has no {missing} tensor")
+        if found["down"].dim() not in (2, 4) or found["up"].dim() != found["down"].dim():
+            down, up = tuple(found["down"].shape), tuple(found["up"].shape)
+            raise WeightsError(f"{path}: LoRA for {module!r} has shapes {down} and {up}")
         rank = found["down"].shape[0]
         alpha = _alpha(module, found, config, rank)
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         layers.append(LoraLayer(module, found["down"], found["up"], float(scaling)))
     if not layers:
-        raise WeightsError(f"{path}: no UNet LoRA weights found in the file")
+        raise WeightsError(f"{path}: no {target} LoRA weights found in the file")
     return tuple(layers)
 
 
 def _alpha(module: str, found: dict[str, torch.Tensor], config: dict, rank: int) -> float:
     if "alpha" in found:
         return float(found["alpha"].item())
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
-            return float(value)
-    return float(config.get("lora_alpha", rank))
+    return float(_pattern(module, config.get("alpha_pattern"), config.get("lora_alpha", rank)))  # type: ignore[arg-type]
+
+
+def peek_timestep(folder: Path) -> int | None:
+    """The timestep a peft adapter folder records, from its config and safetensors header
+    only (no tensors read); None when it records none or is incomplete."""
+    from safetensors import SafetensorError, safe_open
+
+    config_path, weights_path = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        return None
+    config = _read_config(config_path)
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise WeightsError(f"{weights_path}: cannot read the safetensors file ({error})") from None
+    return _timestep(config.get("timestep", config.get("mid_timestep")), header, weights_path)
