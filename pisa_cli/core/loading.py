@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from pisa_cli.core.passes import Passes
 from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.engine.denoise import variants_needed
 from pisa_cli.engine.lean import use_lean_resnets
@@ -200,15 +202,26 @@ def build_pipeline(
     for model in (vae_model, second_vae):
         if model is not None:
             _vae_to(model, device, dtype)
-    pipeline = PisaPipeline(pisa_unet, vae_model, prompts, scheduler, device, dtype)
-    pipeline.second_vae = second_vae
+    passes = _passes(scheduler, first, second)
+    return PisaPipeline(pisa_unet, vae_model, prompts, scheduler, device, dtype, passes, second_vae)
+
+
+def _passes(scheduler, first: AdapterFolder | None, second: SecondWeights | None) -> Passes:
+    """What each pass of the pipeline will run, from the weights loaded for it."""
+    passes = Passes(timesteps=len(scheduler.alphas_cumprod), has_second=second is not None)
     if first is not None:
-        pipeline.family = OMGSR
-        pipeline.first_timestep, pipeline.first_source = first.timestep, first.source
+        passes = replace(
+            passes, family=OMGSR, first_timestep=first.timestep, first_source=first.source
+        )
     if second is not None:
-        pipeline.second_timestep, pipeline.second_source = second.timestep, second.source
-        pipeline.second_family = OMGSR if isinstance(second, AdapterFolder) else "lora"
-    return pipeline
+        family = OMGSR if isinstance(second, AdapterFolder) else "lora"
+        passes = replace(
+            passes,
+            second_family=family,
+            second_timestep=second.timestep,
+            second_source=second.source,
+        )
+    return passes
 
 
 def _unet_layers(second: SecondWeights | None) -> list | None:

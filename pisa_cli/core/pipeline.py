@@ -1,8 +1,10 @@
 """The PiSA-SR pipeline: one image in, one image out, every stage of REFERENCE sections 3-4.
 
 ``PisaPipeline.upscale`` takes an RGB PIL image and returns the upscaled one (``loading``
-makes the pipeline). The stage methods (encode, predict, decode, finish) are what the
-folder runner and the sweep share.
+makes the pipeline). A pass is four public stages, what `pisa upscale`, `pisa sweep` and
+the bench call: ``prepare_latents`` (plan, upsample, prompt, encode), ``predict_eps`` (the
+UNet over latent tiles), ``decode_latents`` (or ``decode_batch``), ``finish_image``
+(truncate, colour fix, shrink back); each model stage runs under ``recovery``'s guard.
 """
 
 from __future__ import annotations
@@ -12,31 +14,28 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pisa_cli.core.passes import TIMESTEP, Passes, Stage
 from pisa_cli.core.planning import ImagePlan, plan_image
 from pisa_cli.core.recovery import StageGuard
 from pisa_cli.engine import color, memory, vae
-from pisa_cli.engine.denoise import combine_eps, predict_eps, variants_needed, x0_from_eps
+from pisa_cli.engine.denoise import combine_eps, predict_eps, x0_from_eps
 from pisa_cli.engine.tiles import TilePlan
-from pisa_cli.errors import OptionsError
 from pisa_cli.imaging.deep import DEEP_MAX, DeepImage
 from pisa_cli.imaging.resize import ResizePlan, restore_size, upsample_input
-from pisa_cli.models.adapters import FAMILY_NAMES, OMGSR, PISA, resolve_timestep
-from pisa_cli.models.device import free_memory
+from pisa_cli.models.device import free_memory, is_out_of_memory
 from pisa_cli.models.lora import PisaUNet
 from pisa_cli.models.text import PromptEncoder
-from pisa_cli.options import SecondPassOptions, UpscaleOptions
+from pisa_cli.options import UpscaleOptions
 
 log = logging.getLogger(__name__)
-
-TIMESTEP = 1
-"""PiSA-SR's fixed UNet timestep."""
 
 
 @dataclass
@@ -51,23 +50,16 @@ class Encoded:
     """(H, W) of the unpadded image."""
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One pass of the model over an image."""
+@dataclass
+class Latents:
+    """An image after the first stages of a pass: its plan (as run so far), the prompt
+    embedding and z_L; what the UNet and the decoder need."""
 
-    name: str
-    """"" for the PiSA-SR pass, "second" for the x2 pass (prefix of its timings)."""
-    variants: tuple[str, ...]
-    """UNet weight sets the pass needs."""
-    timestep: int
-    rule: str
-    """pisa: z_H = z_L - eps (lambdas combined); x0: the DDPM one-step formula."""
-    options: UpscaleOptions
-    """Scale, prompt, colour fix, tiles and lambdas of this pass."""
-    tiling: str = "stablesr"
-    """The UNet tile grid: stablesr (PiSA-SR's script) or omgsr (OMGSR-S's script)."""
-    encoder: str = "first"
-    """Whose VAE encoder encodes: the first pass's or the second pass's."""
+    plan: ImagePlan
+    cond: torch.Tensor
+    encoded: Encoded
+    deep: bool = False
+    """A 16-bit input: finished on the 16-bit grid."""
 
 
 @dataclass
@@ -104,6 +96,8 @@ class PisaPipeline:
         scheduler: object,
         device: torch.device,
         dtype: torch.dtype,
+        passes: Passes | None = None,
+        second_vae: torch.nn.Module | None = None,
     ):
         self.unet = unet
         self.vae = vae_model
@@ -119,19 +113,28 @@ class PisaPipeline:
             vae_factor=self.vae_factor,
         )
         self.guard = StageGuard(self.vae, dtype)
-        self.family = PISA
-        """The first pass's model family: pisa-sr, or omgsr (an adapter folder)."""
-        self.first_timestep: int | None = None
-        """The timestep an OMGSR-style first pass's folder records, if it does."""
-        self.first_source = ""
-        self.second_family = ""
-        """The second pass's LoRA layout: lora (UNet only) or omgsr (an adapter folder)."""
-        self.second_timestep: int | None = None
-        """The timestep stored in the second-pass LoRA file, if it has one."""
-        self.second_source = ""
-        self.second_vae: torch.nn.Module | None = None
+        steps = len(scheduler.alphas_cumprod)  # type: ignore[attr-defined]
+        self.passes = passes or Passes(timesteps=steps, has_second="second" in unet.variants)
+        """What each pass runs (families, timesteps), decided by what was loaded."""
+        self.second_vae = second_vae
         """The VAE with the second pass's encoder, when it differs from the first's (the
         decoder is the same module)."""
+
+    @property
+    def family(self) -> str:
+        return self.passes.family
+
+    @property
+    def second_family(self) -> str:
+        return self.passes.second_family
+
+    def stages(self, options: UpscaleOptions) -> list[Stage]:
+        """The passes ``options`` ask for (``Passes.stages``)."""
+        return self.passes.stages(options)
+
+    def describe(self, options: UpscaleOptions) -> list[str]:
+        """What runs, for the log: each pass's family, weights and timestep."""
+        return self.passes.describe(options)
 
     def compile(self) -> None:
         """torch.compile the UNet and the untiled VAE passes (eager where that fails)."""
@@ -250,91 +253,26 @@ class PisaPipeline:
         second = plans[1] if len(plans) > 1 else None
         return UpscaleResult(image, plans[0], timings, notes, second)
 
-    def stages(self, options: UpscaleOptions) -> list[Stage]:
-        """The passes ``options`` ask for: the first pass at ``scale`` (PiSA-SR, or an
-        OMGSR-style folder at its timestep), then the optional x2 pass."""
-        first = self._first_stage(options)
-        second = options.second_pass
-        if second.kind == "none":
-            return [first]
-        plain = replace(options, scale=2, timestep=None, second_pass=SecondPassOptions())
-        if second.kind == "pisa":
-            if self.family != PISA:
-                raise OptionsError(
-                    "--second-pass pisa needs PiSA-SR weights; with an adapter folder use "
-                    "--second-pass tudsr --second-pass-weights DIR"
-                )
-            return [first, Stage("second", first.variants, TIMESTEP, "pisa", plain)]
-        if "second" not in self.unet.variants:
-            raise OptionsError(
-                "this pipeline was loaded without a second-pass LoRA; load it with "
-                "options that name --second-pass-weights"
-            )
-        tudsr = replace(plain, prompt=second.prompt)
-        if self.second_family == OMGSR:
-            timestep, _ = self.second_pass_timestep(second.timestep)
-            return [first, Stage("second", ("second",), timestep, "x0", tudsr, OMGSR, "second")]
-        timestep = second.timestep if second.timestep is not None else self.second_timestep
-        if timestep is None:
-            raise OptionsError(
-                f"{self.second_source}: the LoRA file does not say its timestep; pass "
-                "--second-pass-timestep T"
-            )
-        steps = self.timesteps
-        if not 0 <= timestep < steps:
-            raise OptionsError(f"--second-pass-timestep {timestep} must be from 0 to {steps - 1}")
-        return [first, Stage("second", ("second",), timestep, "x0", tudsr, encoder="second")]
-
-    def _first_stage(self, options: UpscaleOptions) -> Stage:
-        if self.family == PISA:
-            if options.timestep is not None:
-                raise OptionsError(
-                    f"--timestep {options.timestep}: PiSA-SR runs at t = 1; --timestep is for "
-                    "OMGSR-style adapter folders"
-                )
-            lambdas = (options.lambda_pix, options.lambda_sem)
-            return Stage("", variants_needed(*lambdas), TIMESTEP, "pisa", options)
-        timestep, _ = self.first_pass_timestep(options.timestep)
-        return Stage("", ("first",), timestep, "x0", options, OMGSR)
-
-    @property
-    def timesteps(self) -> int:
-        """The scheduler's number of training timesteps (valid timesteps: 0 to this - 1)."""
-        return len(self.scheduler.alphas_cumprod)  # type: ignore[attr-defined]
-
-    def first_pass_timestep(self, flag: int | None) -> tuple[int, str]:
-        """(timestep, where it came from) of an OMGSR-style first pass; WeightsError when
-        it is outside the scheduler's range."""
-        return resolve_timestep(flag, self.first_timestep, self.timesteps, self.first_source)
-
-    def second_pass_timestep(self, flag: int | None) -> tuple[int, str]:
-        """The same for an OMGSR-style second pass (the flag: --second-pass-timestep)."""
-        what = "--second-pass-timestep"
-        recorded, source = self.second_timestep, self.second_source
-        return resolve_timestep(flag, recorded, self.timesteps, source, what)
-
-    def describe(self, options: UpscaleOptions) -> list[str]:
-        """What runs, for the log: each pass's family, weights and timestep."""
-        lines = []
-        if self.family == OMGSR:
-            timestep, origin = self.first_pass_timestep(options.timestep)
-            lines.append(
-                f"{FAMILY_NAMES[OMGSR]} {self.first_source}, timestep {timestep} ({origin})"
-            )
-        else:
-            lines.append(f"{FAMILY_NAMES[PISA]}, timestep {TIMESTEP}")
-        if options.second_pass.kind == "tudsr" and self.second_family == OMGSR:
-            timestep, origin = self.second_pass_timestep(options.second_pass.timestep)
-            lines.append(
-                f"second pass: {FAMILY_NAMES[OMGSR]} {self.second_source}, timestep {timestep} "
-                f"({origin})"
-            )
-        return lines
-
     def run_stage(
         self, image: Image.Image, stage: Stage, timings: dict[str, float], notes: list[str]
     ) -> tuple[Image.Image, ImagePlan]:
         """One pass of ``stage`` over ``image``: the finished image and the plan as run."""
+        prefix = f"{stage.name}_" if stage.name else ""
+        latents = self.prepare_latents(image, stage, timings, notes)
+        eps = self.predict_eps(latents, stage, timings, notes)
+        with _timed(timings, prefix + "unet", self.device):
+            z_high = self.step(latents.encoded.latents, eps, stage)
+            del eps
+        decoded = self.decode_latents(z_high, latents, timings, notes, prefix)
+        with _timed(timings, prefix + "color"):
+            result = self.finish_image(decoded, latents, stage.options.color_fix)
+        return result, latents.plan
+
+    # --- the stages of a pass, public: pisa upscale, pisa sweep and the bench call them ----
+    def prepare_latents(
+        self, image: Image.Image, stage: Stage, timings: dict[str, float], notes: list[str]
+    ) -> Latents:
+        """Preprocess (plan, upsample), embed the prompt and encode: z_L of ``image``."""
         options = stage.options
         prefix = f"{stage.name}_" if stage.name else ""
         deep = isinstance(image, DeepImage)
@@ -345,18 +283,71 @@ class PisaPipeline:
         with _timed(timings, prefix + "text"):
             cond = self.embed(options.prompt)
         with _timed(timings, prefix + "encode", self.device):
-            encoded, plan = self.guard.encode(self, upsampled, options, plan, notes, stage.encoder)
+            encode = partial(self.encode, upsampled, options, encoder=stage.encoder)
+            vae = self.vae_for(stage.encoder)
+            encoded, plan = self.guard.encode(encode, plan, notes, vae)
+        return Latents(plan=plan, cond=cond, encoded=encoded, deep=deep)
+
+    def predict_eps(
+        self, latents: Latents, stage: Stage, timings: dict[str, float], notes: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """eps of each of the stage's UNet variants over the latent tiles (retried with
+        smaller tiles when memory runs out; ``latents.plan`` follows)."""
+        prefix = f"{stage.name}_" if stage.name else ""
         with _timed(timings, prefix + "unet", self.device):
-            eps, plan = self.guard.predict(self, encoded.latents, cond, plan, notes, stage.timestep)
-            latents = self.step(encoded.latents, eps, stage)
-            del eps
+            z_low, cond = latents.encoded.latents, latents.cond
+
+            def predict(plan: ImagePlan) -> dict[str, torch.Tensor]:
+                tiles, batch = plan.unet, plan.tile_batch
+                return self.predict(z_low, cond, plan.variants, tiles, batch, stage.timestep)
+
+            eps, latents.plan = self.guard.predict(predict, latents.plan, notes)
+        return eps
+
+    def decode_latents(
+        self,
+        z_high: torch.Tensor,
+        latents: Latents,
+        timings: dict[str, float],
+        notes: list[str],
+        prefix: str = "",
+    ) -> torch.Tensor:
+        """The decoded image in [0, 1] of ``z_high`` (retried with smaller tiles when memory
+        runs out, in fp32 when a low precision gives inf or NaN)."""
         with _timed(timings, prefix + "decode", self.device):
-            decoded, plan = self.guard.decode(self, latents, encoded.size, plan, notes)
-        with _timed(timings, prefix + "color"):
-            levels = DEEP_MAX if deep else 255
-            fixed = self.finish(decoded, encoded.source, options.color_fix, levels)
-            result = restore_size(to_deep(fixed) if deep else to_image(fixed), plan.resize)
-        return result, plan
+            decode = partial(self.decode, z_high, latents.encoded.size)
+            decoded, latents.plan = self.guard.decode(decode, latents.plan, notes)
+        return decoded
+
+    def decode_batch(
+        self, z_high: torch.Tensor, latents: Latents, notes: list[str]
+    ) -> tuple[list[torch.Tensor], bool]:
+        """Decoded images of a batch of latents: in one call when it fits and is finite,
+        else one at a time through ``decode_latents``; (images, whether the batch held)."""
+        if z_high.shape[0] > 1:
+            try:
+                decoded = self.decode(z_high, latents.encoded.size, None, latents.plan.store)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+            else:
+                if self.dtype == torch.float32 or bool(torch.isfinite(decoded).all()):
+                    return list(decoded.split(1)), True
+        images = [self.decode_latents(z, latents, {}, notes) for z in z_high.split(1)]
+        return images, z_high.shape[0] == 1
+
+    def finish_image(self, decoded: torch.Tensor, latents: Latents, method: str):
+        """The finished image of a pass: truncated, colour-fixed against the bicubic input,
+        shrunk back for an enlarged small input (a DeepImage for 16-bit inputs)."""
+        levels = DEEP_MAX if latents.deep else 255
+        fixed = self.finish(decoded, latents.encoded.source, method, levels)
+        image = to_deep(fixed) if latents.deep else to_image(fixed)
+        return restore_size(image, latents.plan.resize)
+
+    @property
+    def unet_calls(self) -> int:
+        """UNet calls so far (each carries a batch of tiles and every variant needed)."""
+        return self.unet.calls
 
     def step(
         self, latents: torch.Tensor, eps: dict[str, torch.Tensor], stage: Stage

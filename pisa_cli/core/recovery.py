@@ -33,7 +33,8 @@ def _release_memory() -> None:
 
 
 class StageGuard:
-    """Runs the encode, UNet and decode stages of one image with recovery."""
+    """Runs the encode, UNet and decode stages of one image with recovery. Each stage is
+    given as a callable of its tile sizes; the guard knows no pipeline."""
 
     def __init__(self, vae: torch.nn.Module, dtype: torch.dtype):
         self.vae = vae
@@ -42,19 +43,22 @@ class StageGuard:
 
     # --- the three stages -----------------------------------------------------------------
     def encode(
-        self, pipe, upsampled, options, plan: ImagePlan, notes: list[str], encoder: str = "first"
-    ):
-        """``encoder``: the pass whose VAE encoder runs (first or second)."""
+        self,
+        encode: Callable[[int | None, str], Any],
+        plan: ImagePlan,
+        notes: list[str],
+        vae: torch.nn.Module | None = None,
+    ) -> tuple[Any, ImagePlan]:
+        """``encode(tile, store)`` (returning an object with ``latents``), retried with
+        halved tiles; ``vae``: the model it runs, upcast for an fp32 redo (default: ours)."""
 
         def run(current: ImagePlan):
             return self._finite(
                 "VAE encoder",
-                lambda: pipe.encode(
-                    upsampled, options, current.encoder_tile, current.store, encoder
-                ),
+                lambda: encode(current.encoder_tile, current.store),
                 lambda out: out.latents,
                 notes,
-                pipe.vae_for(encoder),
+                vae,
             )
 
         def shrink(current: ImagePlan) -> ImagePlan | None:
@@ -65,11 +69,14 @@ class StageGuard:
 
         return self._retry("VAE encoder", plan, run, shrink, _encoder_tile, notes)
 
-    def predict(self, pipe, latents, cond, plan: ImagePlan, notes: list[str], timestep: int = 1):
+    def predict(
+        self, predict: Callable[[ImagePlan], Any], plan: ImagePlan, notes: list[str]
+    ) -> tuple[Any, ImagePlan]:
+        """``predict(plan)`` (the UNet over the plan's tiles, its tile batch per call),
+        retried with half the tile batch, then half the tile."""
+
         def run(current: ImagePlan):
-            return pipe.predict(
-                latents, cond, current.variants, current.unet, current.tile_batch, timestep
-            )
+            return predict(current)
 
         def shrink(current: ImagePlan) -> ImagePlan | None:
             if current.tile_batch > 1:
@@ -85,11 +92,16 @@ class StageGuard:
 
         return self._retry("UNet", plan, run, shrink, _unet_tile, notes)
 
-    def decode(self, pipe, latents, size, plan: ImagePlan, notes: list[str]):
+    def decode(
+        self, decode: Callable[[int | None, str], Any], plan: ImagePlan, notes: list[str]
+    ) -> tuple[Any, ImagePlan]:
+        """``decode(tile, store)`` (a tensor), retried with halved tiles, redone in fp32 when
+        a low precision gives inf or NaN."""
+
         def run(current: ImagePlan):
             return self._finite(
                 "VAE decoder",
-                lambda: pipe.decode(latents, size, current.decoder_tile, current.store),
+                lambda: decode(current.decoder_tile, current.store),
                 lambda out: out,
                 notes,
             )

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pisa_cli.core.pipeline import Encoded, PisaPipeline, to_image
+from pisa_cli.core.passes import TIMESTEP, Stage
+from pisa_cli.core.pipeline import Encoded, Latents, PisaPipeline
 from pisa_cli.core.planning import ImagePlan
-from pisa_cli.core.recovery import is_out_of_memory
 from pisa_cli.engine import memory
 from pisa_cli.engine.denoise import combine_eps
-from pisa_cli.imaging.resize import plan_resize, restore_size, upsample_input
+from pisa_cli.imaging.resize import plan_resize
 from pisa_cli.options import UpscaleOptions
 from pisa_cli.sweep.grid import GridPoint, plan_options
 
@@ -61,11 +61,10 @@ class Prepared:
 
     image: Image.Image
     """The RGB input."""
-    encoded: Encoded
+    latents: Latents
+    """Its plan as run so far, prompt embedding and z_L (the pipeline's stages)."""
     eps: dict[str, torch.Tensor]
     """eps_pix and eps_pisa, aggregated over the latent tiles."""
-    plan: ImagePlan
-    """The plan as run so far (after any out-of-memory retry)."""
     unet_calls: int = 0
     """UNet calls the two passes took (one per tile batch, both variants in each call)."""
     decodes: int = 0
@@ -78,6 +77,15 @@ class Prepared:
     """Each point's image also went through the x2 second pass (lambdas: the point's)."""
     output_size: tuple[int, int] = (0, 0)
     """Each point's image size (twice the x4 result's with a second pass)."""
+
+    @property
+    def encoded(self) -> Encoded:
+        return self.latents.encoded
+
+    @property
+    def plan(self) -> ImagePlan:
+        """The plan as run so far (after any out-of-memory retry)."""
+        return self.latents.plan
 
     def bicubic(self) -> Image.Image:
         """The input enlarged to the output size with PIL's bicubic filter (the "before")."""
@@ -93,29 +101,20 @@ class Sweeper:
         self.second_pass = options.second_pass.kind != "none"
 
     def prepare(self, image: Image.Image) -> Prepared:
-        """Encode ``image`` and run both UNet passes (the whole cost shared by all points)."""
+        """Encode ``image`` and run both UNet passes (the whole cost shared by all points),
+        through the pipeline's own stages."""
         pipe, timings, notes = self.pipeline, {}, []
-        start = time.perf_counter()
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        plan = pipe.plan(rgb.size, self.options)
-        upsampled = upsample_input(rgb, plan.resize)
-        timings["preprocess"] = _lap(start)
-        start = time.perf_counter()
-        cond = pipe.embed(self.options.prompt)
-        timings["text"] = _lap(start)
-        start = time.perf_counter()
-        encoded, plan = pipe.guard.encode(pipe, upsampled, self.options, plan, notes)
-        timings["encode"] = _lap(start, pipe.device)
-        start, calls = time.perf_counter(), pipe.unet.calls
-        eps, plan = pipe.guard.predict(pipe, encoded.latents, cond, plan, notes)
-        timings["unet"] = _lap(start, pipe.device)
+        stage = Stage("", VARIANTS, TIMESTEP, "pisa", self.options)
+        latents = pipe.prepare_latents(rgb, stage, timings, notes)
+        calls = pipe.unet_calls
+        eps = pipe.predict_eps(latents, stage, timings, notes)
         return Prepared(
             image=rgb,
-            encoded=encoded,
+            latents=latents,
             eps=eps,
-            plan=plan,
-            unet_calls=pipe.unet.calls - calls,
-            decode_batch=self.decode_batch_size(plan),
+            unet_calls=pipe.unet_calls - calls,
+            decode_batch=self.decode_batch_size(latents.plan),
             timings=timings,
             notes=notes,
             second_pass=self.second_pass,
@@ -155,18 +154,22 @@ class Sweeper:
         self, prepared: Prepared, points: Iterable[GridPoint]
     ) -> Iterator[tuple[GridPoint, Image.Image]]:
         """Each point's finished image (decoded exactly, colour-fixed, 8-bit), in order."""
-        pending = list(points)
+        pipe, pending = self.pipeline, list(points)
         while pending:
             chunk, pending = pending[: prepared.decode_batch], pending[prepared.decode_batch :]
             start = time.perf_counter()
-            latents = torch.cat([self.latents(prepared, point) for point in chunk])
-            decoded = self._decode(prepared, latents)
-            del latents
-            _add(prepared.timings, "decode", _lap(start, self.pipeline.device))
+            z_high = torch.cat([self.latents(prepared, point) for point in chunk])
+            decoded, held = pipe.decode_batch(z_high, prepared.latents, prepared.notes)
+            del z_high
+            if not held:
+                note = "VAE decoder batch of points failed; decoding one point at a time"
+                log.warning(note)
+                prepared.notes.append(note)
+                prepared.decode_batch = 1
+            _add(prepared.timings, "decode", _lap(start, pipe.device))
             for point, image in zip(chunk, decoded, strict=True):
                 start = time.perf_counter()
-                fixed = self.pipeline.finish(image, prepared.encoded.source, self.options.color_fix)
-                result = restore_size(to_image(fixed), prepared.plan.resize)
+                result = pipe.finish_image(image, prepared.latents, self.options.color_fix)
                 _add(prepared.timings, "color", time.perf_counter() - start)
                 prepared.decodes += 1
                 yield point, self.second(prepared, point, result)
@@ -180,36 +183,6 @@ class Sweeper:
         for stage in self.pipeline.stages(options)[1:]:
             image, _ = self.pipeline.run_stage(image, stage, prepared.timings, prepared.notes)
         return image
-
-    def _decode(self, prepared: Prepared, latents: torch.Tensor) -> list[torch.Tensor]:
-        """Decoded images in [0, 1]: a batch in one call when it fits, else one by one
-        through the guard (tiled retries, fp32 redo)."""
-        pipe, size = self.pipeline, prepared.encoded.size
-        if latents.shape[0] > 1:
-            try:
-                decoded = pipe.decode(latents, size, None, prepared.plan.store)
-            except Exception as error:
-                if not is_out_of_memory(error):
-                    raise
-                self._fall_back(prepared, f"out of memory at {latents.shape[0]} points per call")
-            else:
-                if pipe.dtype == torch.float32 or bool(torch.isfinite(decoded).all()):
-                    return list(decoded.split(1))
-                self._fall_back(prepared, "inf/NaN in a batch")
-        images = []
-        for latent in latents.split(1):
-            image, prepared.plan = pipe.guard.decode(
-                pipe, latent, size, prepared.plan, prepared.notes
-            )
-            images.append(image)
-        return images
-
-    @staticmethod
-    def _fall_back(prepared: Prepared, reason: str) -> None:
-        note = f"VAE decoder {reason}; decoding one point at a time"
-        log.warning(note)
-        prepared.notes.append(note)
-        prepared.decode_batch = 1
 
 
 def _lap(start: float, device: torch.device | None = None) -> float:
