@@ -48,10 +48,10 @@ PipelineFactory = Callable[[ModelOptions, UpscaleOptions], Any]
 
 
 def load_pipeline(model: ModelOptions, options: UpscaleOptions):
-    """The real factory: ``core.loading.load_pipeline``."""
-    from pisa_cli.core.loading import load_pipeline as load
+    """The real factory: ``core.loading.build`` of the run's PipelineSpec."""
+    from pisa_cli.core.loading import PipelineSpec, build
 
-    return load(model, options=options)
+    return build(PipelineSpec.for_run(model, options))
 
 
 @dataclass

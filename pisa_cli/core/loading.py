@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -59,6 +59,28 @@ def load_second(path: str | Path) -> SecondWeights:
     return load_second_lora(path)
 
 
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Everything a pipeline is built from, decided before anything loads."""
+
+    model: ModelOptions
+    """Where the models come from and where they run."""
+    merged: str = "pisa"
+    """The UNet weight set merged into the weights (the others are side paths)."""
+    second_weights: str = ""
+    """The x2 second pass's LoRA (a tudsr second pass), or none."""
+
+    @classmethod
+    def for_run(cls, model: ModelOptions, options: UpscaleOptions | None = None) -> PipelineSpec:
+        """The spec for runs of ``options``: the weight set they need most merged, their
+        second pass's LoRA loaded."""
+        family = family_of(resolve_weights_path(model.resolved_weights()))
+        second = ""
+        if options is not None and options.second_pass.kind == "tudsr":
+            second = options.second_pass.weights
+        return cls(model, merged_variant(options, family), second)
+
+
 def load_pipeline(
     model: ModelOptions | None = None,
     *,
@@ -71,19 +93,23 @@ def load_pipeline(
     """Load SD 2.1-base, the PiSA-SR weights and, when ``options`` ask for a TUDSR-style
     second pass, its LoRA; the weights are merged for ``options``.
 
-    Keyword arguments override the fields of ``model``. Raises WeightsError, ModelError or
-    DeviceError with a message naming what is wrong.
+    The Python API: keyword arguments override the fields of ``model``. It makes one
+    PipelineSpec and builds it (``build``). Raises WeightsError, ModelError or DeviceError
+    with a message naming what is wrong.
     """
+    overrides = {"weights": weights, "base_model": base_model, "device": device, "dtype": dtype}
+    model = replace(
+        model or ModelOptions(), **{k: v for k, v in overrides.items() if v is not None}
+    )
+    return build(PipelineSpec.for_run(model, options))
+
+
+def build(spec: PipelineSpec) -> PisaPipeline:
+    """Load everything ``spec`` names and assemble the pipeline on its device (the one way
+    a pipeline is built from files; ``build_pipeline`` assembles one from parts)."""
     from pisa_cli.models.base import check_base_folder, load_part, resolve_base_model
 
-    model = model or ModelOptions()
-    model = ModelOptions(
-        base_model=base_model if base_model is not None else model.base_model,
-        weights=weights if weights is not None else model.weights,
-        device=device if device is not None else model.device,
-        dtype=dtype if dtype is not None else model.dtype,
-        compile=model.compile,
-    )
+    model = spec.model
     torch_device = resolve_device(model.device)
     torch_dtype = resolve_dtype(model.dtype, torch_device)
     weights_path = resolve_weights_path(model.resolved_weights())
@@ -94,13 +120,11 @@ def load_pipeline(
         log.info("%s: %s", first.source, first.describe())
     else:
         checkpoint = load_checkpoint(weights_path)
-    second = None
-    if options is not None and options.second_pass.kind == "tudsr":
-        second = load_second(options.second_pass.weights)
+    second = load_second(spec.second_weights) if spec.second_weights else None
     folder = resolve_base_model(model.resolved_base_model())
     check_base_folder(folder)
     log.info("base model %s, weights %s", folder, weights_path)
-    merged = merged_variant(options, family)
+    merged = spec.merged
     key = _merged_key(folder, weights_path, merged, torch_dtype, second)
     state = cache.load_tensors(
         "merged", key, lambda found: cache.mismatch(found, unet_state_spec(folder, torch_dtype))
