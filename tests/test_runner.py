@@ -9,7 +9,6 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 
 import pytest
 from PIL import Image
@@ -21,19 +20,12 @@ from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.io import write_output
 from pisa_cli.imaging.manifest import MANIFEST_NAME, Manifest
 from pisa_cli.options import BatchOptions
-from tests.helpers import noise_image
+from tests.helpers import FakeResult, noise_image
 
 OPTIONS = UpscaleOptions(process_size=32)
 
 
-@dataclass
-class FakeResult:
-    image: Image.Image
-    timings: dict = field(default_factory=dict)
-    notes: list = field(default_factory=list)
-
-
-class FakePipeline:
+class SlowPipeline:
     """Upscales by 4 with a nearest filter, taking ``seconds`` (sleeping, like a GPU)."""
 
     def __init__(self, seconds: float = 0.0, interrupt_at: int | None = None):
@@ -124,7 +116,7 @@ def test_a_bad_input_fails_alone_with_one_line(tmp_path, monkeypatch, case):
     bad = jobs[1].source
     make(bad, monkeypatch) if make is _unreadable else make(bad)
     batch = BatchOptions(max_pixels=10_000)
-    results = list(run_jobs(FakePipeline(), jobs, OPTIONS, batch))
+    results = list(run_jobs(SlowPipeline(), jobs, OPTIONS, batch))
     assert [r.status for r in results] == ["done", "failed", "done"]
     error = results[1].error
     assert error.startswith(str(bad)) and reason in error and "\n" not in error
@@ -147,7 +139,7 @@ def test_an_unwritable_output_folder_fails_each_image_alone(tmp_path, monkeypatc
             return real_mkstemp(*args, dir=dir, **kwargs)
 
         monkeypatch.setattr(tempfile, "mkstemp", refusing)
-    results = list(run_jobs(FakePipeline(), jobs, OPTIONS))
+    results = list(run_jobs(SlowPipeline(), jobs, OPTIONS))
     assert [r.status for r in results] == ["done", "failed", "done"]
     assert (
         results[1].error == f"{locked / '01.png'}: permission denied (output folder not writable)"
@@ -155,7 +147,7 @@ def test_an_unwritable_output_folder_fails_each_image_alone(tmp_path, monkeypatc
 
 
 def test_a_failing_model_call_fails_alone(tmp_path):
-    class Flaky(FakePipeline):
+    class Flaky(SlowPipeline):
         def upscale_with_info(self, image, options):
             if self.calls == 1:
                 self.calls += 1
@@ -173,7 +165,7 @@ def test_a_failing_model_call_fails_alone(tmp_path):
 def test_reading_and_writing_overlap_the_model_in_bounded_memory(tmp_path, monkeypatch):
     count, model_seconds, write_seconds = 12, 0.04, 0.04
     jobs = make_inputs(tmp_path / "in", count)
-    pipeline = FakePipeline(model_seconds)
+    pipeline = SlowPipeline(model_seconds)
     alive, peak, lock = [0], [0], threading.Lock()
     import pisa_cli.batch.runner as runner_module
 
@@ -225,7 +217,7 @@ def test_depth_zero_runs_everything_in_turn(tmp_path, monkeypatch):
     monkeypatch.setattr(runner_module, "read_picture", read)
     batch = BatchOptions(read_ahead=0, write_behind=0)
     jobs = make_inputs(tmp_path / "in", 3)
-    results = list(run_jobs(FakePipeline(), jobs, OPTIONS, batch, save=save))
+    results = list(run_jobs(SlowPipeline(), jobs, OPTIONS, batch, save=save))
     assert [r.status for r in results] == ["done"] * 3
     assert set(threads) == {threading.current_thread().name} and len(threads) == 6
 
@@ -236,7 +228,7 @@ def test_depth_zero_runs_everything_in_turn(tmp_path, monkeypatch):
 def test_stop_finishes_the_current_image_and_writes_what_is_done(tmp_path):
     jobs = make_inputs(tmp_path / "in", 8)
     stop = threading.Event()
-    pipeline = FakePipeline(0.02)
+    pipeline = SlowPipeline(0.02)
     results = []
     for result in run_jobs(pipeline, jobs, OPTIONS, stop=stop, on_start=lambda job: None):
         results.append(result)
@@ -250,7 +242,7 @@ def test_stop_finishes_the_current_image_and_writes_what_is_done(tmp_path):
 
 def test_keyboard_interrupt_abandons_the_image_in_the_model(tmp_path):
     jobs = make_inputs(tmp_path / "in", 6)
-    results = list(run_jobs(FakePipeline(0.01, interrupt_at=3), jobs, OPTIONS))
+    results = list(run_jobs(SlowPipeline(0.01, interrupt_at=3), jobs, OPTIONS))
     assert [r.job for r in results] == jobs[:2]  # the third was abandoned, nothing after
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00.png", "01.png"]
     assert not leftovers(tmp_path)

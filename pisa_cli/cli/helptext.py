@@ -24,36 +24,36 @@ def first_sentence(text: str | None) -> str:
     return plain_help(text).split("\n\n")[0].replace("\\[", "[")
 
 
-class Command(TyperCommand):
+class _PlainParams:
+    """Gives a typer command or group plain help for its parameters, --help included."""
+
+    def _plain_params(self) -> None:
+        for param in self.params:  # type: ignore[attr-defined]
+            _plain(param)
+
+    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            _plain(option)
+        return option
+
+
+class Command(_PlainParams, TyperCommand):
     """A typer command whose parameters' help and placeholders read as plain text."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.help:
             self.help = plain_help(self.help)
-        for param in self.params:
-            _plain(param)
-
-    def get_help_option(self, ctx: click.Context) -> click.Option | None:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            _plain(option)
-        return option
+        self._plain_params()
 
 
-class Group(TyperGroup):
+class Group(_PlainParams, TyperGroup):
     """The ``pisa`` group, its own options (--version, --help) as plain as a command's."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        for param in self.params:
-            _plain(param)
-
-    def get_help_option(self, ctx: click.Context) -> click.Option | None:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            _plain(option)
-        return option
+        self._plain_params()
 
 
 def _plain(param: click.Parameter) -> None:
