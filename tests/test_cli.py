@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import model_args, noise_image, run, visible
+from tests.helpers import model_args, noise_image, run, run_fake, visible
 
 FIXED_OPTIONS = [
     "--output",
@@ -85,7 +85,7 @@ def test_a_broken_image_fails_alone(tiny_base, pisa_pkl, photos, tmp_path):
     (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     (photos / "empty.jpg").write_bytes(b"")
     out = tmp_path / "out"
-    result = run(
+    result = run_fake(
         "upscale", photos, "-o", out, "--process-size", "64", *model_args(tiny_base, pisa_pkl)
     )
     assert result.exit_code == 1
