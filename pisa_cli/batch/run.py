@@ -172,9 +172,9 @@ class Summary:
     exit_code: int
 
 
-def summarize(outcome: Outcome, report_failed: bool = False) -> Summary:
+def summarize(outcome: Outcome) -> Summary:
     """Counts of done, skipped and failed (missing inputs too), what else to say, and the
-    exit code: 130 when interrupted, 1 when anything failed (a lost rank, the report), 0."""
+    exit code: 130 when interrupted, 1 when anything failed (or a rank was lost), else 0."""
     counts = Counter(result.status for result in outcome.results)
     counts["failed"] += outcome.failed_early
     extra = outcome.extra
@@ -183,17 +183,17 @@ def summarize(outcome: Outcome, report_failed: bool = False) -> Summary:
         extra += f"; rank {names} stopped without reporting"
     if outcome.interrupted or outcome.lost_ranks:
         extra += f"; stopped, {outcome.not_done} not done (run again to resume)"
-    code = 1 if counts["failed"] or report_failed or outcome.lost_ranks else 0
+    code = 1 if counts["failed"] or outcome.lost_ranks else 0
     if outcome.interrupted:
         code = INTERRUPTED_EXIT
     return Summary(counts, extra, code)
 
 
-def write_report(report: Path, outcome: Outcome) -> str | None:
-    """Write ``--report``; the error line when it cannot be written, else None."""
+def write_report(report: Path, outcome: Outcome, counts: Counter) -> str | None:
+    """Write ``--report`` (``counts``: the summary's); the error line when it cannot be
+    written, else None."""
     from pisa_cli.batch.report import write_report as write
 
-    counts = summarize(outcome).counts
     totals = {
         "done": counts["done"],
         "skipped": counts["skipped"],

@@ -18,7 +18,6 @@ from pisa_cli.options import (
     BASE_MODEL_ENV,
     DEFAULT_BASE_MODEL,
     WEIGHTS_ENV,
-    UpscaleOptions,
 )
 
 MODEL = "Model"
@@ -328,17 +327,6 @@ Quiet = Annotated[
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print debugging details.")]
 
 
-def pipeline_factory(context: typer.Context | None):
-    """How this command builds its pipeline: ``obj["pipeline_factory"]`` when the caller
-    gave one (``app(obj=...)``; tests pass fakes), else ``core.loading``'s."""
-    obj = context.obj if context is not None else None
-    if isinstance(obj, dict) and obj.get("pipeline_factory") is not None:
-        return obj["pipeline_factory"]
-    from pisa_cli.batch.run import load_pipeline
-
-    return load_pipeline
-
-
 def say(message: object = "", err: bool = False) -> None:
     """Print ``message`` as one line: control characters in it (from file names) are
     escaped, so a name can neither break the line nor forge another (``imaging.names``).
@@ -350,39 +338,6 @@ def say_lines(text: str, err: bool = False) -> None:
     """Our own text of several lines (a plan), each line said on its own."""
     for line in text.split("\n"):
         say(line, err=err)
-
-
-def warn_unusual(options: UpscaleOptions, lambdas: list[tuple[str, float]] | None = None) -> None:
-    """One warning each for settings that run but leave what the model was trained for:
-    a --scale other than 4, negative lambdas (``lambdas`` overrides the options' own)."""
-    if options.scale != 4:
-        say(
-            f"warning: --scale {options.scale}: the model is trained for x4; other factors "
-            "run but are untested",
-            err=True,
-        )
-    if lambdas is None:
-        lambdas = [("--lambda-pix", options.lambda_pix), ("--lambda-sem", options.lambda_sem)]
-    negative = [f"{name} {value:g}" for name, value in lambdas if value < 0]
-    if negative:
-        say(
-            f"warning: {', '.join(negative)}: negative strengths push away from the "
-            "LoRA's result; they run but are outside what the model was tuned for",
-            err=True,
-        )
-
-
-def say_discovery(found) -> int:
-    """Say what the inputs held that cannot run (missing, unreadable, not regular files,
-    outputs outside -o: errors) and the folder loops left out (warnings); return how many
-    inputs failed this way."""
-    for missing in found.missing:
-        say(f"error: {missing}: no such file or folder", err=True)
-    for line in found.unreadable:
-        say(f"error: {line}", err=True)
-    for line in found.loops:
-        say(f"warning: {line}; not searched again", err=True)
-    return len(found.missing) + len(found.unreadable)
 
 
 def fail(error: PisaError) -> typer.Exit:

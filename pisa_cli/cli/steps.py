@@ -1,6 +1,7 @@
-"""The steps of `pisa upscale` that speak to the user, shared by one process and the ranks
-of several: plan (with every message), prepare the output folder, run with a display,
-finish (summary line, report, exit code)."""
+"""The steps of the commands that speak to the user, shared by one process and the ranks
+of several: the pipeline factory, warnings on unusual settings, what discovery found,
+plan (with every message), prepare the output folder, run with a display, finish
+(summary line, report, exit code)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,55 @@ from pisa_cli.cli import common, spec
 from pisa_cli.cli.progress import display, summary
 from pisa_cli.cli.signals import stop_on_signals
 from pisa_cli.errors import PisaError
+from pisa_cli.options import UpscaleOptions
 
 if TYPE_CHECKING:  # the batch imports torch: only when a command runs, not for --help
     from pisa_cli.batch.plan import RunPlan
     from pisa_cli.batch.run import Outcome, Summary
+
+
+def pipeline_factory(context: typer.Context | None):
+    """How this command builds its pipeline: ``obj["pipeline_factory"]`` when the caller
+    gave one (``app(obj=...)``; tests pass fakes), else ``core.loading``'s."""
+    obj = context.obj if context is not None else None
+    if isinstance(obj, dict) and obj.get("pipeline_factory") is not None:
+        return obj["pipeline_factory"]
+    from pisa_cli.batch.run import load_pipeline
+
+    return load_pipeline
+
+
+def warn_unusual(options: UpscaleOptions, lambdas: list[tuple[str, float]] | None = None) -> None:
+    """One warning each for settings that run but leave what the model was trained for:
+    a --scale other than 4, negative lambdas (``lambdas`` overrides the options' own)."""
+    if options.scale != 4:
+        common.say(
+            f"warning: --scale {options.scale}: the model is trained for x4; other factors "
+            "run but are untested",
+            err=True,
+        )
+    if lambdas is None:
+        lambdas = [("--lambda-pix", options.lambda_pix), ("--lambda-sem", options.lambda_sem)]
+    negative = [f"{name} {value:g}" for name, value in lambdas if value < 0]
+    if negative:
+        common.say(
+            f"warning: {', '.join(negative)}: negative strengths push away from the "
+            "LoRA's result; they run but are outside what the model was tuned for",
+            err=True,
+        )
+
+
+def say_discovery(found) -> int:
+    """Say what the inputs held that cannot run (missing, unreadable, not regular files,
+    outputs outside -o: errors) and the folder loops left out (warnings); return how many
+    inputs failed this way."""
+    for missing in found.missing:
+        common.say(f"error: {missing}: no such file or folder", err=True)
+    for line in found.unreadable:
+        common.say(f"error: {line}", err=True)
+    for line in found.loops:
+        common.say(f"warning: {line}; not searched again", err=True)
+    return len(found.missing) + len(found.unreadable)
 
 
 def plan(run: spec.UpscaleSpec) -> tuple[RunPlan, Outcome] | None:
@@ -28,7 +74,7 @@ def plan(run: spec.UpscaleSpec) -> tuple[RunPlan, Outcome] | None:
 
     planned = find_jobs(list(run.inputs), run.output, run.batch)
     found = planned.found
-    common.say_discovery(found)
+    say_discovery(found)
     for conflict in planned.conflicts:
         common.say(f"error: {conflict.error}", err=True)
     if not found.jobs:
@@ -117,7 +163,7 @@ def finish(outcome: Outcome, run: spec.UpscaleSpec) -> None:
     common.say(line, err=True)
     code = result.exit_code
     if run.report is not None:
-        error = write_report(run.report, outcome)
+        error = write_report(run.report, outcome, result.counts)
         if error is not None:
             common.say(f"error: {error}", err=True)
             code = code or 1

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pisa_cli.cli import common, spec
+from pisa_cli.cli import common, spec, steps
 from pisa_cli.cli.progress import summary, track
 from pisa_cli.errors import OptionsError, PisaError, WeightsError
 from pisa_cli.sweep.grid import DEFAULT_MAX_POINTS, DEFAULT_SPEC
@@ -131,19 +131,19 @@ def sweep_command(context: typer.Context, **values) -> None:
         raise common.fail(error) from None
     grid = settings.grid
     lambdas = [("lambda_pix", min(grid.pix)), ("lambda_sem", min(grid.sem))]
-    common.warn_unusual(run.options, lambdas)
+    steps.warn_unusual(run.options, lambdas)
 
     from pisa_cli.imaging.discover import discover
 
     found = discover(list(run.inputs), run.output, extension="")
-    failed_early = common.say_discovery(found)
+    failed_early = steps.say_discovery(found)
     if not found.jobs:
         common.say("error: no images to sweep in the given inputs", err=True)
         raise typer.Exit(1)
     if run.dry_run:
         _print_plans(found.jobs, settings, run.model)
         return
-    load = common.pipeline_factory(context)
+    load = steps.pipeline_factory(context)
     counts = _run(found.jobs, run, settings, metric_names, load)
     counts["failed"] += failed_early
     extra = f"; {len(found.skipped)} non-image files ignored" if found.skipped else ""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from pisa_cli.cli import common, spec
+from pisa_cli.cli import common, spec, steps
 from pisa_cli.cli.steps import execute, finish, plan, prepare_output
 from pisa_cli.errors import PisaError
 
@@ -42,8 +42,8 @@ def upscale_command(context: typer.Context, **values) -> None:
     except PisaError as error:
         raise common.fail(error) from None
     if launch is None or (not isinstance(launch, list) and launch.rank == 0):
-        common.warn_unusual(run.options)  # once per run: by rank 0, not by --devices' parent
-    load = common.pipeline_factory(context)
+        steps.warn_unusual(run.options)  # once per run: by rank 0, not by --devices' parent
+    load = steps.pipeline_factory(context)
     if isinstance(launch, list):
         from pisa_cli.cli.launch import run_devices
 

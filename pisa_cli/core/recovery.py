@@ -75,9 +75,6 @@ class StageGuard:
         """``predict(plan)`` (the UNet over the plan's tiles, its tile batch per call),
         retried with half the tile batch, then half the tile."""
 
-        def run(current: ImagePlan):
-            return predict(current)
-
         def shrink(current: ImagePlan) -> ImagePlan | None:
             if current.tile_batch > 1:
                 return replace(current, tile_batch=current.tile_batch // 2)
@@ -90,7 +87,7 @@ class StageGuard:
             tiles = plan_tiles(height, width, tile, overlap, current.tiling)
             return replace(current, unet=tiles, latent_tile=tile, latent_overlap=overlap)
 
-        return self._retry("UNet", plan, run, shrink, _unet_tile, notes)
+        return self._retry("UNet", plan, predict, shrink, _unet_tile, notes)
 
     def decode(
         self, decode: Callable[[int | None, str], Any], plan: ImagePlan, notes: list[str]
