@@ -242,6 +242,9 @@ class BatchOptions:
     """Images decoded ahead of the model on a background thread (0: read in turn)."""
     write_behind: int = 2
     """Finished images waiting to be encoded and saved on a background thread (0: in turn)."""
+    image_batch: int | None = AUTO
+    """Images of one shape per model call (None: auto, as many as fit on an accelerator,
+    the measured best on a CPU). Outputs do not depend on it (``core.batching``)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -254,6 +257,10 @@ class BatchOptions:
             f"--suffix {self.suffix!r} must not hold a path separator",
         )
         _check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels} must be at least 1")
+        _check(
+            self.image_batch is None or self.image_batch >= 1,
+            f"--image-batch {self.image_batch} must be auto or at least 1",
+        )
         _check(
             self.read_ahead >= 0 and self.write_behind >= 0,
             "read-ahead and write-behind depths must be 0 or more",

@@ -266,11 +266,13 @@ class FakeResult:
     image: Image.Image
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    batch: int = 1
 
 
 class FakePipeline:
     """Upscales by ``options.scale`` with a nearest filter; ``fail`` makes every image fail
-    inside the model. Counts its calls."""
+    inside the model. Counts its calls; batches images of one size as the real pipeline
+    does (``batches``: the sizes of the batches it was given)."""
 
     device = torch.device("cpu")
     dtype = torch.float32
@@ -278,6 +280,7 @@ class FakePipeline:
     def __init__(self, fail: bool = False):
         self.fail = fail
         self.calls = 0
+        self.batches: list[int] = []
 
     def stages(self, options) -> list:
         return []
@@ -297,6 +300,21 @@ class FakePipeline:
         return FakeResult(
             big.point(lambda value: (value + shift) % 256), dict.fromkeys(stages, 0.0)
         )
+
+    def batching(self, image: Image.Image, options, requested):
+        return image.size, requested or 1
+
+    def upscale_many(self, images: list, options, requested=None) -> list:
+        self.batches.append(len(images))
+        outcomes: list = []
+        for image in images:
+            try:
+                outcomes.append(self.upscale_with_info(image, options))
+            except Exception as error:
+                outcomes.append(error)
+            else:
+                outcomes[-1].batch = len(images)
+        return outcomes
 
 
 def run_on(pipeline: FakePipeline | None, *args: object):

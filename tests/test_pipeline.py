@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pisa_cli import TileOptions, UpscaleOptions
-from pisa_cli.core.pipeline import to_image
+from pisa_cli.core.latents import to_image
 from pisa_cli.engine.denoise import combine_eps
 from tests.helpers import assert_close, noise_image
 from tests.reference import load_reference, reference_upscale

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pisa_cli import TileOptions, UpscaleOptions, load_pipeline
+from pisa_cli.core.batching import MAX_IMAGE_BATCH
 from pisa_cli.core.loading import merged_variant
-from pisa_cli.sweep.core import BASIS, MAX_DECODE_BATCH, Sweeper, blend_basis
+from pisa_cli.sweep.core import BASIS, Sweeper, blend_basis
 from pisa_cli.sweep.grid import GridPoint, parse_grid, plan_options
 from tests.helpers import assert_close, noise_image
 
@@ -91,13 +92,14 @@ def test_one_point_per_decoder_call_on_the_cpu(sweep_pipeline):
 
 
 def test_several_points_per_decoder_call_where_memory_allows(sweep_pipeline, monkeypatch):
-    # as on an accelerator: a batch of as many points as fit, at most MAX_DECODE_BATCH
+    # as on an accelerator: as many points as fit, at most MAX_IMAGE_BATCH (the image batch)
     monkeypatch.setattr(sweep_pipeline, "device", torch.device("meta"))
     sweeper = Sweeper(sweep_pipeline, TILED)
     plan = sweep_pipeline.plan((40, 32), sweeper.options)
-    assert sweeper.decode_batch_size(plan) == MAX_DECODE_BATCH
+    assert sweeper.decode_batch_size(plan) == MAX_IMAGE_BATCH
     tight = dataclasses.replace(plan, free_bytes=plan.free_bytes // 10**6)
     assert sweeper.decode_batch_size(tight) == 1
+    assert Sweeper(sweep_pipeline, TILED, image_batch=3).decode_batch_size(tight) == 3
     monkeypatch.undo()
     grid = parse_grid("pix=0:1:0.5 sem=0,1")
     prepared = sweeper.prepare(noise_image(40, 32, 2))
@@ -110,10 +112,13 @@ def test_several_points_per_decoder_call_where_memory_allows(sweep_pipeline, mon
     assert counter.batches == [4, 2] and len(images) == grid.size
 
 
-def test_decoder_out_of_memory_falls_back_to_one_point_at_a_time(sweep_pipeline, monkeypatch):
+def test_decoder_out_of_memory_halves_the_points_per_call(sweep_pipeline, monkeypatch):
     decode = sweep_pipeline.decode
+    tried = []
+    monkeypatch.setattr(sweep_pipeline.batcher, "limit", None)  # restored after the test
 
     def small_memory(latents, *args, **kwargs):
+        tried.append(latents.shape[0])
         if latents.shape[0] > 1:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return decode(latents, *args, **kwargs)
@@ -125,7 +130,9 @@ def test_decoder_out_of_memory_falls_back_to_one_point_at_a_time(sweep_pipeline,
     prepared.decode_batch = 4
     images = dict(sweeper.images(prepared, grid.points))
     assert len(images) == 4 and prepared.decode_batch == 1
-    assert any("one point at a time" in note for note in prepared.notes)
+    assert tried == [4, 2, 1, 1, 2, 1, 1]
+    assert any("out of memory with 4 points per call; 2 from now on" in n for n in prepared.notes)
+    assert sweep_pipeline.batcher.limit == 1  # the next image starts at what held
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +168,7 @@ def test_points_equal_pisa_upscale_within_2_levels(
         assert diff.max() <= 2, (point, diff.max())
 
 
-@pytest.mark.parametrize("decode_batch", [1, MAX_DECODE_BATCH])
+@pytest.mark.parametrize("decode_batch", [1, 4])
 def test_with_adain_points_stay_within_the_pipeline_bar(
     sweep_pipeline, upscale_pipelines, decode_batch
 ):

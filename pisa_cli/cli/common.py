@@ -216,6 +216,16 @@ TileBatch = Annotated[
         rich_help_panel=TILES,
     ),
 ]
+ImageBatch = Annotated[
+    str,
+    typer.Option(
+        "--image-batch",
+        help="Images of one size per model call (and sweep points per decoder call); "
+        "outputs do not depend on it. auto: as many as fit in memory on a GPU (at most 16), "
+        "1 on a CPU, where batches gain nothing measurable.",
+        rich_help_panel=TILES,
+    ),
+]
 Recursive = Annotated[
     bool,
     typer.Option(

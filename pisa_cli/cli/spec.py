@@ -65,6 +65,7 @@ TILES = [
     option("vae_encoder_tile", common.VaeEncoderTile, "auto"),
     option("vae_decoder_tile", common.VaeDecoderTile, "auto"),
     option("tile_batch", common.TileBatch, "auto"),
+    option("image_batch", common.ImageBatch, "auto"),
 ]
 SECOND = [
     option("second_pass", common.SecondPass, "none"),
@@ -158,6 +159,7 @@ def batch_options(values: Mapping[str, Any]) -> BatchOptions:
         recursive=values["recursive"],
         overwrite=values["overwrite"],
         max_pixels=values["max_pixels"],
+        image_batch=parse_tile("--image-batch", values["image_batch"]),
     )
 
 
@@ -207,6 +209,8 @@ class SweepSpec:
     model: ModelOptions
     options: UpscaleOptions
     max_pixels: int = DEFAULT_MAX_PIXELS
+    image_batch: int | None = None
+    """--image-batch: grid points per decoder call (None: auto)."""
     sweep: dict = field(default_factory=dict)
     """The sweep's own values (grid, images, viewer, metrics, sheet), checked by the sweep."""
     dry_run: bool = False
@@ -222,8 +226,14 @@ class SweepSpec:
             model=model_options(values),
             options=upscale_options(values),
             max_pixels=values["max_pixels"],
+            image_batch=_image_batch(values["image_batch"]),
             sweep={name: values[name] for name in own},
             dry_run=values["dry_run"],
             quiet=values["quiet"],
             verbose=values["verbose"],
         )
+
+
+def _image_batch(value: str) -> int | None:
+    """--image-batch: auto (None) or at least 1 (raises OptionsError)."""
+    return BatchOptions(image_batch=parse_tile("--image-batch", value)).image_batch

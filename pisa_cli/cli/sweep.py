@@ -183,6 +183,7 @@ def _settings(run: spec.SweepSpec):
         gt_dir=gt,
         sheet=SheetOptions(cell=values["sheet_cell"], crop=values["sheet_crop"]),
         max_pixels=run.max_pixels,
+        image_batch=run.image_batch,
         model=run.model,
     )
     return settings, names

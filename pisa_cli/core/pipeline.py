@@ -3,25 +3,30 @@
 ``PisaPipeline.upscale`` takes an RGB PIL image and returns the upscaled one (``loading``
 makes the pipeline). A pass is four public stages, what `pisa upscale`, `pisa sweep` and
 the bench call: ``prepare_latents`` (plan, upsample, prompt, encode), ``predict_eps`` (the
-UNet over latent tiles), ``decode_latents`` (or ``decode_batch``), ``finish_image``
-(truncate, colour fix, shrink back); each model stage runs under ``recovery``'s guard.
+UNet over latent tiles), ``decode_latents``, ``finish_image`` (truncate, colour fix, shrink
+back); each model stage runs under ``recovery``'s guard. ``upscale_many`` runs several
+images of one shape through shared model calls (``batching``).
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pisa_cli.core.latents import (
+    Encoded,
+    Latents,
+    UpscaleResult,
+    timed,
+    to_deep,
+    to_image,
+    to_tensor,
+)
 from pisa_cli.core.passes import TIMESTEP, Passes, Stage
 from pisa_cli.core.planning import ImagePlan, plan_image
 from pisa_cli.core.recovery import StageGuard
@@ -29,60 +34,13 @@ from pisa_cli.engine import color, memory, vae
 from pisa_cli.engine.denoise import combine_eps, predict_eps, x0_from_eps
 from pisa_cli.engine.tiles import TilePlan
 from pisa_cli.imaging.deep import DEEP_MAX, DeepImage
-from pisa_cli.imaging.resize import ResizePlan, restore_size, upsample_input
-from pisa_cli.models.device import free_memory, is_out_of_memory
+from pisa_cli.imaging.resize import restore_size, upsample_input
+from pisa_cli.models.device import free_memory
 from pisa_cli.models.lora import PisaUNet
 from pisa_cli.models.text import PromptEncoder
 from pisa_cli.options import UpscaleOptions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Encoded:
-    """The latent of one upsampled image and what is needed to undo the padding."""
-
-    latents: torch.Tensor
-    """z_L, (1, 4, h, w), scaled by the VAE's scaling factor."""
-    source: torch.Tensor
-    """The upsampled input in [0, 1], (1, 3, H, W), unpadded: the colour-fix reference."""
-    size: tuple[int, int]
-    """(H, W) of the unpadded image."""
-
-
-@dataclass
-class Latents:
-    """An image after the first stages of a pass: its plan (as run so far), the prompt
-    embedding and z_L; what the UNet and the decoder need."""
-
-    plan: ImagePlan
-    cond: torch.Tensor
-    encoded: Encoded
-    deep: bool = False
-    """A 16-bit input: finished on the 16-bit grid."""
-
-
-@dataclass
-class UpscaleResult:
-    """An upscaled image and how it was made."""
-
-    image: Image.Image
-    plan: ImagePlan
-    """The plan as run (after any out-of-memory retry)."""
-    timings: dict[str, float] = field(default_factory=dict)
-    """Seconds per stage: preprocess, text, encode, unet, decode, color."""
-    notes: list[str] = field(default_factory=list)
-    """What had to be changed on the way (out-of-memory retries, fp32 redos)."""
-    second_plan: ImagePlan | None = None
-    """The plan of the x2 pass, when there was one."""
-
-    @property
-    def resize(self) -> ResizePlan:
-        return self.plan.resize
-
-    @property
-    def tiles(self) -> TilePlan:
-        return self.plan.unet
 
 
 class PisaPipeline:
@@ -184,10 +142,7 @@ class PisaPipeline:
         VAE encoder of pass ``encoder`` (first or second)."""
         source = to_tensor(upsampled).to(self.device)
         height, width = source.shape[-2:]
-        pad_h, pad_w = (-height) % self.vae_factor, (-width) % self.vae_factor
-        image = source * 2 - 1
-        if pad_h or pad_w:
-            image = F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
+        image = self.pad(source * 2 - 1)
         generator = None
         if options.vae_sample:
             seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
@@ -197,6 +152,14 @@ class PisaPipeline:
             model, image, sample=options.vae_sample, generator=generator, tile=tile, store=store
         )
         return Encoded(latents=latents, source=source, size=(height, width))
+
+    def pad(self, image: torch.Tensor) -> torch.Tensor:
+        """``image`` padded (replicate) on the bottom and right to a multiple of 8."""
+        height, width = image.shape[-2:]
+        pad_h, pad_w = (-height) % self.vae_factor, (-width) % self.vae_factor
+        if pad_h or pad_w:
+            image = F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
+        return image
 
     @torch.inference_mode()
     def predict(
@@ -260,13 +223,29 @@ class PisaPipeline:
         prefix = f"{stage.name}_" if stage.name else ""
         latents = self.prepare_latents(image, stage, timings, notes)
         eps = self.predict_eps(latents, stage, timings, notes)
-        with _timed(timings, prefix + "unet", self.device):
+        with timed(timings, prefix + "unet", self.device):
             z_high = self.step(latents.encoded.latents, eps, stage)
             del eps
         decoded = self.decode_latents(z_high, latents, timings, notes, prefix)
-        with _timed(timings, prefix + "color"):
+        with timed(timings, prefix + "color"):
             result = self.finish_image(decoded, latents, stage.options.color_fix)
         return result, latents.plan
+
+    # --- several images at once (``core.batching``) ------------------------------------
+    @cached_property
+    def batcher(self):
+        from pisa_cli.core.batching import Batcher
+
+        return Batcher(self)
+
+    def batching(self, image: Image.Image, options: UpscaleOptions, requested: int | None):
+        """(key, size): images of equal keys may share model calls, ``size`` at a time."""
+        return self.batcher.batching(image, options, requested)
+
+    def upscale_many(self, images: list, options: UpscaleOptions, requested: int | None = None):
+        """Each image's UpscaleResult, or the error that stopped it, in order: images of a
+        shape share calls, ``requested`` at a time (None: auto)."""
+        return self.batcher.upscale(images, options, requested)
 
     # --- the stages of a pass, public: pisa upscale, pisa sweep and the bench call them ----
     def prepare_latents(
@@ -276,13 +255,13 @@ class PisaPipeline:
         options = stage.options
         prefix = f"{stage.name}_" if stage.name else ""
         deep = isinstance(image, DeepImage)
-        with _timed(timings, prefix + "preprocess"):
+        with timed(timings, prefix + "preprocess"):
             rgb = image if deep or image.mode == "RGB" else image.convert("RGB")
             plan = self.plan(rgb.size, options, stage.variants, stage.tiling)
             upsampled = upsample_input(rgb, plan.resize)
-        with _timed(timings, prefix + "text"):
+        with timed(timings, prefix + "text"):
             cond = self.embed(options.prompt)
-        with _timed(timings, prefix + "encode", self.device):
+        with timed(timings, prefix + "encode", self.device):
             encode = partial(self.encode, upsampled, options, encoder=stage.encoder)
             vae = self.vae_for(stage.encoder)
             encoded, plan = self.guard.encode(encode, plan, notes, vae)
@@ -294,7 +273,7 @@ class PisaPipeline:
         """eps of each of the stage's UNet variants over the latent tiles (retried with
         smaller tiles when memory runs out; ``latents.plan`` follows)."""
         prefix = f"{stage.name}_" if stage.name else ""
-        with _timed(timings, prefix + "unet", self.device):
+        with timed(timings, prefix + "unet", self.device):
             z_low, cond = latents.encoded.latents, latents.cond
 
             def predict(plan: ImagePlan) -> dict[str, torch.Tensor]:
@@ -314,27 +293,10 @@ class PisaPipeline:
     ) -> torch.Tensor:
         """The decoded image in [0, 1] of ``z_high`` (retried with smaller tiles when memory
         runs out, in fp32 when a low precision gives inf or NaN)."""
-        with _timed(timings, prefix + "decode", self.device):
+        with timed(timings, prefix + "decode", self.device):
             decode = partial(self.decode, z_high, latents.encoded.size)
             decoded, latents.plan = self.guard.decode(decode, latents.plan, notes)
         return decoded
-
-    def decode_batch(
-        self, z_high: torch.Tensor, latents: Latents, notes: list[str]
-    ) -> tuple[list[torch.Tensor], bool]:
-        """Decoded images of a batch of latents: in one call when it fits and is finite,
-        else one at a time through ``decode_latents``; (images, whether the batch held)."""
-        if z_high.shape[0] > 1:
-            try:
-                decoded = self.decode(z_high, latents.encoded.size, None, latents.plan.store)
-            except Exception as error:
-                if not is_out_of_memory(error):
-                    raise
-            else:
-                if self.dtype == torch.float32 or bool(torch.isfinite(decoded).all()):
-                    return list(decoded.split(1)), True
-        images = [self.decode_latents(z, latents, {}, notes) for z in z_high.split(1)]
-        return images, z_high.shape[0] == 1
 
     def finish_image(self, decoded: torch.Tensor, latents: Latents, method: str):
         """The finished image of a pass: truncated, colour-fixed against the bicubic input,
@@ -358,31 +320,3 @@ class PisaPipeline:
             return x0_from_eps(latents, eps[stage.variants[0]], alpha_bar)
         options = stage.options
         return latents - combine_eps(eps, options.lambda_pix, options.lambda_sem)
-
-
-@contextmanager
-def _timed(timings: dict[str, float], stage: str, device: torch.device | None = None) -> Iterator:
-    start = time.perf_counter()
-    yield
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-
-
-def to_tensor(image: Image.Image | DeepImage) -> torch.Tensor:
-    """(1, 3, H, W) float32 in [0, 1] of an 8-bit RGB image or a DeepImage."""
-    if isinstance(image, DeepImage):
-        return torch.from_numpy(image.to_array()).permute(2, 0, 1)[None].contiguous()
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255
-
-
-def to_image(tensor: torch.Tensor) -> Image.Image:
-    """8-bit RGB image of a (1, 3, H, W) tensor in [0, 1], truncating like the reference."""
-    array = (tensor[0].clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array, mode="RGB")
-
-
-def to_deep(tensor: torch.Tensor) -> DeepImage:
-    """DeepImage of a (1, 3, H, W) tensor in [0, 1] (16-bit inputs keep their precision)."""
-    return DeepImage.from_array(tensor[0].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy())

@@ -26,7 +26,7 @@ from pisa_cli.options import MIN_LATENT_TILE, MIN_VAE_DECODER_TILE, MIN_VAE_ENCO
 log = logging.getLogger(__name__)
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -130,7 +130,7 @@ class StageGuard:
                 if not is_out_of_memory(error):
                     raise
                 smaller = shrink(plan)
-                _release_memory()
+                release_memory()
                 if smaller is None:
                     raise OutOfMemoryError(
                         f"out of memory in the {stage} even at {describe(plan)}; free memory "

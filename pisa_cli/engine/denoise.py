@@ -52,29 +52,38 @@ def predict_eps(
     tile_batch: int = 1,
     timestep: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """eps of each variant for the (1, C, H, W) ``latents``, tile by tile.
+    """eps of each variant for the (N, C, H, W) ``latents`` (N images of one size), tile by
+    tile: (N, C, H, W) float32 per variant.
 
-    Tiles go through the UNet ``tile_batch`` at a time, all variants in the same call. The
-    result of a tiled plan is sum(w * eps_tile) / sum(w) with Gaussian tile weights,
-    accumulated in float32.
+    Tiles go through the UNet ``tile_batch`` at a time, taken in order from every image (a
+    call can hold the last tiles of one image and the first of the next), all variants in
+    the same call; an untiled image is one tile. The result of a tiled plan is
+    sum(w * eps_tile) / sum(w) with Gaussian tile weights, accumulated in float32, each
+    image's tiles in the same order whatever shares their calls.
     """
-    if latents.shape[0] != 1:
-        raise ValueError("predict_eps works on one latent at a time")
-    if not plan.tiled:
-        out = unet(latents, cond, variants, timestep=timestep)
-        return {v: out[i : i + 1].float() for i, v in enumerate(variants)}
     tile_batch = max(1, tile_batch)
+    count = latents.shape[0]
+    if not plan.tiled:
+        outs = []
+        for start in range(0, count, tile_batch):
+            chunk = latents[start : start + tile_batch]
+            out = unet(chunk, cond, variants, timestep=timestep).float()
+            outs.append(out.unflatten(0, (len(variants), chunk.shape[0])))
+        eps = torch.cat(outs, dim=1)
+        return {v: eps[k] for k, v in enumerate(variants)}
     _, channels, height, width = latents.shape
-    sums = {v: torch.zeros(1, channels, height, width, device=latents.device) for v in variants}
+    sums = {v: torch.zeros(count, channels, height, width, device=latents.device) for v in variants}
     norm = torch.zeros(1, 1, height, width, device=latents.device)
     weight = gaussian_weights(*plan.tile_size, plan.y_shift).to(latents.device)
-    for start in range(0, len(plan.tiles), tile_batch):
-        group: tuple[Tile, ...] = plan.tiles[start : start + tile_batch]
-        batch = torch.cat([latents[:, :, t.rows, t.cols] for t in group])
+    for tile in plan.tiles:
+        norm[0, 0, tile.rows, tile.cols] += weight
+    work: list[tuple[int, Tile]] = [(i, tile) for i in range(count) for tile in plan.tiles]
+    for start in range(0, len(work), tile_batch):
+        group = work[start : start + tile_batch]
+        batch = torch.cat([latents[i : i + 1, :, t.rows, t.cols] for i, t in group])
         out = unet(batch, cond, variants, timestep=timestep).float()
-        for index, tile in enumerate(group):
+        for index, (image, tile) in enumerate(group):
             for k, variant in enumerate(variants):
                 eps_tile = out[k * len(group) + index]
-                sums[variant][0, :, tile.rows, tile.cols] += eps_tile * weight
-            norm[0, 0, tile.rows, tile.cols] += weight
+                sums[variant][image, :, tile.rows, tile.cols] += eps_tile * weight
     return {v: total / norm for v, total in sums.items()}

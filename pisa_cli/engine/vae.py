@@ -35,44 +35,85 @@ def _runner(vae: nn.Module, tile_pixels: int, store: str, device: torch.device) 
     )
 
 
+def one_by_one(batch: torch.Tensor) -> bool:
+    """Whether the samples of a batch run one after the other: on a CPU in bf16 or fp16 the
+    kernels round differently with the batch size (a decoded pixel moved up to 0.03, four
+    8-bit levels, between a batch of four and one alone), so there every image is computed
+    alone and a batch never changes an output. fp32 and accelerators keep their batches."""
+    return (
+        batch.shape[0] > 1
+        and batch.device.type == "cpu"
+        and batch.dtype in (torch.bfloat16, torch.float16)
+    )
+
+
+def _whole(run, x: torch.Tensor) -> torch.Tensor:
+    """``run`` over the batch ``x``, in one call or sample by sample (``one_by_one``)."""
+    if not one_by_one(x):
+        return run(x)
+    return torch.cat([run(x[index : index + 1]) for index in range(x.shape[0])])
+
+
+Generators = torch.Generator | list[torch.Generator | None] | None
+"""The noise of --vae-sample: one generator, or one per image of a batch."""
+
+
 def encode(
     vae: nn.Module,
     image: torch.Tensor,
     sample: bool = False,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     tile: int | None = None,
     store: str = "ram",
 ) -> torch.Tensor:
-    """Scaled latent z_L of a (1, 3, H, W) image in [-1, 1]: the mean, or a sample.
+    """Scaled latents z_L of (N, 3, H, W) images in [-1, 1]: the mean, or a sample (with
+    one generator per image, each image's noise is what it would be alone).
 
-    ``tile`` (image pixels) encodes in bands holding at most a tile x tile image's
-    activations; None encodes the whole image at once. Both give the same latent.
+    ``tile`` (image pixels) encodes one image in bands holding at most a tile x tile
+    image's activations; None encodes the whole images at once. Both give the same latent.
     """
     image = image.to(next(vae.parameters()).dtype)
     if tile is None:
-        moments = vae.encode(_layout(image, vae)).latent_dist.parameters  # type: ignore[operator]
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return vae.encode(_layout(x, vae)).latent_dist.parameters  # type: ignore[operator]
+
+        moments = _whole(run, image)
     else:
         moments = encode_tiled(vae, image, _runner(vae, tile * tile, store, image.device))
     mean, logvar = torch.chunk(moments, 2, dim=1)
     latent = mean
     if sample:
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        latent = mean + std * noise
+        latent = mean + std * _noise(mean, generator)
     return latent * scaling_factor(vae)
+
+
+def _noise(mean: torch.Tensor, generator: Generators) -> torch.Tensor:
+    if not isinstance(generator, list):
+        return torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    shape = (1, *mean.shape[1:])
+    parts = [
+        torch.randn(shape, generator=g, device=mean.device, dtype=mean.dtype) for g in generator
+    ]
+    return torch.cat(parts)
 
 
 def decode(
     vae: nn.Module, latents: torch.Tensor, tile: int | None = None, store: str = "ram"
 ) -> torch.Tensor:
-    """Image in [-1, 1] of scaled ``latents`` (clamped, as the reference does).
+    """Images in [-1, 1] of scaled (N, 4, h, w) ``latents`` (clamped, as the reference does).
 
-    ``tile`` (latent pixels) decodes in bands holding at most the activations of a tile x
-    tile latent; None decodes the whole latent at once. Both give the same image.
+    ``tile`` (latent pixels) decodes one latent in bands holding at most the activations of
+    a tile x tile latent; None decodes the whole latents at once. Both give the same image.
     """
     latents = latents.to(next(vae.parameters()).dtype) / scaling_factor(vae)
     if tile is None:
-        image = vae.decode(_layout(latents, vae)).sample  # type: ignore[operator]
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return vae.decode(_layout(x, vae)).sample  # type: ignore[operator]
+
+        image = _whole(run, latents)
     else:
         factor = 2 ** (len(vae.config.block_out_channels) - 1)  # type: ignore[union-attr]
         side = tile * factor

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pisa_cli.core.batching import decode_points
+from pisa_cli.core.latents import Encoded, Latents
 from pisa_cli.core.passes import TIMESTEP, Stage
-from pisa_cli.core.pipeline import Encoded, Latents, PisaPipeline
+from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.core.planning import ImagePlan
-from pisa_cli.engine import memory
 from pisa_cli.engine.denoise import combine_eps
 from pisa_cli.imaging.resize import plan_resize
 from pisa_cli.options import UpscaleOptions
@@ -31,9 +32,6 @@ from pisa_cli.sweep.grid import GridPoint, plan_options
 log = logging.getLogger(__name__)
 
 VARIANTS = ("pix", "pisa")
-MAX_DECODE_BATCH = 4
-"""Grid points per decoder call at most on an accelerator: a batch fills the device better
-than one small image, and its output images all live at once."""
 
 BASIS = {"low": GridPoint(0.0, 0.0), "pix": GridPoint(1.0, 0.0), "pisa": GridPoint(1.0, 1.0)}
 """The three basis latents of REFERENCE section 8 as grid points: (0, 0) is z_L,
@@ -95,10 +93,14 @@ class Prepared:
 class Sweeper:
     """Runs the shared stages of a sweep and decodes grid points, for one pipeline."""
 
-    def __init__(self, pipeline: PisaPipeline, options: UpscaleOptions):
+    def __init__(
+        self, pipeline: PisaPipeline, options: UpscaleOptions, image_batch: int | None = None
+    ):
         self.pipeline = pipeline
         self.options = plan_options(options)
         self.second_pass = options.second_pass.kind != "none"
+        self.image_batch = image_batch
+        """--image-batch: grid points per decoder call (None: auto, as `pisa upscale`)."""
 
     def prepare(self, image: Image.Image) -> Prepared:
         """Encode ``image`` and run both UNet passes (the whole cost shared by all points),
@@ -130,21 +132,11 @@ class Sweeper:
         return size
 
     def decode_batch_size(self, plan: ImagePlan) -> int:
-        """Points per decoder call: on an accelerator as many as fit (at most
-        MAX_DECODE_BATCH), else one."""
-        pipe = self.pipeline
+        """Points per decoder call: the image batch of `pisa upscale` (``--image-batch``;
+        auto: as many as fit on an accelerator, 1 on a CPU); 1 for a banded decoder."""
         if plan.decoder_tile is not None:
-            return 1  # the banded decoder runs one image at a time
-        if pipe.device.type == "cpu":
-            # Measured on SD 2.1's VAE at 512 px: four points took 82.8 s in one call and
-            # 81.5 s one by one. A batch only costs memory there, and one by one each point
-            # decodes bit for bit as `pisa upscale` decodes it.
             return 1
-        per_image = memory.decoder_untiled_bytes(
-            *plan.latent_size, pipe.widths, pipe.dtype.itemsize
-        )
-        fit = int(plan.free_bytes * memory.SAFETY // max(1, per_image))
-        return max(1, min(MAX_DECODE_BATCH, fit))
+        return self.pipeline.batcher.size(plan, self.image_batch)
 
     def latents(self, prepared: Prepared, point: GridPoint) -> torch.Tensor:
         """z_H of ``point``: the same arithmetic as ``pisa upscale``."""
@@ -159,13 +151,9 @@ class Sweeper:
             chunk, pending = pending[: prepared.decode_batch], pending[prepared.decode_batch :]
             start = time.perf_counter()
             z_high = torch.cat([self.latents(prepared, point) for point in chunk])
-            decoded, held = pipe.decode_batch(z_high, prepared.latents, prepared.notes)
+            decoded, held = decode_points(pipe, z_high, prepared.latents, prepared.notes)
             del z_high
-            if not held:
-                note = "VAE decoder batch of points failed; decoding one point at a time"
-                log.warning(note)
-                prepared.notes.append(note)
-                prepared.decode_batch = 1
+            prepared.decode_batch = min(prepared.decode_batch, held)
             _add(prepared.timings, "decode", _lap(start, pipe.device))
             for point, image in zip(chunk, decoded, strict=True):
                 start = time.perf_counter()

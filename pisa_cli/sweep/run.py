@@ -61,7 +61,7 @@ def sweep_jobs(
     metrics: MetricSet | None = None,
 ) -> Iterator[SweepResult]:
     """Sweep each job's source into its folder, yielding a result per job, in order."""
-    sweeper = Sweeper(pipeline, settings.options)
+    sweeper = Sweeper(pipeline, settings.options, settings.image_batch)
     for job in jobs:
         yield sweep_job(sweeper, job, settings, metrics)
 

@@ -29,6 +29,8 @@ class SweepSettings:
     """Recorded in sweep.json."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Inputs with more pixels, or enlarged to more for the model, fail before decoding."""
+    image_batch: int | None = None
+    """Grid points per decoder call (--image-batch; None: auto). Images do not depend on it."""
 
     def __post_init__(self) -> None:
         if self.max_pixels < 1:

@@ -1,0 +1,301 @@
+"""Several images through one pass together: images whose model input has the same shape
+share the VAE encoder, UNet and decoder calls (``--image-batch``).
+
+A batch changes how fast, never what comes out:
+- each image comes out as it would alone: bit for bit where the kernels keep a sample's
+  arithmetic apart from its batch-mates' (on a CPU in bf16 and fp16 the engine runs the
+  samples one by one for that reason), within float noise (at most one 8-bit level) in fp32,
+  where a kernel's blocking follows the batch size;
+- an image that fails never fails the others: a batch that raises is run again image by
+  image, so only the guilty one fails, with its own error;
+- out of memory halves the batch (and the batches after it); a batch of one has the single
+  image's retries, a smaller tile batch, then a smaller tile (``recovery``).
+
+Images that tile the VAE (large ones) always run alone, as their banded VAE works on one
+image; images that tile the UNet share its calls: the tile batch counts tiles of any image.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pisa_cli.core.latents import Encoded, Latents, UpscaleResult, timed, to_tensor
+from pisa_cli.core.passes import Stage
+from pisa_cli.core.planning import ImagePlan
+from pisa_cli.core.recovery import release_memory
+from pisa_cli.engine import memory, vae
+from pisa_cli.imaging.deep import DeepImage
+from pisa_cli.imaging.resize import upsample_input
+from pisa_cli.models.device import is_out_of_memory
+from pisa_cli.options import UpscaleOptions
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGE_BATCH = 16
+"""Images per call at most with ``--image-batch auto`` on an accelerator."""
+CPU_IMAGE_BATCH = 1
+"""``auto`` on a CPU. Measured with `pisa bench folder-32` (SD 2.1-base, 128->512, fp32,
+2 cores, AMX CPU): 4 images per call ran at the speed of 1 (the UNet gains 9 %, the VAE
+nothing, and the look-ahead holds images back), and in bf16 a CPU runs samples one by one
+anyway (``engine.vae.one_by_one``)."""
+
+
+class NotFinite(Exception):
+    """A batched VAE pass in low precision gave inf or NaN: its images are run alone, where
+    the stage that overflows is redone in fp32."""
+
+
+@dataclass
+class Member:
+    """One image of a batch as it goes through the passes."""
+
+    image: Any
+    """The input of the pass in progress (an RGB image or a DeepImage), then the result."""
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    plans: list[ImagePlan] = field(default_factory=list)
+    batch: int = 1
+    """Images that shared the first pass's model calls with this one (itself included)."""
+    error: Exception | None = None
+
+    def result(self) -> UpscaleResult | Exception:
+        if self.error is not None:
+            return self.error
+        second = self.plans[1] if len(self.plans) > 1 else None
+        return UpscaleResult(
+            self.image, self.plans[0], self.timings, self.notes, second, self.batch
+        )
+
+
+class Batcher:
+    """Groups images for a pipeline and runs groups through its passes."""
+
+    def __init__(self, pipeline):  # a PisaPipeline (this module is below it)
+        self.pipeline = pipeline
+        self.limit: int | None = None
+        """The most images per call since a batch ran out of memory."""
+
+    def lower(self, failed: int) -> int:
+        """After a batch of ``failed`` images ran out of memory: half that from now on."""
+        half = max(1, failed // 2)
+        self.limit = half if self.limit is None else min(self.limit, half)
+        return half
+
+    def plan(self, image: Any, stage: Stage) -> ImagePlan:
+        return self.pipeline.plan(image.size, stage.options, stage.variants, stage.tiling)
+
+    @staticmethod
+    def key(plan: ImagePlan, stage: Stage) -> Hashable | None:
+        """Equal for images that can share the calls of a pass; None: the image runs alone
+        (its VAE runs in bands)."""
+        if plan.encoder_tile is not None or plan.decoder_tile is not None:
+            return None
+        return (
+            plan.model_size,
+            plan.variants,
+            plan.unet,
+            plan.tile_batch,
+            stage.encoder,
+            stage.timestep,
+        )
+
+    def size(self, plan: ImagePlan, requested: int | None) -> int:
+        """Images per call for images of ``plan``: ``requested``, or auto (as many as the
+        free memory holds on an accelerator, at most MAX_IMAGE_BATCH; CPU_IMAGE_BATCH on a
+        CPU), and never above the limit an out-of-memory error set."""
+        if requested is not None:
+            size = requested
+        elif self.pipeline.device.type == "cpu":
+            size = CPU_IMAGE_BATCH
+        else:
+            fit = int(plan.free_bytes * memory.SAFETY // max(1, plan.peak_bytes))
+            size = min(MAX_IMAGE_BATCH, fit)
+        if self.limit is not None:
+            size = min(size, self.limit)
+        return max(1, size)
+
+    def batching(
+        self, image: Any, options: UpscaleOptions, requested: int | None
+    ) -> tuple[Hashable, int]:
+        """(key, size): images with equal keys may share calls, ``size`` at a time."""
+        stage = self.pipeline.stages(options)[0]
+        plan = self.plan(image, stage)
+        key = self.key(plan, stage)
+        if key is None:
+            return ("alone", id(image)), 1
+        return key, self.size(plan, requested)
+
+    # --- running ----------------------------------------------------------------------
+    def upscale(
+        self, images: Sequence[Any], options: UpscaleOptions, requested: int | None = None
+    ) -> list[UpscaleResult | Exception]:
+        """Each image upscaled (or the error that stopped it), in order: the images of each
+        pass grouped by key, ``size`` at a time."""
+        members = [Member(image) for image in images]
+        for index, stage in enumerate(self.pipeline.stages(options)):
+            live = [member for member in members if member.error is None]
+            groups: dict[Hashable, list[tuple[Member, ImagePlan]]] = {}
+            for member in live:
+                plan = self.plan(member.image, stage)
+                key = self.key(plan, stage)
+                groups.setdefault(("alone", id(member)) if key is None else key, []).append(
+                    (member, plan)
+                )
+            for group in groups.values():
+                size = self.size(group[0][1], requested) if len(group) > 1 else 1
+                for start in range(0, len(group), size):
+                    self.run(group[start : start + size], stage, first=index == 0)
+        return [member.result() for member in members]
+
+    def run(self, group: list[tuple[Member, ImagePlan]], stage: Stage, first: bool) -> None:
+        """One pass over ``group``: together; on out of memory in halves; on any other error
+        each image alone."""
+        if len(group) == 1:
+            self.alone(group[0][0], stage)
+            return
+        try:
+            self.together(group, stage, first)
+        except NotFinite:
+            for member, _plan in group:
+                self.alone(member, stage)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                log.info("a batch of %d images failed (%s); each runs alone", len(group), error)
+                for member, _plan in group:
+                    self.alone(member, stage)
+                return
+            release_memory()
+            half = self.lower(len(group))
+            note = f"out of memory with {len(group)} images per call; {half} from now on"
+            log.warning(note)
+            for member, _plan in group:
+                member.notes.append(note)
+            self.run(group[:half], stage, first)
+            self.run(group[half:], stage, first)
+
+    def alone(self, member: Member, stage: Stage) -> None:
+        """One image through the pass, with the single image's recoveries."""
+        try:
+            member.image, plan = self.pipeline.run_stage(
+                member.image, stage, member.timings, member.notes
+            )
+        except Exception as error:
+            member.error = error
+        else:
+            member.plans.append(plan)
+
+    def together(self, group: list[tuple[Member, ImagePlan]], stage: Stage, first: bool) -> None:
+        """One pass over images of one key in shared calls. Nothing is kept of a batch that
+        raises: the members are as they were."""
+        pipe, options = self.pipeline, stage.options
+        prefix = f"{stage.name}_" if stage.name else ""
+        plans = [plan for _member, plan in group]
+        timings: dict[str, float] = {}
+        with timed(timings, prefix + "preprocess"):
+            inputs = [_rgb(member.image) for member, _plan in group]
+            upsampled = [
+                upsample_input(rgb, plan.resize) for rgb, plan in zip(inputs, plans, strict=True)
+            ]
+        with timed(timings, prefix + "text"):
+            cond = pipe.embed(options.prompt)
+        with timed(timings, prefix + "encode", pipe.device):
+            z_low, encoded = self.encode(upsampled, options, stage.encoder)
+        plan = plans[0]
+        with timed(timings, prefix + "unet", pipe.device):
+            per_call = plan.tile_batch if plan.unet.tiled else len(group)
+            eps = pipe.predict(z_low, cond, plan.variants, plan.unet, per_call, stage.timestep)
+            z_high = pipe.step(z_low, eps, stage)
+            del eps
+        with timed(timings, prefix + "decode", pipe.device):
+            decoded = decode_together(pipe, z_high)
+        with timed(timings, prefix + "color"):
+            images = []
+            for index, (member, plan) in enumerate(group):
+                height, width = encoded[index].size
+                image = decoded[index : index + 1, :, :height, :width].contiguous()
+                deep = isinstance(member.image, DeepImage)
+                latents = Latents(plan, cond, encoded[index], deep)
+                images.append(pipe.finish_image(image, latents, options.color_fix))
+        for (member, plan), image in zip(group, images, strict=True):
+            member.image = image
+            member.plans.append(plan)
+            member.batch = len(group) if first else member.batch
+            for name, seconds in timings.items():  # a shared call's time, shared evenly
+                member.timings[name] = member.timings.get(name, 0.0) + seconds / len(group)
+
+    @torch.inference_mode()
+    def encode(
+        self, upsampled: list[Any], options: UpscaleOptions, encoder: str
+    ) -> tuple[torch.Tensor, list[Encoded]]:
+        """z_L of images of one padded size, in one encoder call (each padded like
+        ``PisaPipeline.encode``, each with its own --vae-sample noise)."""
+        pipe = self.pipeline
+        sources = [to_tensor(image).to(pipe.device) for image in upsampled]
+        batch = torch.cat([pipe.pad(source * 2 - 1) for source in sources])
+        generators = None
+        if options.vae_sample:
+            generators = []
+            for _source in sources:
+                seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
+                generators.append(torch.Generator(pipe.device).manual_seed(seed))
+        model = pipe.vae_for(encoder)
+        z_low = vae.encode(model, batch, sample=options.vae_sample, generator=generators)
+        if pipe.dtype != torch.float32 and not bool(torch.isfinite(z_low).all()):
+            raise NotFinite("VAE encoder")
+        encoded = [
+            Encoded(z_low[index : index + 1], source, tuple(source.shape[-2:]))  # type: ignore[arg-type]
+            for index, source in enumerate(sources)
+        ]
+        return z_low, encoded
+
+
+@torch.inference_mode()
+def decode_together(pipe, z_high: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) images in [0, 1] of ``z_high`` in one decoder call (raises NotFinite
+    when a low precision overflows)."""
+    height, width = z_high.shape[-2:]
+    decoded = pipe.decode(z_high, (height * pipe.vae_factor, width * pipe.vae_factor))
+    if pipe.dtype != torch.float32 and not bool(torch.isfinite(decoded).all()):
+        raise NotFinite("VAE decoder")
+    return decoded
+
+
+def decode_points(
+    pipe, z_high: torch.Tensor, latents: Latents, notes: list[str]
+) -> tuple[list[torch.Tensor], int]:
+    """The decoded images (cropped, in [0, 1]) of several latents of one image (a sweep's
+    grid points): together, in halves when memory runs out, one by one with the single
+    image's recoveries when a low precision overflows or the batch fails otherwise;
+    (images, the most latents that went through one call)."""
+    count = z_high.shape[0]
+    if count > 1:
+        try:
+            decoded = decode_together(pipe, z_high)
+        except Exception as error:
+            if is_out_of_memory(error):
+                release_memory()
+                half = pipe.batcher.lower(count)
+                note = f"VAE decoder out of memory with {count} points per call; {half} from now on"
+                log.warning(note)
+                notes.append(note)
+                first, held = decode_points(pipe, z_high[:half], latents, notes)
+                rest, _ = decode_points(pipe, z_high[half:], latents, notes)
+                return first + rest, held
+            if not isinstance(error, NotFinite):
+                raise
+        else:
+            height, width = latents.encoded.size
+            images = [decoded[i : i + 1, :, :height, :width].contiguous() for i in range(count)]
+            return images, count
+    images = [pipe.decode_latents(z, latents, {}, notes) for z in z_high.split(1)]
+    return images, 1
+
+
+def _rgb(image: Any) -> Any:
+    return image if isinstance(image, DeepImage) or image.mode == "RGB" else image.convert("RGB")
