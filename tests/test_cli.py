@@ -109,6 +109,8 @@ def test_a_broken_image_fails_alone(tiny_base, pisa_pkl, photos, tmp_path):
         (["--vae-decoder-tile", "0"], "--vae-decoder-tile 0 is too small"),
         (["--vae-encoder-tile", "-5"], "--vae-encoder-tile -5 is too small"),
         (["--tile-batch", "0"], "--tile-batch 0 must be auto or at least 1"),
+        (["--image-batch", "0"], "--image-batch 0 must be auto or at least 1"),
+        (["--image-batch", "many"], "--image-batch 'many' must be auto or a whole number"),
         (["--latent-overlap", "-1"], "--latent-overlap -1 must be at least 0"),
         (["--scale", "0"], "--scale 0 must be"),
         (["--dtype", "fp8"], "--dtype 'fp8'"),

@@ -14,7 +14,7 @@ from pisa_cli.core.batching import MAX_IMAGE_BATCH
 from pisa_cli.core.loading import merged_variant
 from pisa_cli.sweep.core import BASIS, Sweeper, blend_basis
 from pisa_cli.sweep.grid import GridPoint, parse_grid, plan_options
-from tests.helpers import assert_close, noise_image
+from tests.helpers import assert_close, noise_image, run_on
 
 
 def load_as_sweep(tiny_base, pisa_pkl, dtype: str):
@@ -225,3 +225,20 @@ def test_in_bf16_on_the_cpu_points_are_upscale_s_images_bit_for_bit(tiny_base, p
         lambdas = {"lambda_pix": point.pix, "lambda_sem": point.sem}
         theirs = pipe.upscale(image, dataclasses.replace(options, **lambdas))
         assert np.array_equal(np.asarray(ours), np.asarray(theirs)), point
+
+
+def test_the_sweep_command_decodes_image_batch_points_per_call(
+    sweep_pipeline, tiny_base, pisa_pkl, tmp_path
+):
+    noise_image(20, 16, 1).save(tmp_path / "one.png")
+    model = ["--base-model", tiny_base, "--weights", pisa_pkl, "--device", "cpu"]
+    counter = Counter(sweep_pipeline.vae.decoder)
+    try:
+        result = run_on(
+            sweep_pipeline, "sweep", tmp_path / "one.png", "-o", tmp_path / "out", *model,
+            "--lambda-grid", "pix=0,1 sem=0,1", "--process-size", "64", "--image-batch", "3",
+        )  # fmt: skip
+    finally:
+        counter.close()
+    assert result.exit_code == 0, result.output
+    assert counter.batches == [3, 1]  # four points, three per call

@@ -88,6 +88,7 @@ RESULT_FIELDS = (
     "timings",
     "notes",
     "warnings",
+    "batch",
 )
 
 
@@ -106,6 +107,7 @@ def result_to_plain(result: JobResult, index: int) -> dict[str, object]:
         "timings": dict(result.timings),
         "notes": list(result.notes),
         "warnings": list(result.warnings),
+        "batch": result.batch,
     }
 
 
@@ -130,6 +132,7 @@ def result_from_plain(value: object, jobs: Sequence[Job]) -> JobResult:
         timings={stage: _number(s, "a result's timing") for stage, s in timings.items()},
         notes=_texts(data["notes"], "a result's notes"),
         warnings=_texts(data["warnings"], "a result's warnings"),
+        batch=_integer(data["batch"], "a result's batch", 1, 2**16),
     )
 
 

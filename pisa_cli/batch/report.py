@@ -2,7 +2,8 @@
 
 Each image: input, output, status, error, why it ran or was skipped, the model family that
 ran (pisa-sr or omgsr, from the run's settings), input mode, input and
-output sizes (pixels and bytes), seconds per stage, notes. JSON adds the run's summary and
+output sizes (pixels and bytes), seconds per stage (a stage shared by a batch of images
+counts a share for each), the images in its model calls (``batch``), notes. JSON adds the run's summary and
 settings. The file is written atomically at the end of the run, Ctrl-C included.
 """
 
@@ -35,6 +36,7 @@ COLUMNS = (
     "output_height",
     "output_bytes",
     "seconds",
+    "batch",
     *(f"{stage}_seconds" for stage in STAGES),
     "notes",
 )
@@ -53,6 +55,7 @@ class Result(Protocol):
     input_mode: str
     timings: dict[str, float]
     notes: list[str]
+    batch: int
 
 
 def _bytes(path: Path) -> int | None:
@@ -81,6 +84,7 @@ def image_row(result: Result) -> dict[str, object]:
         "output_height": output_size[1],
         "output_bytes": _bytes(output) if result.status == "done" else None,
         "seconds": round(result.seconds, 4),
+        "batch": result.batch,
     }
     for stage in STAGES:
         seconds = result.timings.get(stage)

@@ -18,7 +18,7 @@ import torch
 from pisa_cli.bench import Row, scenario
 from pisa_cli.bench.upscale import random_pipeline, run_folder
 from pisa_cli.models.synthetic import config_dir
-from pisa_cli.options import UpscaleOptions
+from pisa_cli.options import BatchOptions, UpscaleOptions
 
 _ATTENTION_OPS = ("bmm", "scaled_dot_product")
 
@@ -94,8 +94,9 @@ def _measure(
     sizes: list[int],
     options,
     peaks,
+    batch: BatchOptions | None = None,
 ) -> Row:
-    row = run_folder(rows, name, case, pipeline, sizes, options)
+    row = run_folder(rows, name, case, pipeline, sizes, options, batch)
     total = 0.0
     for size in sizes:
         plan = pipeline.plan((size, size), options)
@@ -149,6 +150,36 @@ def folder_8(device: torch.device, dtype: torch.dtype) -> list[Row]:
     run_folder([], "warm-up", "", pipeline, [128], options)
     row = _measure(rows, "folder-8", f"8 x 128->512 {dtype}", pipeline, [128] * 8, options, peaks)
     row.figures["images_per_s"] = round(8 / row.seconds, 3)
+    return rows
+
+
+FOLDER_IMAGES = 32
+
+
+@scenario("folder-32")
+def folder_32(device: torch.device, dtype: torch.dtype) -> list[Row]:
+    """32 images 128->512 through the runner, one per model call (--image-batch 1) and
+    --image-batch auto: images/s, MFU and peak memory of each. Where auto is 1 (a CPU),
+    also 4 per call, the figure auto was chosen from."""
+    from pisa_cli.core.batching import Batcher
+
+    rows: list[Row] = []
+    peaks = _peaks(device)
+    pipeline = random_pipeline(device, dtype)
+    options = UpscaleOptions()
+    auto = Batcher(pipeline).size(pipeline.plan((128, 128), options), None)
+    cases: dict[str, int | None] = {"--image-batch 1": 1, f"--image-batch auto ({auto})": None}
+    if auto == 1:
+        cases["--image-batch 4"] = 4
+    run_folder([], "warm-up", "", pipeline, [128] * 2, options, BatchOptions(image_batch=2))
+    sizes = [128] * FOLDER_IMAGES
+    for case, size in cases.items():
+        batch = BatchOptions(image_batch=size)
+        row = _measure(rows, "folder-32", f"{case} {dtype}", pipeline, sizes, options, peaks, batch)
+        row.figures["images_per_s"] = round(FOLDER_IMAGES / row.seconds, 3)
+    base = rows[0].seconds
+    for row in rows[1:]:
+        row.figures["speedup_vs_1"] = round(base / row.seconds, 3)
     return rows
 
 

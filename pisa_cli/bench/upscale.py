@@ -12,7 +12,7 @@ from pisa_cli.batch.runner import run_jobs
 from pisa_cli.bench import Row, measured, scenario
 from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.imaging.discover import discover
-from pisa_cli.options import SecondPassOptions, UpscaleOptions
+from pisa_cli.options import BatchOptions, SecondPassOptions, UpscaleOptions
 
 
 def random_pipeline(
@@ -41,8 +41,10 @@ def run_folder(
     pipeline: PisaPipeline,
     sizes: list[int],
     options: UpscaleOptions,
+    batch: BatchOptions | None = None,
 ) -> Row:
-    """Write ``sizes`` images to a folder and upscale it with the runner, measured."""
+    """Write ``sizes`` images to a folder and upscale it with the runner, measured
+    (``batch``: the runner's options, --image-batch among them)."""
     with tempfile.TemporaryDirectory(prefix="pisa-bench-") as folder:
         inputs, outputs = Path(folder) / "in", Path(folder) / "out"
         inputs.mkdir()
@@ -51,7 +53,7 @@ def run_folder(
         jobs = discover([inputs], outputs).jobs
         outputs.mkdir()
         with measured(rows, name, case, pipeline.device) as row:
-            results = list(run_jobs(pipeline, jobs, options))
+            results = list(run_jobs(pipeline, jobs, options, batch))
         stages: dict[str, float] = {}
         for result in results:
             if result.status != "done":
@@ -59,6 +61,7 @@ def run_folder(
             for stage, seconds in result.timings.items():
                 stages[stage] = stages.get(stage, 0.0) + seconds
         row.figures.update({k: round(v, 2) for k, v in stages.items()})
+        row.figures["image_batch"] = max(result.batch for result in results)
         notes = [note for result in results for note in getattr(result, "notes", [])]
         if notes:
             row.figures["notes"] = "; ".join(notes)

@@ -122,14 +122,13 @@ class Batcher:
 
     def batching(
         self, image: Any, options: UpscaleOptions, requested: int | None
-    ) -> tuple[Hashable, int]:
-        """(key, size): images with equal keys may share calls, ``size`` at a time."""
+    ) -> tuple[Hashable | None, int]:
+        """(key, size): images with equal keys may share calls, ``size`` at a time; a key
+        of None: the image runs alone."""
         stage = self.pipeline.stages(options)[0]
         plan = self.plan(image, stage)
         key = self.key(plan, stage)
-        if key is None:
-            return ("alone", id(image)), 1
-        return key, self.size(plan, requested)
+        return (None, 1) if key is None else (key, self.size(plan, requested))
 
     # --- running ----------------------------------------------------------------------
     def upscale(

@@ -239,7 +239,8 @@ class PisaPipeline:
         return Batcher(self)
 
     def batching(self, image: Image.Image, options: UpscaleOptions, requested: int | None):
-        """(key, size): images of equal keys may share model calls, ``size`` at a time."""
+        """(key, size): images of equal keys may share model calls, ``size`` at a time (a
+        key of None: alone)."""
         return self.batcher.batching(image, options, requested)
 
     def upscale_many(self, images: list, options: UpscaleOptions, requested: int | None = None):
