@@ -23,8 +23,14 @@ OPTIONS = UpscaleOptions(process_size=64)
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
-@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(torch.float32, marks=pytest.mark.slow), torch.bfloat16],
+    ids=["fp32", "bf16"],
+)
 def tiny(request):
+    """The tiny random model; fp32's tests are in the full suite only (bf16's bit-for-bit
+    checks cover the mechanism in the fast selection)."""
     return random_pipeline("tiny", torch.device("cpu"), request.param)
 
 
@@ -110,6 +116,7 @@ def test_tiles_of_several_images_share_unet_calls(tiny):
         assert np.abs(np.asarray(result.image, dtype=int) - alone).max() <= 3
 
 
+@pytest.mark.slow
 def test_the_second_pass_runs_in_batches_too():
     pipe = random_pipeline("tiny", torch.device("cpu"), torch.bfloat16)
     options = UpscaleOptions(process_size=64, second_pass=SecondPassOptions(kind="pisa"))
@@ -144,6 +151,7 @@ def test_a_bad_image_fails_alone_and_its_batch_mates_come_out_as_alone(monkeypat
         assert np.array_equal(np.asarray(result.image), np.asarray(pipe.upscale(image, OPTIONS)))
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_image_batch_then_the_tile_batch_then_the_tile(monkeypatch):
     pipe = random_pipeline("tiny", torch.device("cpu"), torch.bfloat16)
     tiles = TileOptions(latent_tile=16, latent_overlap=4, tile_batch=2)
