@@ -314,3 +314,23 @@ def test_image_batch_reaches_the_model_and_the_report_and_not_the_manifest(tmp_p
     # outputs do not depend on the batch: a rerun with another one skips everything
     again = run_on(None, "upscale", photos, "-o", out, *model, "--image-batch", "auto")
     assert again.exit_code == 0 and "5 skipped" in again.output, again.output
+
+
+def test_the_last_batches_report_as_they_finish(tmp_path):
+    jobs = folder_of(tmp_path, [(16, 12), (20, 12), (16, 12), (24, 12)])
+    events = []
+    batch = BatchOptions(image_batch=3, read_ahead=0, write_behind=0)
+    started = lambda job: events.append(("start", job.source.name))  # noqa: E731
+    for result in run_jobs(FakePipeline(), jobs, OPTIONS, batch, on_start=started):
+        events.append(("done", result.job.source.name))
+    # the folder ends before any batch fills: the oldest image's batch goes first
+    assert events == [
+        ("start", "img00.png"),
+        ("start", "img02.png"),
+        ("done", "img00.png"),
+        ("start", "img01.png"),
+        ("done", "img01.png"),
+        ("done", "img02.png"),
+        ("start", "img03.png"),
+        ("done", "img03.png"),
+    ]

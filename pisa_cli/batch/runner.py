@@ -160,6 +160,7 @@ def run_jobs(
                 yield from _finished(pending)
             while not stop.is_set() and (group := _due(window, final=True)):
                 run(group)
+                yield from _finished(pending)
         except KeyboardInterrupt:
             stop.set()  # the batch in the model is abandoned; finished ones are still written
         finally:
