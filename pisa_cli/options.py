@@ -221,6 +221,11 @@ DEFAULT_MAX_PIXELS = 100_000_000
 pixels are decoded, which also stops decompression bombs."""
 
 
+MAX_IMAGE_BATCH = 64
+"""Most images per model call a user may ask for: images wait for batch-mates in a window
+of a few batches, and that window must stay a handful of images, not a folder."""
+
+
 @dataclass(frozen=True)
 class BatchOptions:
     """How a batch finds its inputs, writes its outputs and streams between them."""
@@ -258,8 +263,8 @@ class BatchOptions:
         )
         _check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels} must be at least 1")
         _check(
-            self.image_batch is None or self.image_batch >= 1,
-            f"--image-batch {self.image_batch} must be auto or at least 1",
+            self.image_batch is None or 1 <= self.image_batch <= MAX_IMAGE_BATCH,
+            f"--image-batch {self.image_batch} must be auto or from 1 to {MAX_IMAGE_BATCH}",
         )
         _check(
             self.read_ahead >= 0 and self.write_behind >= 0,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pisa_cli import TileOptions, UpscaleOptions, load_pipeline
-from pisa_cli.core.batching import MAX_IMAGE_BATCH
+from pisa_cli.core.batching import AUTO_IMAGE_BATCH
 from pisa_cli.core.loading import merged_variant
 from pisa_cli.sweep.core import BASIS, Sweeper, blend_basis
 from pisa_cli.sweep.grid import GridPoint, parse_grid, plan_options
@@ -92,14 +92,16 @@ def test_one_point_per_decoder_call_on_the_cpu(sweep_pipeline):
 
 
 def test_several_points_per_decoder_call_where_memory_allows(sweep_pipeline, monkeypatch):
-    # as on an accelerator: as many points as fit, at most MAX_IMAGE_BATCH (the image batch)
+    # as on an accelerator: as many points as fit, at most AUTO_IMAGE_BATCH (the image batch)
     monkeypatch.setattr(sweep_pipeline, "device", torch.device("meta"))
     sweeper = Sweeper(sweep_pipeline, TILED)
     plan = sweep_pipeline.plan((40, 32), sweeper.options)
-    assert sweeper.decode_batch_size(plan) == MAX_IMAGE_BATCH
+    assert sweeper.decode_batch_size(plan) == AUTO_IMAGE_BATCH
     tight = dataclasses.replace(plan, free_bytes=plan.free_bytes // 10**6)
     assert sweeper.decode_batch_size(tight) == 1
-    assert Sweeper(sweep_pipeline, TILED, image_batch=3).decode_batch_size(tight) == 3
+    asked = Sweeper(sweep_pipeline, TILED, image_batch=3)
+    assert asked.decode_batch_size(plan) == 3
+    assert asked.decode_batch_size(tight) == 1  # what is asked for, as far as memory holds
     monkeypatch.undo()
     grid = parse_grid("pix=0:1:0.5 sem=0,1")
     prepared = sweeper.prepare(noise_image(40, 32, 2))
@@ -115,7 +117,7 @@ def test_several_points_per_decoder_call_where_memory_allows(sweep_pipeline, mon
 def test_decoder_out_of_memory_halves_the_points_per_call(sweep_pipeline, monkeypatch):
     decode = sweep_pipeline.decode
     tried = []
-    monkeypatch.setattr(sweep_pipeline.batcher, "limit", None)  # restored after the test
+    monkeypatch.setattr(sweep_pipeline.batcher, "limits", {})  # restored after the test
 
     def small_memory(latents, *args, **kwargs):
         tried.append(latents.shape[0])
@@ -130,9 +132,10 @@ def test_decoder_out_of_memory_halves_the_points_per_call(sweep_pipeline, monkey
     prepared.decode_batch = 4
     images = dict(sweeper.images(prepared, grid.points))
     assert len(images) == 4 and prepared.decode_batch == 1
-    assert tried == [4, 2, 1, 1, 2, 1, 1]
+    assert tried == [4, 2, 1, 1, 1, 1]  # after the second failure, one at a time
     assert any("out of memory with 4 points per call; 2 from now on" in n for n in prepared.notes)
-    assert sweep_pipeline.batcher.limit == 1  # the next image starts at what held
+    size = prepared.plan.model_size
+    assert sweep_pipeline.batcher.limits == {size: 1}  # the next image starts at what held
 
 
 @pytest.fixture(scope="module")

@@ -231,7 +231,10 @@ def _upscale(
         except Exception as error:
             outcomes = [error]
     else:
-        outcomes = pipeline.upscale_many(images, options, batch.image_batch)
+        try:
+            outcomes = pipeline.upscale_many(images, options, batch.image_batch)
+        except Exception as error:  # each image says so; the batch after it goes on
+            outcomes = [error] * len(group)
     done = []
     for waiting, outcome in zip(group, outcomes, strict=True):
         result = waiting.entry.result

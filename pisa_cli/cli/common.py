@@ -220,9 +220,9 @@ ImageBatch = Annotated[
     str,
     typer.Option(
         "--image-batch",
-        help="Images of one size per model call (and sweep points per decoder call); "
-        "outputs do not depend on it. auto: as many as fit in memory on a GPU (at most 16), "
-        "1 on a CPU, where batches gain nothing measurable.",
+        help="Images of one size per model call (and sweep points per decoder call), 1 to 64, "
+        "never more than fit in memory; outputs do not depend on it. auto: as many as fit "
+        "on a GPU (at most 16), 1 on a CPU, where batches gain nothing measurable.",
         rich_help_panel=TILES,
     ),
 ]

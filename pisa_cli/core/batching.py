@@ -37,7 +37,7 @@ from pisa_cli.options import UpscaleOptions
 
 log = logging.getLogger(__name__)
 
-MAX_IMAGE_BATCH = 16
+AUTO_IMAGE_BATCH = 16
 """Images per call at most with ``--image-batch auto`` on an accelerator."""
 CPU_IMAGE_BATCH = 1
 """``auto`` on a CPU. Measured with `pisa bench folder-32` (SD 2.1-base, 128->512, fp32,
@@ -78,13 +78,16 @@ class Batcher:
 
     def __init__(self, pipeline):  # a PisaPipeline (this module is below it)
         self.pipeline = pipeline
-        self.limit: int | None = None
-        """The most images per call since a batch ran out of memory."""
+        self.limits: dict[tuple[int, int], int] = {}
+        """The most images per call for a model input size, since a batch of that size ran
+        out of memory (a second pass's larger images do not cap the first pass's)."""
+        self.warned = False
 
-    def lower(self, failed: int) -> int:
-        """After a batch of ``failed`` images ran out of memory: half that from now on."""
+    def lower(self, plan: ImagePlan, failed: int) -> int:
+        """After a batch of ``failed`` images of ``plan`` ran out of memory: half that, for
+        images of its size, from now on."""
         half = max(1, failed // 2)
-        self.limit = half if self.limit is None else min(self.limit, half)
+        self.limits[plan.model_size] = min(self.limits.get(plan.model_size, half), half)
         return half
 
     def plan(self, image: Any, stage: Stage) -> ImagePlan:
@@ -106,18 +109,17 @@ class Batcher:
         )
 
     def size(self, plan: ImagePlan, requested: int | None) -> int:
-        """Images per call for images of ``plan``: ``requested``, or auto (as many as the
-        free memory holds on an accelerator, at most MAX_IMAGE_BATCH; CPU_IMAGE_BATCH on a
-        CPU), and never above the limit an out-of-memory error set."""
+        """Images per call for images of ``plan``: ``requested``, or auto (AUTO_IMAGE_BATCH
+        on an accelerator, CPU_IMAGE_BATCH on a CPU); never more than the free memory holds
+        by the plan's estimate, nor than an out-of-memory error left for this size."""
         if requested is not None:
             size = requested
         elif self.pipeline.device.type == "cpu":
             size = CPU_IMAGE_BATCH
         else:
-            fit = int(plan.free_bytes * memory.SAFETY // max(1, plan.peak_bytes))
-            size = min(MAX_IMAGE_BATCH, fit)
-        if self.limit is not None:
-            size = min(size, self.limit)
+            size = AUTO_IMAGE_BATCH
+        fit = int(plan.free_bytes * memory.SAFETY // max(1, plan.peak_bytes))
+        size = min(size, fit, self.limits.get(plan.model_size, size))
         return max(1, size)
 
     def batching(
@@ -138,45 +140,73 @@ class Batcher:
         pass grouped by key, ``size`` at a time."""
         members = [Member(image) for image in images]
         for index, stage in enumerate(self.pipeline.stages(options)):
-            live = [member for member in members if member.error is None]
             groups: dict[Hashable, list[tuple[Member, ImagePlan]]] = {}
-            for member in live:
-                plan = self.plan(member.image, stage)
+            for member in members:
+                if member.error is not None:
+                    continue
+                try:
+                    plan = self.plan(member.image, stage)
+                except Exception as error:
+                    member.error = error
+                    continue
                 key = self.key(plan, stage)
-                groups.setdefault(("alone", id(member)) if key is None else key, []).append(
-                    (member, plan)
-                )
+                alone = ("alone", id(member))
+                groups.setdefault(alone if key is None else key, []).append((member, plan))
             for group in groups.values():
-                size = self.size(group[0][1], requested) if len(group) > 1 else 1
-                for start in range(0, len(group), size):
-                    self.run(group[start : start + size], stage, first=index == 0)
+                self.run(group, stage, index == 0, requested)
         return [member.result() for member in members]
 
-    def run(self, group: list[tuple[Member, ImagePlan]], stage: Stage, first: bool) -> None:
-        """One pass over ``group``: together; on out of memory in halves; on any other error
-        each image alone."""
-        if len(group) == 1:
-            self.alone(group[0][0], stage)
-            return
-        try:
-            self.together(group, stage, first)
-        except NotFinite:
-            for member, _plan in group:
+    def run(
+        self,
+        group: list[tuple[Member, ImagePlan]],
+        stage: Stage,
+        first: bool,
+        requested: int | None,
+    ) -> None:
+        """One pass over ``group``, ``size`` images at a time: together; on out of memory
+        in halves (and so on for the rest); on any other error each image alone."""
+        while group:
+            size = self.size(group[0][1], requested) if len(group) > 1 else 1
+            chunk, group = group[:size], group[size:]
+            if len(chunk) == 1:
+                self.alone(chunk[0][0], stage)
+                continue
+            failure = self.attempt(chunk, stage, first)
+            if failure is None:
+                continue
+            release_memory()  # out of the except block: the failed call's tensors are gone
+            if failure == "memory":
+                half = self.lower(chunk[0][1], len(chunk))
+                note = f"out of memory with {len(chunk)} images per call; {half} from now on"
+                log.warning(note)
+                for member, _plan in chunk:
+                    member.notes.append(note)
+                group = chunk + group
+                continue
+            for member, _plan in chunk:
                 self.alone(member, stage)
+
+    def attempt(
+        self, chunk: list[tuple[Member, ImagePlan]], stage: Stage, first: bool
+    ) -> str | None:
+        """``together`` over ``chunk``: None when it held, else why not (memory, finite,
+        error); what it held is released when this returns."""
+        try:
+            self.together(chunk, stage, first)
+        except NotFinite:
+            return "finite"
         except Exception as error:
-            if not is_out_of_memory(error):
-                log.info("a batch of %d images failed (%s); each runs alone", len(group), error)
-                for member, _plan in group:
-                    self.alone(member, stage)
-                return
-            release_memory()
-            half = self.lower(len(group))
-            note = f"out of memory with {len(group)} images per call; {half} from now on"
-            log.warning(note)
-            for member, _plan in group:
-                member.notes.append(note)
-            self.run(group[:half], stage, first)
-            self.run(group[half:], stage, first)
+            if is_out_of_memory(error):
+                return "memory"
+            if not self.warned:
+                log.warning(
+                    "a batch of %d images failed (%s); its images run alone (said once per run)",
+                    len(chunk),
+                    error,
+                )
+                self.warned = True
+            return "error"
+        return None
 
     def alone(self, member: Member, stage: Stage) -> None:
         """One image through the pass, with the single image's recoveries."""
@@ -269,29 +299,38 @@ def decode_points(
     pipe, z_high: torch.Tensor, latents: Latents, notes: list[str]
 ) -> tuple[list[torch.Tensor], int]:
     """The decoded images (cropped, in [0, 1]) of several latents of one image (a sweep's
-    grid points): together, in halves when memory runs out, one by one with the single
-    image's recoveries when a low precision overflows or the batch fails otherwise;
+    grid points): together; in halves when memory runs out (and so on for the image's
+    size); one by one with the single image's recoveries when a low precision overflows;
     (images, the most latents that went through one call)."""
     count = z_high.shape[0]
+    failure = None
     if count > 1:
         try:
             decoded = decode_together(pipe, z_high)
+        except NotFinite:
+            failure = "finite"
         except Exception as error:
-            if is_out_of_memory(error):
-                release_memory()
-                half = pipe.batcher.lower(count)
-                note = f"VAE decoder out of memory with {count} points per call; {half} from now on"
-                log.warning(note)
-                notes.append(note)
-                first, held = decode_points(pipe, z_high[:half], latents, notes)
-                rest, _ = decode_points(pipe, z_high[half:], latents, notes)
-                return first + rest, held
-            if not isinstance(error, NotFinite):
+            if not is_out_of_memory(error):
                 raise
+            failure = "memory"
         else:
             height, width = latents.encoded.size
             images = [decoded[i : i + 1, :, :height, :width].contiguous() for i in range(count)]
             return images, count
+    if failure == "memory":
+        release_memory()  # out of the except block: the failed call's tensors are gone
+        batcher, plan = pipe.batcher, latents.plan
+        half = batcher.lower(plan, count)
+        note = f"VAE decoder out of memory with {count} points per call; {half} from now on"
+        log.warning(note)
+        notes.append(note)
+        images, start = [], 0
+        while start < count:
+            step = batcher.limits.get(plan.model_size, half)
+            part, _ = decode_points(pipe, z_high[start : start + step], latents, notes)
+            images += part
+            start += step
+        return images, batcher.limits.get(plan.model_size, half)
     images = [pipe.decode_latents(z, latents, {}, notes) for z in z_high.split(1)]
     return images, 1
 
