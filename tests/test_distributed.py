@@ -197,6 +197,7 @@ def test_join_without_a_rendezvous_address_is_one_line(monkeypatch):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_join_fails_cleanly_when_the_other_ranks_never_come(monkeypatch):
     import socket
 

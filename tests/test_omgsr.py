@@ -153,6 +153,7 @@ def pisa_then_folder(tiny_base, pisa_pkl, adapter_folder_2):
     return load(tiny_base, pisa_pkl, process_size=PROCESS, second_pass=second)
 
 
+@pytest.mark.slow
 def test_pisa_then_an_adapter_folder(
     pisa_then_folder, tiny_base, pisa_pkl, oracle_2, adapter_folder_2
 ):

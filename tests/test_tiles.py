@@ -63,6 +63,7 @@ def test_gaussian_weights_shape_and_range():
     assert torch.allclose(weights[:, 0] / weights[:, 0].max(), g / g.max(), atol=1e-6)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(
     height=st.integers(1, 400),
