@@ -154,7 +154,7 @@ def test_a_bad_image_fails_alone_and_its_batch_mates_come_out_as_alone(monkeypat
 
 @pytest.mark.slow
 def test_out_of_memory_halves_the_image_batch_then_the_tile_batch_then_the_tile(monkeypatch):
-    pipe = random_pipeline("tiny", torch.device("cpu"), torch.bfloat16)
+    pipe = random_pipeline("tiny", torch.device("cpu"), torch.float32)
     tiles = TileOptions(latent_tile=16, latent_overlap=4, tile_batch=2)
     options = UpscaleOptions(process_size=64, tiles=tiles)
     predict = pipe.predict
@@ -167,20 +167,13 @@ def test_out_of_memory_halves_the_image_batch_then_the_tile_batch_then_the_tile(
         return predict(latents, cond, variants, plan, per_call, timestep)
 
     monkeypatch.setattr(pipe, "predict", tight)
-    images = [noise_image(40, 32, seed) for seed in range(4)]  # latent 20x16
-    results = pipe.upscale_many(images, options, 4)
-    assert seen[:5] == [
-        (4, 2, (16, 16)),
-        (2, 2, (16, 16)),
-        (1, 2, (16, 16)),
-        (1, 1, (16, 16)),
-        (1, 1, (8, 8)),
-    ]
+    images = [noise_image(40, 32, seed) for seed in range(2)]  # latent 20x16
+    results = pipe.upscale_many(images, options, 2)
+    assert seen[:4] == [(2, 2, (16, 16)), (1, 2, (16, 16)), (1, 1, (16, 16)), (1, 1, (8, 8))]
     notes = results[0].notes
-    assert notes[0] == "out of memory with 4 images per call; 2 from now on"
-    assert notes[1] == "out of memory with 2 images per call; 1 from now on"
-    assert notes[2].endswith("at tile 16x16, 2 per call; retried at tile 16x16, 1 per call")
-    assert notes[3].endswith("retried at tile 8x8, 1 per call")
+    assert notes[0] == "out of memory with 2 images per call; 1 from now on"
+    assert notes[1].endswith("at tile 16x16, 2 per call; retried at tile 16x16, 1 per call")
+    assert notes[2].endswith("retried at tile 8x8, 1 per call")
     assert all(result.image.size == (160, 128) for result in results)
     assert pipe.batcher.limits == {(160, 128): 1}
     assert pipe.batching(images[0], options, 4)[1] == 1  # the next batches start at 1
