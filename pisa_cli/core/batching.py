@@ -18,17 +18,16 @@ image; images that tile the UNet share its calls: the tile batch counts tiles of
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from pisa_cli.core.latents import Encoded, Latents, UpscaleResult, timed, to_tensor
+from pisa_cli.core.latents import Encoded, Latents, UpscaleResult, as_rgb, timed, to_tensor
 from pisa_cli.core.passes import Stage
 from pisa_cli.core.planning import ImagePlan
-from pisa_cli.core.recovery import release_memory
+from pisa_cli.core.recovery import overflowed, release_memory
 from pisa_cli.engine import memory, vae
 from pisa_cli.imaging.deep import DeepImage
 from pisa_cli.imaging.resize import upsample_input
@@ -83,12 +82,16 @@ class Batcher:
         out of memory (a second pass's larger images do not cap the first pass's)."""
         self.warned = False
 
-    def lower(self, plan: ImagePlan, failed: int) -> int:
-        """After a batch of ``failed`` images of ``plan`` ran out of memory: half that, for
-        images of its size, from now on."""
+    def shrink(self, plan: ImagePlan, failed: int, unit: str, stage: str = "") -> str:
+        """After a call of ``failed`` images (or points) of ``plan`` ran out of memory, out of
+        its except block: the memory released, half that many per call for images of its
+        size from now on; the note that says so (logged)."""
+        release_memory()
         half = max(1, failed // 2)
         self.limits[plan.model_size] = min(self.limits.get(plan.model_size, half), half)
-        return half
+        note = f"{stage}out of memory with {failed} {unit} per call; {half} from now on"
+        log.warning(note)
+        return note
 
     def plan(self, image: Any, stage: Stage) -> ImagePlan:
         return self.pipeline.plan(image.size, stage.options, stage.variants, stage.tiling)
@@ -174,15 +177,13 @@ class Batcher:
             failure = self.attempt(chunk, stage, first)
             if failure is None:
                 continue
-            release_memory()  # out of the except block: the failed call's tensors are gone
             if failure == "memory":
-                half = self.lower(chunk[0][1], len(chunk))
-                note = f"out of memory with {len(chunk)} images per call; {half} from now on"
-                log.warning(note)
+                note = self.shrink(chunk[0][1], len(chunk), "images")
                 for member, _plan in chunk:
                     member.notes.append(note)
                 group = chunk + group
                 continue
+            release_memory()  # out of the except block: the failed call's tensors are gone
             for member, _plan in chunk:
                 self.alone(member, stage)
 
@@ -227,7 +228,7 @@ class Batcher:
         plans = [plan for _member, plan in group]
         timings: dict[str, float] = {}
         with timed(timings, prefix + "preprocess"):
-            inputs = [_rgb(member.image) for member, _plan in group]
+            inputs = [as_rgb(member.image) for member, _plan in group]
             upsampled = [
                 upsample_input(rgb, plan.resize) for rgb, plan in zip(inputs, plans, strict=True)
             ]
@@ -242,15 +243,13 @@ class Batcher:
             z_high = pipe.step(z_low, eps, stage)
             del eps
         with timed(timings, prefix + "decode", pipe.device):
-            decoded = decode_together(pipe, z_high)
+            decoded = decode_together(pipe, z_high, [one.size for one in encoded])
         with timed(timings, prefix + "color"):
             images = []
             for index, (member, plan) in enumerate(group):
-                height, width = encoded[index].size
-                image = decoded[index : index + 1, :, :height, :width].contiguous()
                 deep = isinstance(member.image, DeepImage)
                 latents = Latents(plan, cond, encoded[index], deep)
-                images.append(pipe.finish_image(image, latents, options.color_fix))
+                images.append(pipe.finish_image(decoded[index], latents, options.color_fix))
         for (member, plan), image in zip(group, images, strict=True):
             member.image = image
             member.plans.append(plan)
@@ -267,15 +266,10 @@ class Batcher:
         pipe = self.pipeline
         sources = [to_tensor(image).to(pipe.device) for image in upsampled]
         batch = torch.cat([pipe.pad(source * 2 - 1) for source in sources])
-        generators = None
-        if options.vae_sample:
-            generators = []
-            for _source in sources:
-                seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
-                generators.append(torch.Generator(pipe.device).manual_seed(seed))
+        generators = [pipe.generator(options) for _source in sources]
         model = pipe.vae_for(encoder)
         z_low = vae.encode(model, batch, sample=options.vae_sample, generator=generators)
-        if pipe.dtype != torch.float32 and not bool(torch.isfinite(z_low).all()):
+        if overflowed(z_low, pipe.dtype):
             raise NotFinite("VAE encoder")
         encoded = [
             Encoded(z_low[index : index + 1], source, tuple(source.shape[-2:]))  # type: ignore[arg-type]
@@ -285,55 +279,46 @@ class Batcher:
 
 
 @torch.inference_mode()
-def decode_together(pipe, z_high: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) images in [0, 1] of ``z_high`` in one decoder call (raises NotFinite
-    when a low precision overflows)."""
+def decode_together(pipe, z_high: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The (1, 3, H, W) images in [0, 1] of ``z_high`` from one decoder call, each cropped
+    to its (H, W) in ``sizes`` (raises NotFinite when a low precision overflows)."""
     height, width = z_high.shape[-2:]
     decoded = pipe.decode(z_high, (height * pipe.vae_factor, width * pipe.vae_factor))
-    if pipe.dtype != torch.float32 and not bool(torch.isfinite(decoded).all()):
+    if overflowed(decoded, pipe.dtype):
         raise NotFinite("VAE decoder")
-    return decoded
+    return [decoded[i : i + 1, :, :h, :w].contiguous() for i, (h, w) in enumerate(sizes)]
 
 
 def decode_points(
     pipe, z_high: torch.Tensor, latents: Latents, notes: list[str]
 ) -> tuple[list[torch.Tensor], int]:
     """The decoded images (cropped, in [0, 1]) of several latents of one image (a sweep's
-    grid points): together; in halves when memory runs out (and so on for the image's
-    size); one by one with the single image's recoveries when a low precision overflows;
-    (images, the most latents that went through one call)."""
-    count = z_high.shape[0]
-    failure = None
-    if count > 1:
-        try:
-            decoded = decode_together(pipe, z_high)
-        except NotFinite:
-            failure = "finite"
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-            failure = "memory"
-        else:
-            height, width = latents.encoded.size
-            images = [decoded[i : i + 1, :, :height, :width].contiguous() for i in range(count)]
-            return images, count
-    if failure == "memory":
-        release_memory()  # out of the except block: the failed call's tensors are gone
-        batcher, plan = pipe.batcher, latents.plan
-        half = batcher.lower(plan, count)
-        note = f"VAE decoder out of memory with {count} points per call; {half} from now on"
-        log.warning(note)
-        notes.append(note)
-        images, start = [], 0
-        while start < count:
-            step = batcher.limits.get(plan.model_size, half)
-            part, _ = decode_points(pipe, z_high[start : start + step], latents, notes)
-            images += part
-            start += step
-        return images, batcher.limits.get(plan.model_size, half)
-    images = [pipe.decode_latents(z, latents, {}, notes) for z in z_high.split(1)]
-    return images, 1
-
-
-def _rgb(image: Any) -> Any:
-    return image if isinstance(image, DeepImage) or image.mode == "RGB" else image.convert("RGB")
+    grid points), like ``Batcher.run``: together; in halves when memory runs out (and so
+    on for the image's size); one by one with the single image's recoveries when a low
+    precision overflows; (images, the fewest latents that went through one call)."""
+    batcher, plan = pipe.batcher, latents.plan
+    images: list[torch.Tensor] = []
+    held, rest = z_high.shape[0], z_high
+    while rest.shape[0]:
+        size = min(rest.shape[0], batcher.limits.get(plan.model_size, rest.shape[0]))
+        chunk, rest = rest[:size], rest[size:]
+        failure = "alone" if size == 1 else None
+        if failure is None:
+            try:
+                images += decode_together(pipe, chunk, [latents.encoded.size] * size)
+            except NotFinite:
+                failure = "finite"
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                failure = "memory"
+        if failure is None:
+            held = min(held, size)
+            continue
+        if failure == "memory":
+            notes.append(batcher.shrink(plan, size, "points", "VAE decoder "))
+            rest = torch.cat([chunk, rest])
+            continue
+        images += [pipe.decode_latents(z, latents, {}, notes) for z in chunk.split(1)]
+        held = 1
+    return images, held

@@ -77,6 +77,11 @@ def timed(timings: dict[str, float], stage: str, device: torch.device | None = N
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
+def as_rgb(image: Image.Image | DeepImage) -> Image.Image | DeepImage:
+    """The image the model sees: 8-bit RGB, or the DeepImage of a 16-bit input as it is."""
+    return image if isinstance(image, DeepImage) or image.mode == "RGB" else image.convert("RGB")
+
+
 def to_tensor(image: Image.Image | DeepImage) -> torch.Tensor:
     """(1, 3, H, W) float32 in [0, 1] of an 8-bit RGB image or a DeepImage."""
     if isinstance(image, DeepImage):

@@ -22,6 +22,7 @@ from pisa_cli.core.latents import (
     Encoded,
     Latents,
     UpscaleResult,
+    as_rgb,
     timed,
     to_deep,
     to_image,
@@ -143,15 +144,19 @@ class PisaPipeline:
         source = to_tensor(upsampled).to(self.device)
         height, width = source.shape[-2:]
         image = self.pad(source * 2 - 1)
-        generator = None
-        if options.vae_sample:
-            seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
-            generator = torch.Generator(self.device).manual_seed(seed)
+        generator = self.generator(options)
         model = self.vae_for(encoder)
         latents = vae.encode(
             model, image, sample=options.vae_sample, generator=generator, tile=tile, store=store
         )
         return Encoded(latents=latents, source=source, size=(height, width))
+
+    def generator(self, options: UpscaleOptions) -> torch.Generator | None:
+        """The noise of one image's --vae-sample: seeded by --seed, else by a fresh seed."""
+        if not options.vae_sample:
+            return None
+        seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
+        return torch.Generator(self.device).manual_seed(seed)
 
     def pad(self, image: torch.Tensor) -> torch.Tensor:
         """``image`` padded (replicate) on the bottom and right to a multiple of 8."""
@@ -257,7 +262,7 @@ class PisaPipeline:
         prefix = f"{stage.name}_" if stage.name else ""
         deep = isinstance(image, DeepImage)
         with timed(timings, prefix + "preprocess"):
-            rgb = image if deep or image.mode == "RGB" else image.convert("RGB")
+            rgb = as_rgb(image)
             plan = self.plan(rgb.size, options, stage.variants, stage.tiling)
             upsampled = upsample_input(rgb, plan.resize)
         with timed(timings, prefix + "text"):

@@ -32,6 +32,11 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def overflowed(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a pass in ``dtype`` (fp16 or bf16; fp32 never counts) gave inf or NaN."""
+    return dtype != torch.float32 and not bool(torch.isfinite(tensor).all())
+
+
 class StageGuard:
     """Runs the encode, UNet and decode stages of one image with recovery. Each stage is
     given as a callable of its tile sizes; the guard knows no pipeline."""
@@ -150,7 +155,7 @@ class StageGuard:
         vae: torch.nn.Module | None = None,
     ) -> Any:
         result = run()
-        if self.dtype == torch.float32 or bool(torch.isfinite(tensor_of(result)).all()):
+        if not overflowed(tensor_of(result), self.dtype):
             return result
         name = str(self.dtype).removeprefix("torch.")
         note = f"{stage} gave inf/NaN in {name}; redone in fp32"

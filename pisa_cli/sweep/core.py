@@ -11,7 +11,6 @@ and a colour fix. The stages are PisaPipeline's, under the same StageGuard as
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -20,7 +19,7 @@ import torch
 from PIL import Image
 
 from pisa_cli.core.batching import decode_points
-from pisa_cli.core.latents import Encoded, Latents
+from pisa_cli.core.latents import Encoded, Latents, as_rgb, timed
 from pisa_cli.core.passes import TIMESTEP, Stage
 from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.core.planning import ImagePlan
@@ -106,7 +105,7 @@ class Sweeper:
         """Encode ``image`` and run both UNet passes (the whole cost shared by all points),
         through the pipeline's own stages."""
         pipe, timings, notes = self.pipeline, {}, []
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        rgb = as_rgb(image)
         stage = Stage("", VARIANTS, TIMESTEP, "pisa", self.options)
         latents = pipe.prepare_latents(rgb, stage, timings, notes)
         calls = pipe.unet_calls
@@ -149,16 +148,14 @@ class Sweeper:
         pipe, pending = self.pipeline, list(points)
         while pending:
             chunk, pending = pending[: prepared.decode_batch], pending[prepared.decode_batch :]
-            start = time.perf_counter()
-            z_high = torch.cat([self.latents(prepared, point) for point in chunk])
-            decoded, held = decode_points(pipe, z_high, prepared.latents, prepared.notes)
-            del z_high
+            with timed(prepared.timings, "decode", pipe.device):
+                z_high = torch.cat([self.latents(prepared, point) for point in chunk])
+                decoded, held = decode_points(pipe, z_high, prepared.latents, prepared.notes)
+                del z_high
             prepared.decode_batch = min(prepared.decode_batch, held)
-            _add(prepared.timings, "decode", _lap(start, pipe.device))
             for point, image in zip(chunk, decoded, strict=True):
-                start = time.perf_counter()
-                result = pipe.finish_image(image, prepared.latents, self.options.color_fix)
-                _add(prepared.timings, "color", time.perf_counter() - start)
+                with timed(prepared.timings, "color"):
+                    result = pipe.finish_image(image, prepared.latents, self.options.color_fix)
                 prepared.decodes += 1
                 yield point, self.second(prepared, point, result)
 
@@ -171,13 +168,3 @@ class Sweeper:
         for stage in self.pipeline.stages(options)[1:]:
             image, _ = self.pipeline.run_stage(image, stage, prepared.timings, prepared.notes)
         return image
-
-
-def _lap(start: float, device: torch.device | None = None) -> float:
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-def _add(timings: dict[str, float], stage: str, seconds: float) -> None:
-    timings[stage] = timings.get(stage, 0.0) + seconds
