@@ -36,7 +36,7 @@ from pisa_cli.bench import PeakMemory
 from tests.helpers import noise_image
 
 pipeline = load_pipeline(weights=sys.argv[2], base_model=sys.argv[1], device="cpu", dtype="fp32")
-for height, width in ((48, 64), (192, 256)):
+for height, width in ((96, 128), (384, 512)):
     latents = torch.randn(1, 4, height, width)
     with PeakMemory(torch.device("cpu")) as peak:
         image = pipeline.decode(latents, (height * 8, width * 8), tile=64, store="disk")
@@ -49,8 +49,7 @@ for height, width in ((48, 64), (192, 256)):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the RSS peak from /proc")
 def test_tiled_decoder_memory_does_not_grow_with_the_image(tiny_base, pisa_pkl):
     """Peak memory of the tiled decoder minus its output buffer, for a latent 16 times larger,
-    with the same tile: the working memory is the tile's, not the image's (the larger
-    image's untiled decoder would need about 1 GiB). Measured in a
+    with the same tile: the working memory is the tile's, not the image's. Measured in a
     process of its own: the RSS peak of the test process carries the heap of earlier tests."""
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
