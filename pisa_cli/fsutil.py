@@ -89,7 +89,7 @@ def kind_of(path: Path, follow: bool = False) -> str | None:
         mode = os.stat(path).st_mode if follow else os.lstat(path).st_mode
     except FileNotFoundError:
         return "a link to nothing" if os.path.islink(path) else None
-    except NotADirectoryError:  # a file where a folder of the path should be
+    except OSError:  # a file where a folder of the path should be, a folder we cannot search
         return None
     kinds = (
         (stat.S_ISREG, "a file"),

@@ -79,7 +79,7 @@ def test_a_manifest_planted_as_a_link_is_never_written_through(tmp_path, photos,
     assert result.exit_code == 1, result.output
     assert errors(result) == [
         f"error: {out / MANIFEST_NAME}: the manifest is a link, not a file; pisa never "
-        "writes through links or into other files in the output folder: move it away"
+        "writes through a link in the output folder: remove the link"
     ]
     assert victim.read_text() == "the user's own file\n"
     assert visible(out) == []
@@ -349,3 +349,24 @@ def test_invisible_names_are_escaped_on_the_terminal(tmp_path, fake_model):
     result = upscale(FakePipeline(), folder, tmp_path / "out", fake_model)
     assert result.exit_code == 0
     assert "\u200b" not in result.output and "a\\u200b.png" in result.output
+
+
+def test_an_atomic_write_replaces_a_link_and_takes_nothing_from_its_target(tmp_path):
+    from pisa_cli.fsutil import atomic_path
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file")
+    victim.chmod(0o604)
+    final = tmp_path / "out.png"
+    final.symlink_to(victim)
+    with atomic_path(final) as temp:
+        temp.write_bytes(b"ours")
+    assert not final.is_symlink() and final.read_bytes() == b"ours"
+    assert victim.read_text() == "the user's own file"
+    assert final.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not the target's 0o604
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

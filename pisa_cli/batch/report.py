@@ -138,8 +138,7 @@ def check_report_path(path: Path) -> None:
     """Refuse, before any work is done, a report that could not be written at the end: an
     extension we cannot write, a name taken by a folder (or a device, a FIFO), a folder that
     is a file or cannot be written (raises OptionsError)."""
-    if path.suffix.lower() not in WRITERS:
-        raise OptionsError(f"--report {path}: the name must end in .json or .csv")
+    _check_extension(path)
     kind = kind_of(path, follow=True)
     if kind not in (None, "a file", "a link to nothing"):  # a link is replaced, not followed
         raise OptionsError(f"--report {path}: {kind} has that name; give the report a file name")
@@ -159,9 +158,15 @@ def check_report_path(path: Path) -> None:
         raise OptionsError(f"--report {path}: cannot write in {folder} ({reason})") from None
 
 
+def _check_extension(path: Path) -> None:
+    if path.suffix.lower() not in WRITERS:
+        raise OptionsError(f"--report {path}: the name must end in .json or .csv")
+
+
 def write_report(path: Path, results: Iterable[Result], summary: dict, settings: dict) -> None:
-    """Write the report atomically (raises OSError when it cannot be written)."""
-    check_report_path(path)
+    """Write the report atomically (raises OSError when it cannot be written, which
+    ``check_report_path`` made unlikely before the run)."""
+    _check_extension(path)
     family = (settings.get("model") or {}).get("family", "")
     rows = [{**image_row(result), "family": family} for result in results]
     text = WRITERS[path.suffix.lower()].render(rows, summary, settings)

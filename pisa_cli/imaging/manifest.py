@@ -326,11 +326,13 @@ def manifest_problem(root: Path) -> str | None:
     image."""
     for path in manifest_files(root):
         kind = kind_of(path)
-        if kind != FILE:
+        if kind is not None and "link" in kind:
             return (
-                f"{path}: the manifest is {kind}, not a file; pisa never writes through "
-                "links or into other files in the output folder: move it away"
+                f"{path}: the manifest is {kind}, not a file; pisa never writes through a "
+                "link in the output folder: remove the link"
             )
+        if kind != FILE:
+            return f"{path}: the manifest is {kind}, not a file: move it away"
     return None
 
 
