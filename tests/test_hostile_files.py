@@ -142,10 +142,19 @@ def test_records_of_outputs_outside_the_folder_hide_no_input(tmp_path, photos, f
     assert visible(out) == ["a.png", "b.png"]
 
 
-@pytest.mark.parametrize(
-    "number", ["Infinity", "-Infinity", "NaN", "1e400", "1.5", "true", '"12"', "-1", "null"]
+FIELDS = (
+    "output",
+    "settings_key",
+    "source_bytes",
+    "source_mtime_ns",
+    "output_bytes",
+    "output_mtime_ns",
+    "output_sha256",
 )
-def test_a_record_with_a_number_out_of_range_is_skipped(tmp_path, photos, number, caplog):
+HOSTILE = ("Infinity", "-Infinity", "NaN", "1e400", "1.5", "true", '"12"', "-1", "null", "[]", "{}")
+
+
+def test_every_field_of_a_record_is_checked(tmp_path, photos, caplog):
     out = tmp_path / "out"
     out.mkdir()
     pairs = [(photos / name, out / name) for name in ("a.png", "b.png")]
@@ -155,19 +164,30 @@ def test_a_record_with_a_number_out_of_range_is_skipped(tmp_path, photos, number
         manifest.record(source, output, output)
     path = out / MANIFEST_NAME
     first, second = path.read_text().splitlines()
-    forged = json.loads(first)
-    forged["output"] = "c.png"
-    text = json.dumps(forged, sort_keys=True).replace(
-        f'"output_bytes": {forged["output_bytes"]}', f'"output_bytes": {number}'
-    )
-    assert number in text
-    path.write_text(f"{first}\n{text}\n{second}\n")
+    record = json.loads(first)
+    forged = []
+    for field in FIELDS:
+        for value in HOSTILE:
+            if field in ("source_mtime_ns", "output_mtime_ns") and value == "-1":
+                continue  # a file of 1969: a time, not out of range
+            if field in ("output", "settings_key") and value == '"12"':
+                continue  # a name and a key like any other
+            text = json.dumps({**record, field: "VALUE"}, sort_keys=True)
+            forged.append(text.replace('"VALUE"', value))
+    forged.append(json.dumps({**record, "output_sha256": "not hex"}, sort_keys=True))
+    forged.append(json.dumps({k: v for k, v in record.items() if k != "output_bytes"}))
+    forged += ["[1, 2]", '"a string"', "12"]
+    path.write_text("\n".join([first, *forged, second]) + "\n")
     with caplog.at_level(logging.WARNING):
         again = Manifest(out, {"a": 1})
-    for source, output in pairs:  # the records around it still count
+    for source, output in pairs:  # the records around them still count
         assert again.decide(source, output).reason == "up to date"
+    assert again.outputs() == {(out / "a.png").resolve(), (out / "b.png").resolve()}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "1 record skipped" in warnings[0], warnings
+    assert warnings == [
+        f"{path}: {len(forged)} records skipped: a field missing, of another type or out of "
+        "range (not written by pisa)"
+    ]
 
 
 def test_a_forged_manifest_gives_one_warning_not_a_traceback(tmp_path, photos, fake_model):
@@ -321,6 +341,17 @@ def test_an_output_that_is_not_a_folder_is_said_so(tmp_path, photos, fake_model,
     if kind == "a file":
         assert out.read_text() == "kept"
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_sweep_into_a_file_is_said_so(tmp_path, photos, fake_model):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("kept")
+    result = run_on(None, "sweep", photos / "a.png", "-o", taken, *fake_model)
+    assert result.exit_code == 1, result.output
+    assert errors(result) == [
+        f"error: {taken}: not a folder (a file); -o names the folder to write in"
+    ]
+    assert taken.read_text() == "kept"
 
 
 # --- invisible characters in names -----------------------------------------------------------
