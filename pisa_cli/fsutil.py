@@ -56,7 +56,7 @@ def probe_writable(folder: Path) -> None:
 def regular_only(path: str | Path, flags: int) -> int:
     """An ``opener`` for ``open()`` that opens regular files only: a FIFO or a device raises
     OSError instead of blocking the open or every read (the open itself never blocks)."""
-    descriptor = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    descriptor = os.open(path, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     return _regular(descriptor, path)
 
 
