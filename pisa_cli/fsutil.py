@@ -1,10 +1,13 @@
-"""Atomic file writes shared by every writer of the project (images, checkpoints, reports)."""
+"""Atomic file writes shared by every writer of the project (images, checkpoints, reports),
+and opening files without following links or blocking on pipes."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,10 +53,59 @@ def probe_writable(folder: Path) -> None:
     os.unlink(name)
 
 
+def regular_only(path: str | Path, flags: int) -> int:
+    """An ``opener`` for ``open()`` that opens regular files only: a FIFO or a device raises
+    OSError instead of blocking the open or every read (the open itself never blocks)."""
+    descriptor = os.open(path, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    return _regular(descriptor, path)
+
+
+def no_link(path: str | Path, flags: int) -> int:
+    """``regular_only`` that also refuses a symbolic link (ELOOP) rather than follow it: for
+    the files we append to in the output folder, where a planted link would lead our writes
+    to any file of the user's."""
+    return regular_only(path, flags | getattr(os, "O_NOFOLLOW", 0))
+
+
+def _regular(descriptor: int, path: str | Path) -> int:
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+            raise OSError(errno.EINVAL, kind, str(path))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(descriptor, True)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def kind_of(path: Path, follow: bool = False) -> str | None:
+    """What is at ``path``, in words: "a file" (regular), "a folder", "a link" (when not
+    following links), "a link to nothing", "a FIFO", "a device", "a socket"; None when
+    nothing is there."""
+    try:
+        mode = os.stat(path).st_mode if follow else os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "a link to nothing" if os.path.islink(path) else None
+    except OSError:  # a file where a folder of the path should be, a folder we cannot search
+        return None
+    kinds = (
+        (stat.S_ISREG, "a file"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISLNK, "a link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "a device")
+
+
 def file_sha256(path: Path, block: int = 1 << 24) -> str:
-    """SHA-256 of a file's bytes, read in blocks (the one digest of files in the project)."""
+    """SHA-256 of a file's bytes, read in blocks (the one digest of files in the project).
+    Raises OSError for anything but a regular file (a FIFO would block forever)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open(path, "rb", opener=regular_only) as handle:
         for chunk in iter(lambda: handle.read(block), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -71,9 +123,10 @@ _UMASK = _read_umask()
 
 def _mode_for(final: Path) -> int:
     try:
-        return final.stat().st_mode & 0o7777
+        mode = os.lstat(final).st_mode  # a link is replaced, not followed: not its target's
     except OSError:
-        return 0o666 & ~_UMASK
+        mode = 0
+    return mode & 0o7777 if stat.S_ISREG(mode) else 0o666 & ~_UMASK
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -127,8 +127,11 @@ def prepare_output(output: Path, batch: BatchOptions) -> bool:
     """Create the output folder and prove it writable, before any model loads; remove what
     killed runs left there. True when this call created the folder. Raises
     OutputFolderError."""
-    from pisa_cli.fsutil import probe_writable, remove_stale_temp_files
+    from pisa_cli.fsutil import kind_of, probe_writable, remove_stale_temp_files
 
+    kind = kind_of(output, follow=True)
+    if kind not in (None, "a folder"):  # mkdir would say "File exists"
+        raise OutputFolderError(f"{output}: not a folder ({kind}); -o names the folder to write in")
     existed = output.is_dir()
     try:
         output.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,10 @@ Each image: input, output, status, error, why it ran or was skipped, the model f
 ran (pisa-sr or omgsr, from the run's settings), input mode, input and output sizes (pixels
 and bytes), seconds per stage (a stage shared by a batch of images counts a share for each),
 the images in its model calls (``batch``), notes. JSON adds the run's summary and
-settings. The file is written atomically at the end of the run, Ctrl-C included.
+settings. The file is written atomically at the end of the run, Ctrl-C included; where it
+goes is checked before the run (``check_report_path``). Names and messages are escaped as
+the display shows them (``imaging.names.shown``): a name that is not UTF-8 or holds control
+characters cannot break the file.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
 from pisa_cli.errors import OptionsError
-from pisa_cli.fsutil import atomic_path
-from pisa_cli.imaging.names import csv_cell
+from pisa_cli.fsutil import atomic_path, kind_of, probe_writable
+from pisa_cli.imaging.names import csv_cell, shown
 
 STAGES = ("read", "preprocess", "text", "encode", "unet", "decode", "color", "compose", "write")
 COLUMNS = (
@@ -71,11 +75,11 @@ def image_row(result: Result) -> dict[str, object]:
     input_size = result.input_size or (None, None)
     output_size = result.output_size or (None, None)
     row: dict[str, object] = {
-        "input": str(source),
-        "output": str(output),
+        "input": shown(source),
+        "output": shown(output),
         "status": result.status,
-        "error": result.error,
-        "reason": result.reason,
+        "error": shown(result.error),
+        "reason": shown(result.reason),
         "input_mode": result.input_mode,
         "input_width": input_size[0],
         "input_height": input_size[1],
@@ -89,8 +93,19 @@ def image_row(result: Result) -> dict[str, object]:
     for stage in STAGES:
         seconds = result.timings.get(stage)
         row[f"{stage}_seconds"] = None if seconds is None else round(seconds, 4)
-    row["notes"] = "; ".join(result.notes)
+    row["notes"] = shown("; ".join(result.notes))
     return row
+
+
+def _escaped(value: object) -> object:
+    """``value`` with every string in it escaped as displayed (the settings hold paths)."""
+    if isinstance(value, str):
+        return shown(value)
+    if isinstance(value, dict):
+        return {shown(key): _escaped(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_escaped(item) for item in value]
+    return value
 
 
 class JsonReport:
@@ -98,7 +113,7 @@ class JsonReport:
 
     @staticmethod
     def render(rows: list[dict], summary: dict, settings: dict) -> str:
-        payload = {"summary": summary, "settings": settings, "images": rows}
+        payload = {"summary": summary, "settings": _escaped(settings), "images": rows}
         return json.dumps(payload, indent=2, default=str) + "\n"
 
 
@@ -120,14 +135,38 @@ WRITERS = {".json": JsonReport, ".csv": CsvReport}
 
 
 def check_report_path(path: Path) -> None:
-    """Refuse an extension we cannot write before any work is done."""
+    """Refuse, before any work is done, a report that could not be written at the end: an
+    extension we cannot write, a name taken by a folder (or a device, a FIFO), a folder that
+    is a file or cannot be written (raises OptionsError)."""
+    _check_extension(path)
+    kind = kind_of(path, follow=True)
+    if kind not in (None, "a file", "a link to nothing"):  # a link is replaced, not followed
+        raise OptionsError(f"--report {path}: {kind} has that name; give the report a file name")
+    folder = path.parent
+    while kind_of(folder, follow=True) is None and folder != folder.parent:
+        folder = folder.parent  # created at the end: its nearest existing folder must allow it
+    kind = kind_of(folder, follow=True)
+    if kind != "a folder":
+        raise OptionsError(f"--report {path}: {folder} is {kind}, not a folder")
+    try:
+        if folder == path.parent:
+            probe_writable(folder)
+        elif not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as error:
+        reason = error.strerror or error
+        raise OptionsError(f"--report {path}: cannot write in {folder} ({reason})") from None
+
+
+def _check_extension(path: Path) -> None:
     if path.suffix.lower() not in WRITERS:
         raise OptionsError(f"--report {path}: the name must end in .json or .csv")
 
 
 def write_report(path: Path, results: Iterable[Result], summary: dict, settings: dict) -> None:
-    """Write the report atomically (raises OSError when it cannot be written)."""
-    check_report_path(path)
+    """Write the report atomically (raises OSError when it cannot be written, which
+    ``check_report_path`` made unlikely before the run)."""
+    _check_extension(path)
     family = (settings.get("model") or {}).get("family", "")
     rows = [{**image_row(result), "family": family} for result in results]
     text = WRITERS[path.suffix.lower()].render(rows, summary, settings)

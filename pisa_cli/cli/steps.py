@@ -96,10 +96,15 @@ def plan(run: spec.UpscaleSpec) -> tuple[RunPlan, Outcome] | None:
 
 def prepare_output(run: spec.UpscaleSpec, outcome: Outcome) -> None:
     """Create and probe the output folder before the model loads (exit 1 when it cannot
-    be written)."""
+    be written, or its manifest is not a file we can append to)."""
+    from pisa_cli.batch.plan import OutputFolderError
     from pisa_cli.batch.plan import prepare_output as prepare
+    from pisa_cli.imaging.manifest import manifest_problem
 
     try:
+        problem = manifest_problem(run.output)
+        if problem is not None:
+            raise OutputFolderError(problem)
         if prepare(run.output, run.batch):
             outcome.made_folder = run.output
     except PisaError as error:

@@ -8,9 +8,11 @@ a list of names.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
+import os
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,10 +82,16 @@ class _Walk:
         if named or key not in self.exclude:
             self.sources.setdefault(key, (path, relative))
 
+    def loop(self, folder: object, real: object) -> None:
+        """Say once that ``folder`` leads back to ``real``, a folder already searched."""
+        line = f"{folder}: a link to a folder already searched ({real})"
+        if line not in self.found.loops:
+            self.found.loops.append(line)
+
     def folder(self, folder: Path, relative: Path) -> None:
         real = folder.resolve()
         if real in self.visited:
-            self.found.loops.append(f"{folder}: a link to a folder already searched ({real})")
+            self.loop(folder, real)
             return
         self.visited.add(real)
         try:
@@ -113,7 +121,7 @@ class _Walk:
     def pattern(self, pattern: str) -> None:
         """Matches of a glob pattern (``**`` spans folders); with ``recursive`` they keep their
         place below the pattern's fixed start (``in`` for ``in/**/*.png``)."""
-        matches = sorted(glob.glob(pattern, recursive=True), key=natural_key)
+        matches = sorted(expand(pattern, self.loop), key=natural_key)
         if not matches:
             self.found.missing.append(pattern)
         base = _fixed_start(pattern)
@@ -122,10 +130,72 @@ class _Walk:
             if self.recursive and match.parent.is_relative_to(base):
                 relative = Path(*map(safe_stem, match.parent.relative_to(base).parts))
             if match.is_dir():
+                if self.recursive and match.resolve() in self.visited:
+                    continue  # searched already, as a sub-folder of an earlier match
                 below = relative / safe_stem(match.name) if self.recursive else relative
                 self.folder(match, below)
             elif match.is_file():
                 self.candidate(match, relative)
+
+
+def expand(pattern: str, loop: Callable[[str, str], None]) -> list[str]:
+    """The paths ``glob.glob(pattern, recursive=True)`` gives, except that a ``**`` enters
+    each folder once: a link back to one already searched is said (``loop``) and left, as
+    ``-r`` does. (Python's glob follows such links without end: two links to ``.`` never
+    finish, one gives ``in/a/a/a/...`` forty deep.)"""
+    parts = pattern.replace(os.altsep or os.sep, os.sep).split(os.sep)
+    if "**" not in parts:  # each part one level: glob ends
+        return glob.glob(pattern, recursive=True)
+    start = os.sep if pattern.startswith(os.sep) else ""
+    dirs_only = parts[-1] == ""  # a pattern ending in "/" matches folders only
+    parts = [part for part in parts if part]
+    found: list[str] = []
+    seen: set[tuple[str, int]] = set()
+
+    def walk(here: str, index: int) -> None:
+        if index == len(parts):
+            found.append(here)
+            return
+        part, last = parts[index], index == len(parts) - 1
+        folder = here or os.curdir
+        prefix = here if not here or here.endswith(os.sep) else here + os.sep
+        if part == "**":
+            if not os.path.isdir(folder):
+                return
+            real = os.path.realpath(folder)
+            if (real, index) in seen:
+                if os.path.islink(here):
+                    loop(here, real)
+                return
+            seen.add((real, index))
+            walk(here, index + 1)  # "**" matches no folder too
+            for name in _names(folder, hidden=False):
+                path = prefix + name
+                if os.path.isdir(path):
+                    walk(path, index)
+                elif last:
+                    found.append(path)
+        elif glob.has_magic(part):
+            for name in fnmatch.filter(_names(folder, part.startswith(".")), part):
+                walk(prefix + name, index + 1)
+        elif os.path.lexists(prefix + part):
+            walk(prefix + part, index + 1)
+
+    walk(start, 0)
+    if dirs_only:
+        return [path + os.sep for path in found if os.path.isdir(path)]
+    return found
+
+
+def _names(folder: str, hidden: bool) -> list[str]:
+    """The names in ``folder`` (none when it cannot be listed), hidden ones only when asked
+    (glob's rule: ``*`` and ``**`` skip them)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    names.sort(key=natural_key)  # loops said in the order -r says them
+    return names if hidden else [name for name in names if not name.startswith(".")]
 
 
 def _fixed_start(pattern: str) -> Path:

@@ -15,6 +15,13 @@ network filesystem. A killed rank or a failed write (a full disk) can only cut t
 line of its own file: every record starts on a new line (a newline first when the file
 does not end in one), and a cut line read back is skipped with one warning.
 
+The manifest is data anyone could have written: a record is used only when every field has
+its type and range and its output lies inside the folder (a record naming ``../photo.png``
+would hide that input from discovery); others are skipped with one warning per file. The
+files are opened without following links and only when they are regular files, so a
+manifest planted as a link (to a file of the user's) or a FIFO is never written or read
+through (``manifest_problem`` names it before a run).
+
 On a rerun an existing output is skipped only when it is the file a record describes and
 that record's settings key and input match this run; an output written with other
 settings or from a changed input is redone. A file the manifest does not describe was not
@@ -33,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pisa_cli.fsutil import file_sha256
+from pisa_cli.fsutil import file_sha256, kind_of, no_link
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +81,15 @@ class Record:
 
     @classmethod
     def from_json(cls, line: dict) -> Record:
+        """The record of a parsed line; ValueError (KeyError, TypeError) when a field is
+        missing, of another type or out of range (``Infinity``, ``1e400``, ``true``...)."""
         return cls(
-            key=str(line["settings_key"]),
-            source_bytes=int(line["source_bytes"]),
-            source_mtime_ns=int(line["source_mtime_ns"]),
-            output_bytes=int(line["output_bytes"]),
-            output_mtime_ns=int(line["output_mtime_ns"]),
-            output_sha256=str(line["output_sha256"]),
+            key=_text(line["settings_key"]),
+            source_bytes=_integer(line["source_bytes"], 0),
+            source_mtime_ns=_integer(line["source_mtime_ns"]),
+            output_bytes=_integer(line["output_bytes"], 0),
+            output_mtime_ns=_integer(line["output_mtime_ns"]),
+            output_sha256=_digest(line["output_sha256"]),
         )
 
     def describes(self, stat: os.stat_result) -> bool:
@@ -116,10 +125,10 @@ class Manifest:
                 log.warning("%s: cannot read the manifest (%s)", path, error)
 
     def files(self) -> list[Path]:
-        """The manifest files in the folder: the main one, then each rank's, in rank order."""
-        ranks = sorted(self.root.glob(RANK_MANIFEST_GLOB), key=_rank_of)
-        main = self.root / MANIFEST_NAME
-        return ([main] if main.is_file() else []) + [path for path in ranks if path.is_file()]
+        """The manifest files in the folder: the main one, then each rank's, in rank order
+        (regular files only: links, folders and FIFOs are not read, see
+        ``manifest_problem``)."""
+        return [path for path in manifest_files(self.root) if kind_of(path) == FILE]
 
     def use_settings(self, settings: dict) -> None:
         """The settings of this run: outputs are checked and recorded against them."""
@@ -128,18 +137,24 @@ class Manifest:
 
     def _load(self, path: Path) -> None:
         """Read one manifest file; a line that does not parse (cut by a failed write or a
-        killed run) is skipped, said once per file."""
-        cut = 0
-        with open(path, encoding="utf-8", errors="replace") as handle:
+        killed run) is skipped, said once per file; so are records that are not ours (a
+        field of another type or out of range, an output outside the folder)."""
+        cut, bad, outside = 0, 0, 0
+        with open(path, encoding="utf-8", errors="replace", opener=no_link) as handle:
             for text in handle:
                 if not text.strip():
                     continue
                 parsed = _parse(text)
                 if parsed is None or parsed[0] > 0:
                     cut += 1
-                if parsed is not None:
+                if parsed is BAD:
+                    bad += 1
+                elif parsed is not None and not _inside(parsed[1]):
+                    outside += 1
+                elif parsed is not None:
                     name, record = parsed[1], parsed[2]
                     self._records.setdefault(name, []).append(record)
+        _say_ignored(path, bad, outside)
         if cut:
             log.warning(
                 "%s: %d cut line%s skipped (a write that failed or a run stopped while "
@@ -157,18 +172,23 @@ class Manifest:
             return output.resolve().as_posix()
 
     def outputs(self) -> set[Path]:
-        """Resolved paths of every output the manifest records (never taken as inputs)."""
+        """Resolved paths of every output the manifest records (never taken as inputs), those
+        inside the folder only (a link in it may lead elsewhere)."""
         root = self.root.resolve()
-        return {(root / name).resolve() for name in self._records}
+        paths = {(root / name).resolve() for name in self._records}
+        return {path for path in paths if path.is_relative_to(root)}
 
     def decide(self, source: Path, output: Path, overwrite: bool = False) -> Decision:
         """Run or skip ``source`` -> ``output`` under this manifest's settings."""
         try:
-            stat = output.stat()
+            stat = os.lstat(output)  # a link there is not ours: never followed
         except FileNotFoundError:
             return Decision(RUN, "new")
         if overwrite:
             return Decision(RUN, "--overwrite")
+        kind = kind_of(output)
+        if kind != FILE:  # never opened: a FIFO would block the hash forever
+            return Decision(SKIP, f"{output} exists and is {kind}: kept (--overwrite replaces it)")
         records = self._records.get(self._name(output), [])
         record = next((r for r in reversed(records) if r.describes(stat)), None)
         if record is None and records:
@@ -205,7 +225,7 @@ class Manifest:
         }
         data = (json.dumps(line, sort_keys=True, default=str) + "\n").encode("utf-8")
         with self._lock:
-            with open(self.path, "a+b") as handle:
+            with open(self.path, "a+b", opener=no_link) as handle:
                 handle.write(_fresh_line(handle) + data)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -218,22 +238,101 @@ RECORD_START = '{"output": '
 line starts (manifests written before records always began on a new line)."""
 
 
-def _parse(text: str) -> tuple[int, str, Record] | None:
-    """(characters of a cut record before it, output name, record) of one line; None when
-    no record can be read from it."""
+BAD = (0, "", None)
+"""What ``_parse`` returns for a line that is JSON but not a record pisa wrote."""
+
+
+def _parse(text: str) -> tuple[int, str, Record] | tuple[int, str, None] | None:
+    """(characters of a cut record before it, output name, record) of one line; BAD for a
+    line of JSON that is not a record of ours; None when nothing can be read from it."""
     starts = [0]
     glued = text.find(RECORD_START, 1)  # a cut record's own start is at 0
     if glued > 0:
         starts.append(glued)
+    found = None
     for start in starts:
         try:
             line = json.loads(text[start:])
-            record = Record.from_json(line)
-            name = line["output"]
-        except (ValueError, KeyError, TypeError, RecursionError):
+        except (ValueError, RecursionError):  # RecursionError: nested thousands deep
             continue
-        if isinstance(name, str):
-            return start, name, record
+        try:
+            return start, _text(line["output"]), Record.from_json(line)
+        except (ValueError, KeyError, TypeError):
+            found = BAD
+    return found
+
+
+def _integer(value: object, least: int | None = None) -> int:
+    if type(value) is not int or (least is not None and value < least):  # bool is not one
+        raise ValueError(f"not a count: {value!r}")
+    return value
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"not a string: {value!r}")
+    return value
+
+
+def _digest(value: object) -> str:
+    text = _text(value)
+    if len(text) != 64 or text.strip("0123456789abcdef"):
+        raise ValueError(f"not a SHA-256: {value!r}")
+    return text
+
+
+def _inside(name: str) -> bool:
+    """Whether a recorded output name stays inside the folder (by its text: relative,
+    without ``..``, as ``Manifest._name`` writes them)."""
+    if not name or "\0" in name or name.startswith("/"):
+        return False
+    parts = name.split("/")
+    return ".." not in parts and any(part not in ("", ".") for part in parts)
+
+
+def _say_ignored(path: Path, bad: int, outside: int) -> None:
+    if bad:
+        log.warning(
+            "%s: %d record%s skipped: a field missing, of another type or out of range "
+            "(not written by pisa)",
+            path,
+            bad,
+            "" if bad == 1 else "s",
+        )
+    if outside:
+        log.warning(
+            "%s: %d record%s ignored: %s outside the folder (pisa never writes there)",
+            path,
+            outside,
+            "" if outside == 1 else "s",
+            "its output is" if outside == 1 else "their outputs are",
+        )
+
+
+FILE = "a file"
+
+
+def manifest_files(root: Path) -> list[Path]:
+    """The manifest files of ``root`` whatever they are (links, folders included): the main
+    one, then each rank's, in rank order."""
+    ranks = sorted(root.glob(RANK_MANIFEST_GLOB), key=_rank_of)
+    main = root / MANIFEST_NAME
+    return ([main] if os.path.lexists(main) else []) + ranks
+
+
+def manifest_problem(root: Path) -> str | None:
+    """The line saying why the manifest of ``root`` cannot be appended to (a link, a
+    folder, a FIFO where a manifest file is), or None. Said before a run, not once per
+    image."""
+    for path in manifest_files(root):
+        kind = kind_of(path)
+        if kind is not None and "link" in kind:
+            return (
+                f"{path}: the manifest is {kind}, not a file; pisa never writes through a "
+                "link in the output folder: remove the link"
+            )
+        if kind != FILE:
+            return f"{path}: the manifest is {kind}, not a file: move it away"
     return None
 
 

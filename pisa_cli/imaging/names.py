@@ -10,10 +10,11 @@ from __future__ import annotations
 import unicodedata
 
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_UNSEEN = frozenset({"Cc", "Cs", "Zl", "Zp"})
-"""Control characters, lone surrogates (undecodable bytes), line and paragraph separators."""
-_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-"""Bidirectional overrides: they reorder what follows on the line ("Trojan source")."""
+_UNSEEN = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+"""Control characters; format characters, which are invisible (zero-width spaces and
+joiners, soft hyphens, byte-order marks) or reorder what follows on the line (bidirectional
+overrides, "Trojan source"); lone surrogates (undecodable bytes); line and paragraph
+separators."""
 
 
 def _escape(char: str) -> str:
@@ -24,19 +25,22 @@ def _escape(char: str) -> str:
         return f"\\x{code - 0xDC00:02x}"
     if code <= 0xFF:
         return f"\\x{code:02x}"
+    if code > 0xFFFF:  # tags (U+E0001...) and other format characters past the BMP
+        return f"\\U{code:08x}"
     return f"\\u{code:04x}"
 
 
 def shown(text: object) -> str:
     """``text`` as one printable line: control characters (C0, C1, DEL), line separators,
-    bidirectional overrides and undecodable bytes are written as escapes (``\\n``,
-    ``\\x1b``, ``\\u202e``). Everything else, accents and scripts included, is kept."""
+    invisible format characters (zero-width spaces, bidirectional overrides) and
+    undecodable bytes are written as escapes (``\\n``, ``\\x1b``, ``\\u200b``,
+    ``\\u202e``). Everything else, accents and scripts included, is kept."""
     text = str(text)
     if text.isprintable():  # the common case; isprintable is False for every escaped class
         return text
     return "".join(
         _escape(char)
-        if unicodedata.category(char) in _UNSEEN or char in _BIDI or 0xD800 <= ord(char) <= 0xDFFF
+        if unicodedata.category(char) in _UNSEEN or 0xD800 <= ord(char) <= 0xDFFF
         else char
         for char in text
     )
