@@ -109,11 +109,14 @@ def prepare_output(run: spec.UpscaleSpec, outcome: Outcome) -> None:
 def execute(run, planned: RunPlan, jobs, outcome: Outcome, load, stop, watch=None) -> None:
     """Build the pipeline (exit on failure) and stream ``jobs`` with a display, Ctrl-C
     setting ``stop``."""
+    from pisa_cli.batch.plan import remove_empty_folder
     from pisa_cli.batch.run import prepare, stream
 
     try:
         prepared = prepare(jobs, run.model, run.options, run.batch, load)
     except PisaError as error:
+        if outcome.made_folder is not None:  # a failed load leaves no folder it made
+            remove_empty_folder(outcome.made_folder)
         raise common.fail(error) from None
     with display(len(jobs), run.quiet) as shown, stop_on_signals(stop, shown.warn):
         stream(
