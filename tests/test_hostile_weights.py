@@ -142,15 +142,18 @@ def test_a_recorded_timestep_is_a_whole_number_from_1_to_999(value, expected):
         assert whole_timestep(value, "f: timestep") == expected
 
 
-def test_a_text_file_as_weights_is_refused_before_the_folder_is_made(tiny_base, tmp_path):
+def test_a_text_file_as_weights_leaves_no_folder(tiny_base, tmp_path):
     weights = tmp_path / "weights.txt"
     weights.write_text("these are not weights\n")
     photo = tmp_path / "photo.png"
     noise_image(16, 16).save(photo)
     out = tmp_path / "out"
-    result = run_on(None, "upscale", photo, *_args(tiny_base, weights, out))
+    result = CliRunner().invoke(
+        app, ["upscale", str(photo), *map(str, _args(tiny_base, weights, out))]
+    )
     assert result.exit_code == 3, result.output
-    assert f"{weights}: not a PiSA-SR checkpoint (a text file" in result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert f"{weights}: not a PiSA-SR checkpoint (a text file" in line
     assert not out.exists()
 
 

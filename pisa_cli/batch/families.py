@@ -19,13 +19,13 @@ def model_identity(model: ModelOptions, options: UpscaleOptions) -> dict:
     weights' files, the base model, the precision and, for OMGSR-style folders, the
     timestep that runs. Raises WeightsError when the weights cannot be found or read."""
     from pisa_cli.models.adapters import OMGSR, family_of, planned_timestep, weight_files
-    from pisa_cli.models.checkpoint import checkpoint_kind, resolve_weights_path
+    from pisa_cli.models.checkpoint import load_checkpoint, resolve_weights_path
     from pisa_cli.models.device import resolve_device, resolve_dtype
 
     weights = resolve_weights_path(model.resolved_weights())
     family = family_of(weights)
-    if family != OMGSR:  # its first bytes: a text file or a folder is refused before any model
-        checkpoint_kind(weights)  # (and a missing file gets the download hint)
+    if family != OMGSR and not weights.is_file():
+        load_checkpoint(weights)  # raises its "not found" error with the download hint
     digests = _digests(weight_files(weights))
     dtype = resolve_dtype(model.dtype, resolve_device(model.device))
     base = model.resolved_base_model()

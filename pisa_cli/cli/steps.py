@@ -80,8 +80,10 @@ def plan(run: spec.UpscaleSpec) -> tuple[RunPlan, Outcome] | None:
     if not found.jobs:
         common.say("error: no images to upscale in the given inputs", err=True)
         raise typer.Exit(1)
-    if run.dry_run:
-        _print_plans(run, found.jobs)
+    if run.dry_run:  # exits as the run would: 1 when any input would fail
+        refused = _print_plans(run, found.jobs)
+        if refused or planned.failed_early or planned.conflicts:
+            raise typer.Exit(1)
         return None
     try:
         decide(planned, run.model, run.options, run.batch)
@@ -174,20 +176,24 @@ def finish(outcome: Outcome, run: spec.UpscaleSpec) -> None:
         raise typer.Exit(code)
 
 
-def _print_plans(run: spec.UpscaleSpec, jobs: list) -> None:
-    """--dry-run: each image's plan, from its header and the free memory; no model loaded."""
+def _print_plans(run: spec.UpscaleSpec, jobs: list) -> int:
+    """--dry-run: each image's plan, from its header and the free memory; no model loaded.
+    Returns how many images the run would refuse."""
     from pisa_cli.batch.families import describe_families
     from pisa_cli.batch.plan import dry_run
 
+    refused = 0
     try:
         for line in describe_families(run.options, run.model):
             common.say(line)
         for job, plans in dry_run(jobs, run.options, run.model, run.batch.max_pixels):
             if isinstance(plans, str):
                 common.say(f"error: {plans}", err=True)
+                refused += 1
                 continue
             common.say(f"{job.source} -> {job.output}")
             for index, plan_ in enumerate(plans):
                 common.say_lines(("second pass: " if index else "") + plan_.describe())
     except PisaError as error:
         raise common.fail(error) from None
+    return refused

@@ -122,7 +122,7 @@ def load_checkpoint(path: str | Path) -> PisaCheckpoint:
 
     Whatever the file holds, a failure is one WeightsError naming the file."""
     path = Path(path)
-    kind = checkpoint_kind(path)
+    kind = _kind(path)
     try:
         return _load_safetensors(path) if kind == "safetensors" else _load_pickle(path)
     except WeightsError:
@@ -135,7 +135,7 @@ def load_checkpoint(path: str | Path) -> PisaCheckpoint:
         raise WeightsError(f"{path}: not a PiSA-SR checkpoint ({_reason(error)})") from None
 
 
-def checkpoint_kind(path: Path) -> str:
+def _kind(path: Path) -> str:
     """torch (a zip or a legacy pickle) or safetensors, from the file's first bytes; a
     WeightsError for anything else (a folder, a text file, an empty file)."""
     if path.is_dir():
