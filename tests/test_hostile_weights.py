@@ -183,3 +183,20 @@ def test_a_zero_rank_lora_is_refused_when_loaded(tiny_base, adapter_folder, tmp_
     _zero_rank(folder / UNET / WEIGHTS)
     with pytest.raises(WeightsError, match="empty tensors"):
         load_adapter_folder(folder)
+
+
+def test_a_hostile_second_pass_folder_is_refused_before_anything_is_created(
+    tiny_base, pisa_pkl, second_lora, tmp_path
+):
+    folder = tmp_path / "second"
+    shutil.copytree(second_lora, folder)
+    _set_config(folder / CONFIG, alpha_pattern={"[": 8})
+    photo = tmp_path / "photo.png"
+    noise_image(16, 16).save(photo)
+    out = tmp_path / "out"
+    args = [*_args(tiny_base, pisa_pkl, out), "--second-pass", "tudsr"]
+    result = run_on(None, "upscale", photo, *args, "--second-pass-weights", folder)
+    assert result.exit_code == 3, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert str(folder / CONFIG) in line and "not a valid regular expression" in line
+    assert not out.exists()

@@ -226,9 +226,14 @@ def _diffusers_config(header: dict[str, str], path: Path) -> dict:
         return {}
     try:
         packed = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise WeightsError(f"{path}: malformed lora_adapter_metadata in the header") from None
-    return {k.removeprefix("unet."): v for k, v in packed.items() if k.startswith("unet.")}
+    if not isinstance(packed, dict):
+        raise WeightsError(f"{path}: lora_adapter_metadata in the header is not a JSON object")
+    config = {k.removeprefix("unet."): v for k, v in packed.items() if k.startswith("unet.")}
+    for name in ("rank_pattern", "alpha_pattern"):
+        _check_patterns(config.get(name) or {}, name, path)
+    return config
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
