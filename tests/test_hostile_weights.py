@@ -170,6 +170,10 @@ def test_a_failed_load_removes_the_folder_the_run_made(tiny_base, pisa_pkl, tmp_
     result = CliRunner().invoke(app, [str(a) for a in args], obj={"pipeline_factory": fails})
     assert result.exit_code == 3 and "does not fit the UNet" in result.output
     assert not out.exists() and (tmp_path / "new").is_dir()
+    deep = tmp_path / "a" / "b" / "out"  # the parents it made go too
+    args = ["upscale", photo, *_args(tiny_base, pisa_pkl, deep)]
+    result = CliRunner().invoke(app, [str(a) for a in args], obj={"pipeline_factory": fails})
+    assert result.exit_code == 3 and not (tmp_path / "a").exists()
     kept = tmp_path / "kept"
     kept.mkdir()  # a folder the run did not make stays, empty or not
     args = ["upscale", photo, *_args(tiny_base, pisa_pkl, kept)]

@@ -171,31 +171,37 @@ def screen(
     return [], refused
 
 
-def prepare_output(output: Path, batch: BatchOptions) -> bool:
+def prepare_output(output: Path, batch: BatchOptions) -> Path | None:
     """Create the output folder and prove it writable, before any model loads; remove what
-    killed runs left there. True when this call created the folder. Raises
-    OutputFolderError."""
+    killed runs left there. Returns the topmost folder this call created (``output`` or a
+    parent of it; None when ``output`` existed). Raises OutputFolderError."""
     from pisa_cli.fsutil import probe_writable, remove_stale_temp_files
 
-    existed = output.is_dir()
+    made = None
+    for folder in (output, *output.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        made = folder
     try:
         output.mkdir(parents=True, exist_ok=True)
         probe_writable(output)
     except OSError as error:
-        if not existed:
-            remove_empty_folder(output)
+        if made is not None:
+            remove_empty_folder(made)
         reason = error.strerror or error
         raise OutputFolderError(
             f"{output}: cannot write into the output folder ({reason})"
         ) from None
     remove_stale_temp_files(output, recursive=batch.recursive)
-    return not existed
+    return made
 
 
 def remove_empty_folder(folder: Path) -> None:
-    """Remove ``folder`` (made by this run) if nothing was written into it."""
-    with contextlib.suppress(OSError):
-        folder.rmdir()
+    """Remove ``folder`` (made by this run) and the folders in it if nothing was written
+    into them: a run that wrote nothing leaves none of the folders it made."""
+    for below, _folders, _files in os.walk(folder, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(below)
 
 
 def dry_run(

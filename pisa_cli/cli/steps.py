@@ -102,8 +102,7 @@ def prepare_output(run: spec.UpscaleSpec, outcome: Outcome) -> None:
     from pisa_cli.batch.plan import prepare_output as prepare
 
     try:
-        if prepare(run.output, run.batch):
-            outcome.made_folder = run.output
+        outcome.made_folder = prepare(run.output, run.batch)
     except PisaError as error:
         raise common.fail(error) from None
 

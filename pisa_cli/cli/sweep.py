@@ -212,8 +212,8 @@ def _run(jobs, run: spec.SweepSpec, settings, metric_names, load) -> Counter:
         names = [str(job.source) for job in jobs]
         return Counter(result.status for result in track(failed, len(jobs), names, run.quiet))
     finally:
-        if made:
-            remove_empty_folder(run.output)
+        if made is not None:
+            remove_empty_folder(made)
 
 
 def _sweep(jobs, settings, metric_names, crop_border: int, quiet: bool, load) -> Counter:
