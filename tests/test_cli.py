@@ -221,5 +221,5 @@ def test_dry_run_prints_the_plan_without_loading_anything(photos, tmp_path):
 def test_dry_run_names_an_unreadable_image(photos, tmp_path):
     (photos / "broken.png").write_bytes(b"not a png")
     result = run("upscale", photos, "-o", tmp_path / "out", "--dry-run")
-    assert result.exit_code == 0
+    assert result.exit_code == 1  # as the run would: an image fails
     assert "broken.png: not an image Pillow can read" in result.output

@@ -40,6 +40,10 @@ def model_identity(model: ModelOptions, options: UpscaleOptions) -> dict:
     second = Path(options.second_pass.weights)
     if options.second_pass.kind == "tudsr" and second.exists():
         identity["second_pass_sha256"] = _digests(weight_files(second))
+        if second.is_dir() and family_of(second) != OMGSR:  # a peft folder: refused now,
+            from pisa_cli.models.second_lora import peek_timestep  # not once -o is made
+
+            peek_timestep(second)
         if family_of(second) == OMGSR:
             flag, what = options.second_pass.timestep, "--second-pass-timestep"
             identity["second_pass_family"] = OMGSR

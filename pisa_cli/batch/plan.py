@@ -7,6 +7,7 @@ Nothing here loads a model or prints: it returns what it found, and the CLI says
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,7 +63,54 @@ def find_jobs(inputs: Sequence[Path], output: Path, batch: BatchOptions) -> RunP
     """The jobs of ``inputs`` (outputs that the manifest knows are never taken as inputs)."""
     manifest = Manifest(output)
     found = discover(inputs, output, batch=batch, exclude=manifest.outputs())
+    refuse_long_names(found, output)
     return RunPlan(found=found, manifest=manifest)
+
+
+TEMP_NAME_EXTRA = len(".pisa-tmp-") + 7 + 1 + 8
+"""What the writer's temporary file name adds to the output's extension (fsutil.atomic_path:
+the prefix, a process id of up to 7 digits, a dash, mkstemp's 8 random characters)."""
+
+
+def refuse_long_names(found: Discovery, output: Path) -> None:
+    """Move the jobs whose output the file system of ``output`` could not name (a part of
+    its path, or its writer's temporary file name, longer than the file system allows) from
+    ``found.jobs`` to ``found.unreadable``, one line naming the input: refused before any
+    model work, not after it."""
+    name_max, path_max = _name_limits(output)
+    jobs = []
+    for job in found.jobs:
+        parts = job.output.relative_to(output).parts if job.output.is_relative_to(output) else ()
+        longest = max((len(os.fsencode(part)) for part in parts), default=0)
+        temp = TEMP_NAME_EXTRA + len(os.fsencode(job.output.suffix))
+        whole = len(os.fsencode(job.output.absolute()))
+        if max(longest, temp) > name_max:
+            found.unreadable.append(
+                f"{job.source}: its output name would be {max(longest, temp)} bytes long, more "
+                f"than the {name_max} the file system of {output} allows; rename the input or "
+                "use a shorter --suffix"
+            )
+        elif whole >= path_max:
+            found.unreadable.append(
+                f"{job.source}: its output path would be {whole} bytes long, more than the "
+                f"{path_max - 1} the system allows; choose a shorter -o"
+            )
+        else:
+            jobs.append(job)
+    found.jobs = jobs
+
+
+def _name_limits(folder: Path) -> tuple[int, int]:
+    """(longest file name, longest path + 1) in bytes on the file system of ``folder`` (or
+    of its nearest existing parent: -o may not exist yet); POSIX's usual 255 and 4096 when
+    the system does not say."""
+    for candidate in (folder, *folder.absolute().parents):
+        if candidate.is_dir():
+            try:
+                return os.pathconf(candidate, "PC_NAME_MAX"), os.pathconf(candidate, "PC_PATH_MAX")
+            except (OSError, ValueError, AttributeError):
+                break
+    return 255, 4096
 
 
 def decide(
@@ -123,34 +171,40 @@ def screen(
     return [], refused
 
 
-def prepare_output(output: Path, batch: BatchOptions) -> bool:
+def prepare_output(output: Path, batch: BatchOptions) -> Path | None:
     """Create the output folder and prove it writable, before any model loads; remove what
-    killed runs left there. True when this call created the folder. Raises
-    OutputFolderError."""
+    killed runs left there. Returns the topmost folder this call created (``output`` or a
+    parent of it; None when ``output`` existed). Raises OutputFolderError."""
     from pisa_cli.fsutil import kind_of, probe_writable, remove_stale_temp_files
 
     kind = kind_of(output, follow=True)
     if kind not in (None, "a folder"):  # mkdir would say "File exists"
         raise OutputFolderError(f"{output}: not a folder ({kind}); -o names the folder to write in")
-    existed = output.is_dir()
+    made = None
+    for folder in (output, *output.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        made = folder
     try:
         output.mkdir(parents=True, exist_ok=True)
         probe_writable(output)
     except OSError as error:
-        if not existed:
-            remove_empty_folder(output)
+        if made is not None:
+            remove_empty_folder(made)
         reason = error.strerror or error
         raise OutputFolderError(
             f"{output}: cannot write into the output folder ({reason})"
         ) from None
     remove_stale_temp_files(output, recursive=batch.recursive)
-    return not existed
+    return made
 
 
 def remove_empty_folder(folder: Path) -> None:
-    """Remove ``folder`` (made by this run) if nothing was written into it."""
-    with contextlib.suppress(OSError):
-        folder.rmdir()
+    """Remove ``folder`` (made by this run) and the folders in it if nothing was written
+    into them: a run that wrote nothing leaves none of the folders it made."""
+    for below, _folders, _files in os.walk(folder, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(below)
 
 
 def dry_run(

@@ -75,7 +75,8 @@ class Outcome:
     """Ranks of a multi-process run that stopped without reporting (their images: not_done)."""
     ranks: int = 1
     made_folder: Path | None = None
-    """The output folder when this run created it: removed again if the run wrote nothing."""
+    """The topmost folder this run created for the output (-o or a parent of it): removed
+    again, with the empty folders in it, if the run wrote nothing there."""
 
 
 @dataclass(frozen=True)

@@ -80,8 +80,10 @@ def plan(run: spec.UpscaleSpec) -> tuple[RunPlan, Outcome] | None:
     if not found.jobs:
         common.say("error: no images to upscale in the given inputs", err=True)
         raise typer.Exit(1)
-    if run.dry_run:
-        _print_plans(run, found.jobs)
+    if run.dry_run:  # exits as the run would: 1 when any input would fail
+        refused = _print_plans(run, found.jobs)
+        if refused or planned.failed_early or planned.conflicts:
+            raise typer.Exit(1)
         return None
     try:
         decide(planned, run.model, run.options, run.batch)
@@ -105,8 +107,7 @@ def prepare_output(run: spec.UpscaleSpec, outcome: Outcome) -> None:
         problem = manifest_problem(run.output)
         if problem is not None:
             raise OutputFolderError(problem)
-        if prepare(run.output, run.batch):
-            outcome.made_folder = run.output
+        outcome.made_folder = prepare(run.output, run.batch)
     except PisaError as error:
         raise common.fail(error) from None
 
@@ -114,11 +115,14 @@ def prepare_output(run: spec.UpscaleSpec, outcome: Outcome) -> None:
 def execute(run, planned: RunPlan, jobs, outcome: Outcome, load, stop, watch=None) -> None:
     """Build the pipeline (exit on failure) and stream ``jobs`` with a display, Ctrl-C
     setting ``stop``."""
+    from pisa_cli.batch.plan import remove_empty_folder
     from pisa_cli.batch.run import prepare, stream
 
     try:
         prepared = prepare(jobs, run.model, run.options, run.batch, load)
     except PisaError as error:
+        if outcome.made_folder is not None:  # a failed load leaves no folder it made
+            remove_empty_folder(outcome.made_folder)
         raise common.fail(error) from None
     with display(len(jobs), run.quiet) as shown, stop_on_signals(stop, shown.warn):
         stream(
@@ -176,20 +180,24 @@ def finish(outcome: Outcome, run: spec.UpscaleSpec) -> None:
         raise typer.Exit(code)
 
 
-def _print_plans(run: spec.UpscaleSpec, jobs: list) -> None:
-    """--dry-run: each image's plan, from its header and the free memory; no model loaded."""
+def _print_plans(run: spec.UpscaleSpec, jobs: list) -> int:
+    """--dry-run: each image's plan, from its header and the free memory; no model loaded.
+    Returns how many images the run would refuse."""
     from pisa_cli.batch.families import describe_families
     from pisa_cli.batch.plan import dry_run
 
+    refused = 0
     try:
         for line in describe_families(run.options, run.model):
             common.say(line)
         for job, plans in dry_run(jobs, run.options, run.model, run.batch.max_pixels):
             if isinstance(plans, str):
                 common.say(f"error: {plans}", err=True)
+                refused += 1
                 continue
             common.say(f"{job.source} -> {job.output}")
             for index, plan_ in enumerate(plans):
                 common.say_lines(("second pass: " if index else "") + plan_.describe())
     except PisaError as error:
         raise common.fail(error) from None
+    return refused

@@ -133,15 +133,18 @@ def sweep_command(context: typer.Context, **values) -> None:
     lambdas = [("lambda_pix", min(grid.pix)), ("lambda_sem", min(grid.sem))]
     steps.warn_unusual(run.options, lambdas)
 
+    from pisa_cli.batch.plan import refuse_long_names
     from pisa_cli.imaging.discover import discover
 
     found = discover(list(run.inputs), run.output, extension="")
+    refuse_long_names(found, run.output)
     failed_early = steps.say_discovery(found)
     if not found.jobs:
         common.say("error: no images to sweep in the given inputs", err=True)
         raise typer.Exit(1)
-    if run.dry_run:
-        _print_plans(found.jobs, settings, run.model)
+    if run.dry_run:  # exits as the sweep would: 1 when any input would fail
+        if _print_plans(found.jobs, settings, run.model) or failed_early:
+            raise typer.Exit(1)
         return
     load = steps.pipeline_factory(context)
     counts = _run(found.jobs, run, settings, metric_names, load)
@@ -209,8 +212,8 @@ def _run(jobs, run: spec.SweepSpec, settings, metric_names, load) -> Counter:
         names = [str(job.source) for job in jobs]
         return Counter(result.status for result in track(failed, len(jobs), names, run.quiet))
     finally:
-        if made:
-            remove_empty_folder(run.output)
+        if made is not None:
+            remove_empty_folder(made)
 
 
 def _sweep(jobs, settings, metric_names, crop_border: int, quiet: bool, load) -> Counter:
@@ -240,8 +243,9 @@ def _sweep(jobs, settings, metric_names, crop_border: int, quiet: bool, load) ->
     return counts
 
 
-def _print_plans(jobs: list, settings, model_options) -> None:
-    """--dry-run: the grid, then each image's plan; no model loaded."""
+def _print_plans(jobs: list, settings, model_options) -> int:
+    """--dry-run: the grid, then each image's plan; no model loaded. Returns how many
+    images the sweep would refuse."""
     from pisa_cli.batch.plan import dry_run
     from pisa_cli.sweep.grid import plan_options
 
@@ -250,11 +254,13 @@ def _print_plans(jobs: list, settings, model_options) -> None:
         f"grid {grid.spec}: {grid.size} points; per image 1 encode, UNet pix + pisa once, "
         f"{grid.size} decodes"
     )
+    refused = 0
     try:
         planned = dry_run(jobs, plan_options(settings.options), model_options, settings.max_pixels)
         for job, plans in planned:
             if isinstance(plans, str):
                 common.say(f"error: {plans}", err=True)
+                refused += 1
             else:
                 common.say(f"{job.source} -> {job.output}/")
                 for index, plan in enumerate(plans):
@@ -262,3 +268,4 @@ def _print_plans(jobs: list, settings, model_options) -> None:
                     common.say_lines(prefix + plan.describe())
     except PisaError as error:
         raise common.fail(error) from None
+    return refused

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import threading
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -78,12 +79,44 @@ def _reading(path: Path) -> Iterator[None]:
         raise ImageError(f"{path}: corrupt or truncated image ({reason})") from None
 
 
-def _open(path: Path) -> Image.Image:
-    # Our --max-pixels check replaces Pillow's bomb warning; its hard limit (twice its
-    # warning level) still applies and is reported as "too many pixels".
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(path)
+class _OurLimitOnly:
+    """Pillow's decompression-bomb limit switched off while we read: --max-pixels, checked
+    on every image's header with our message, is the only limit (Pillow's, 179 million
+    pixels, would refuse a larger --max-pixels and show its own text before ours). Counted,
+    so overlapping reads (the read-ahead thread) restore Pillow's value once, at the end."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.readers = 0
+        self.saved: int | None = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self.lock:
+            if self.readers == 0:
+                self.saved = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = None
+            self.readers += 1
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                yield
+        finally:
+            with self.lock:
+                self.readers -= 1
+                if self.readers == 0:
+                    Image.MAX_IMAGE_PIXELS = self.saved
+
+
+our_limit_only = _OurLimitOnly()
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[Image.Image]:
+    """The image at ``path``, opened (not decoded) with Pillow's own bomb check off for as
+    long as it is used: the caller checks the size against --max-pixels first."""
+    with our_limit_only(), Image.open(path) as image:
+        yield image
 
 
 def read_picture(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:

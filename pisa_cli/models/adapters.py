@@ -26,7 +26,7 @@ from pisa_cli.models.checkpoint import (
     LoraLayer,
     is_adapter_folder,
 )
-from pisa_cli.models.second_lora import read_peft_folder
+from pisa_cli.models.second_lora import read_peft_folder, whole_timestep
 
 DEFAULT_TIMESTEP = 273
 """OMGSR-S's mid timestep (its script's default and its README's value)."""
@@ -73,6 +73,15 @@ class AdapterFolder:
 
 def load_adapter_folder(path: str | Path) -> AdapterFolder:
     """Read both adapters; WeightsError naming the file and the problem otherwise."""
+    path = _checked_layout(path)
+    unet = read_peft_folder(path / UNET_ADAPTER, "UNet")
+    encoder = read_peft_folder(path / ENCODER_ADAPTER, "VAE encoder")
+    timestep = recorded_timestep(path, (unet.timestep, encoder.timestep))
+    return AdapterFolder(unet.layers, encoder.layers, timestep, str(path))
+
+
+def _checked_layout(path: str | Path) -> Path:
+    """``path`` as a Path, once it is a folder holding both adapter folders."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise WeightsError(f"{path}: adapter folder not found (no such folder)")
@@ -82,10 +91,7 @@ def load_adapter_folder(path: str | Path) -> AdapterFolder:
                 f"{path / name}: missing; an OMGSR-style folder needs both {UNET_ADAPTER}/ and "
                 f"{ENCODER_ADAPTER}/ (peft adapter folders)"
             )
-    unet = read_peft_folder(path / UNET_ADAPTER, "UNet")
-    encoder = read_peft_folder(path / ENCODER_ADAPTER, "VAE encoder")
-    timestep = recorded_timestep(path, (unet.timestep, encoder.timestep))
-    return AdapterFolder(unet.layers, encoder.layers, timestep, str(path))
+    return path
 
 
 def recorded_timestep(path: Path, from_adapters: tuple[int | None, ...] = ()) -> int | None:
@@ -94,25 +100,41 @@ def recorded_timestep(path: Path, from_adapters: tuple[int | None, ...] = ()) ->
     found = {t for t in from_adapters if t is not None}
     config = path / TRAINING_CONFIG
     if config.is_file():
-        try:
-            text = config.read_text()
-        except OSError as error:
-            raise WeightsError(f"{config}: cannot read ({error.strerror or error})") from None
-        match = re.search(r"^mid_timestep:\s*(\d+)\s*(#.*)?$", text, re.MULTILINE)
-        if match:
-            found.add(int(match.group(1)))
+        found.add(_config_timestep(config))
+        found.discard(None)
     if len(found) > 1:
         values = ", ".join(map(str, sorted(found)))
         raise WeightsError(f"{path}: the folder records different timesteps ({values})")
     return found.pop() if found else None
 
 
+def _config_timestep(config: Path) -> int | None:
+    """``mid_timestep:`` of a cfg.yml (a line of its own, as OMGSR's trainer writes it),
+    checked as every recorded timestep is; None when the file has no such line."""
+    try:
+        text = config.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise WeightsError(f"{config}: cannot read ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise WeightsError(f"{config}: not UTF-8 text (a training config is YAML)") from None
+    match = re.search(r"^mid_timestep:[ \t]*(.*?)[ \t]*(#.*)?$", text, re.MULTILINE)
+    if match is None:
+        return None
+    value = match.group(1)
+    if value in ("", "~", "null"):
+        return None  # YAML's null: no timestep recorded
+    if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]  # a quoted YAML scalar
+    return whole_timestep(value, f"{config}: mid_timestep")
+
+
 def folder_timestep(path: str | Path) -> int | None:
     """The recorded timestep, read from configs and headers only (no tensors): for the
-    manifest and --dry-run before anything is loaded."""
+    manifest and --dry-run before anything is loaded. The layout, the configs and the
+    tensors' shapes are checked on the way (WeightsError)."""
     from pisa_cli.models.second_lora import peek_timestep
 
-    path = Path(path).expanduser()
+    path = _checked_layout(path)
     found = [peek_timestep(path / name) for name in (UNET_ADAPTER, ENCODER_ADAPTER)]
     return recorded_timestep(path, tuple(found))
 

@@ -112,9 +112,12 @@ def read_peft_folder(folder: Path, target: str, strict: bool = True) -> PeftAdap
 
 def _read_config(path: Path) -> dict:
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes())
+    except RecursionError:
+        raise WeightsError(f"{path}: unreadable adapter config (nested too deep)") from None
     except (OSError, ValueError) as error:
-        raise WeightsError(f"{path}: unreadable adapter config ({error})") from None
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise WeightsError(f"{path}: unreadable adapter config ({reason})") from None
     if not isinstance(config, dict):
         raise WeightsError(f"{path}: the adapter config is not a JSON object")
     peft_type = config.get("peft_type", "LORA")
@@ -129,9 +132,32 @@ def _read_config(path: Path) -> dict:
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise WeightsError(f"{path}: lora_alpha {alpha!r} is not a number")
     for name in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(name) or {}, dict):
-            raise WeightsError(f"{path}: {name} is not a JSON object")
+        _check_patterns(config.get(name) or {}, name, path)
     return config
+
+
+def _check_patterns(patterns: object, name: str, path: Path) -> None:
+    """rank_pattern / alpha_pattern: regular expressions of module names mapped to a rank
+    (a whole number above 0) or an alpha (a finite number), as peft reads them."""
+    if not isinstance(patterns, dict):
+        raise WeightsError(f"{path}: {name} is not a JSON object")
+    for pattern, value in patterns.items():
+        try:
+            re.compile(rf"(.*\.)?{pattern}")
+        except (re.error, RecursionError, OverflowError) as error:
+            raise WeightsError(
+                f"{path}: {name} key {pattern!r:.60} is not a valid regular expression ({error})"
+            ) from None
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if name == "rank_pattern" and not (number and isinstance(value, int) and value > 0):
+            raise WeightsError(
+                f"{path}: {name} value {value!r:.40} for {pattern!r:.60} is not a whole number "
+                "above 0"
+            )
+        if name == "alpha_pattern" and not (number and math.isfinite(value)):
+            raise WeightsError(
+                f"{path}: {name} value {value!r:.40} for {pattern!r:.60} is not a number"
+            )
 
 
 def _check_keys(tensors: dict[str, torch.Tensor], path: Path, target: str) -> None:
@@ -176,14 +202,22 @@ def _timestep(from_config: object, header: dict[str, str], path: Path) -> int | 
     value = from_config
     for key in TIMESTEP_KEYS:
         value = header.get(key, value)
-    if value is None:
-        return None
-    try:
-        return int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        raise WeightsError(
-            f"{path}: timestep {value!r} in the file is not a whole number"
-        ) from None
+    return None if value is None else whole_timestep(value, f"{path}: timestep")
+
+
+MAX_TIMESTEP = 999
+"""The last timestep of SD 2.1-base's scheduler (1000 training steps)."""
+
+
+def whole_timestep(value: object, what: str) -> int:
+    """A recorded timestep: a whole number from 1 to MAX_TIMESTEP (a JSON number or the
+    digits of a string); WeightsError starting with ``what`` for anything else (273.9,
+    true, a list, 5,000 digits)."""
+    if isinstance(value, str) and re.fullmatch(r"\s*\d{1,4}\s*", value):
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_TIMESTEP:
+        return value
+    raise WeightsError(f"{what} {value!r:.40} is not a whole number from 1 to {MAX_TIMESTEP}")
 
 
 def _diffusers_config(header: dict[str, str], path: Path) -> dict:
@@ -192,9 +226,14 @@ def _diffusers_config(header: dict[str, str], path: Path) -> dict:
         return {}
     try:
         packed = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise WeightsError(f"{path}: malformed lora_adapter_metadata in the header") from None
-    return {k.removeprefix("unet."): v for k, v in packed.items() if k.startswith("unet.")}
+    if not isinstance(packed, dict):
+        raise WeightsError(f"{path}: lora_adapter_metadata in the header is not a JSON object")
+    config = {k.removeprefix("unet."): v for k, v in packed.items() if k.startswith("unet.")}
+    for name in ("rank_pattern", "alpha_pattern"):
+        _check_patterns(config.get(name) or {}, name, path)
+    return config
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -236,6 +275,9 @@ def _layers(
             down, up = tuple(found["down"].shape), tuple(found["up"].shape)
             raise WeightsError(f"{path}: LoRA for {module!r} has shapes {down} and {up}")
         rank = found["down"].shape[0]
+        if min(found["down"].shape) == 0 or min(found["up"].shape) == 0:
+            down, up = tuple(found["down"].shape), tuple(found["up"].shape)
+            raise WeightsError(f"{path}: LoRA for {module!r} has empty tensors {down} and {up}")
         alpha = _alpha(module, found, config, rank)
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         layers.append(LoraLayer(module, found["down"], found["up"], float(scaling)))
@@ -252,16 +294,25 @@ def _alpha(module: str, found: dict[str, torch.Tensor], config: dict, rank: int)
 
 def peek_timestep(folder: Path) -> int | None:
     """The timestep a peft adapter folder records, from its config and safetensors header
-    only (no tensors read); None when it records none or is incomplete."""
+    only (no tensors read); None when it records none. The layout, the config and the
+    LoRA tensors' shapes are checked as loading would (WeightsError), so a folder that
+    cannot load is refused before anything is created."""
     from safetensors import SafetensorError, safe_open
 
     config_path, weights_path = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
-        return None
+        raise WeightsError(
+            f"{folder}: a LoRA folder needs {PEFT_CONFIG} and {PEFT_WEIGHTS} (peft's layout)"
+        )
     config = _read_config(config_path)
     try:
         with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
             header = handle.metadata() or {}
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as error:
         raise WeightsError(f"{weights_path}: cannot read the safetensors file ({error})") from None
+    for key, shape in shapes.items():
+        split = _split_key(key)
+        if split is not None and split[1] != "alpha" and 0 in shape:
+            raise WeightsError(f"{weights_path}: LoRA tensor {key!r} is empty {tuple(shape)}")
     return _timestep(config.get("timestep", config.get("mid_timestep")), header, weights_path)
