@@ -122,3 +122,158 @@ def test_non_finite_vae_output_is_redone_in_fp32_and_said_once(bf16_pipeline, ca
     warnings = [r for r in caplog.records if "inf/NaN" in r.getMessage()]
     assert len(warnings) == 1
     assert next(bf16_pipeline.vae.parameters()).dtype == torch.bfloat16
+
+
+# --- GPU allocation failures are out of memory (issue 20.10) ------------------------------
+
+FLAVOURS = [
+    "CUDA out of memory. Tried to allocate 2.00 GiB",
+    "CUDA error: out of memory",
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR",
+    "CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`",
+]
+NOT_MEMORY = [
+    "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, ...)`",
+    "CUDA error: CUBLAS_STATUS_INTERNAL_ERROR when calling `cublasGemmEx( handle, ...)`",
+    "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a ...",
+    "cuDNN error: CUDNN_STATUS_NOT_INITIALIZED",
+    "CUDA error: an illegal memory access was encountered",
+]
+
+
+def flavour(message: str) -> BaseException:
+    if message.startswith("CUDA out of memory"):
+        return torch.cuda.OutOfMemoryError(message)
+    return RuntimeError(message)
+
+
+def test_gpu_allocation_failures_are_out_of_memory_and_other_gpu_errors_not():
+    assert all(is_out_of_memory(flavour(message)) for message in FLAVOURS)
+    assert not any(is_out_of_memory(RuntimeError(message)) for message in NOT_MEMORY)
+
+
+@pytest.mark.parametrize("message", FLAVOURS)
+def test_every_allocation_failure_halves_and_retries_each_stage(pipeline, monkeypatch, message):
+    """A fake allocator raising ``message``: the decoder's tile halves, the UNet's tile
+    batch halves, a batch of images halves, as for torch.cuda.OutOfMemoryError."""
+    import pisa_cli.core.pipeline as pipeline_module
+
+    decode, predict = vae_module.decode, pipeline_module.predict_eps
+    seen: dict[str, list] = {"decode": [], "unet": [], "images": []}
+
+    def fake_decode(*args, tile=None, **kwargs):
+        seen["decode"].append(tile)
+        if tile is None or tile > 8:
+            raise flavour(message)
+        return decode(*args, tile=tile, **kwargs)
+
+    def fake_predict(unet, latents, cond, plan, variants, tile_batch=1, timestep=1):
+        seen["unet"].append(tile_batch)
+        seen["images"].append(latents.shape[0])
+        if tile_batch > 1 or latents.shape[0] > 1:
+            raise flavour(message)
+        return predict(unet, latents, cond, plan, variants, tile_batch, timestep)
+
+    monkeypatch.setattr(vae_module, "decode", fake_decode)
+    monkeypatch.setattr(pipeline_module, "predict_eps", fake_predict)
+    options = replace(OPTIONS, tiles=TileOptions(latent_tile=16, latent_overlap=4, tile_batch=4))
+    result = pipeline.upscale_with_info(noise_image(64, 48, 2), options)  # latent 32 x 24
+    assert seen["decode"][0] is None and seen["decode"][-1] == 8
+    assert seen["unet"][:3] == [4, 2, 1]
+    assert sum("out of memory" in note for note in result.notes) >= 4
+    monkeypatch.setattr(vae_module, "decode", decode)  # now only the UNet refuses batches
+    pipeline.batcher.limits.clear()
+    try:
+        seen["images"].clear()
+        images = [noise_image(24, 20, seed) for seed in range(2)]
+        results = pipeline.upscale_many(images, OPTIONS, 2)
+    finally:
+        pipeline.batcher.limits.clear()
+    assert seen["images"][:2] == [2, 1]  # the batch of two halved, then one by one
+    assert all(not isinstance(r, Exception) for r in results), results
+
+
+# --- a failed attempt is gone before memory is released (issue 20.9) ------------------------
+
+
+def _plan(pipe):
+    return pipe.plan((40, 32), OPTIONS, ("pisa",))
+
+
+def test_a_failed_attempt_is_gone_before_the_release_and_the_retry(pipeline, monkeypatch):
+    import gc
+    import weakref
+
+    import pisa_cli.core.recovery as recovery
+
+    held: list[weakref.ref] = []
+    released: list[bool] = []
+
+    def release():
+        gc.collect()
+        released.append(all(ref() is None for ref in held))
+
+    def decode(tile, store):
+        gc.collect()
+        assert all(ref() is None for ref in held), "the failed attempt is still in memory"
+        activations = torch.ones(64, 64)  # held by this frame, so by the traceback
+        held.append(weakref.ref(activations))
+        raise RuntimeError(FLAVOURS[2])
+
+    monkeypatch.setattr(recovery, "release_memory", release)
+    guard = recovery.StageGuard(pipeline.vae, torch.float32)
+    with pytest.raises(OutOfMemoryError) as failure:
+        guard.decode(decode, _plan(pipeline), [])
+    assert len(held) >= 2 and released and all(released)
+    error = failure.value  # kept, as a runner keeps it: it keeps no attempt alive
+    gc.collect()
+    assert error.__context__ is None and error.__cause__ is None
+    assert all(ref() is None for ref in held)
+
+
+def test_a_low_precision_result_is_gone_before_its_fp32_redo(pipeline):
+    import gc
+    import weakref
+
+    from pisa_cli.core.recovery import StageGuard
+
+    model = torch.nn.Linear(1, 1).to(torch.bfloat16)  # the model upcast for the redo
+    held: list[weakref.ref] = []
+
+    def decode(tile, store):
+        if next(model.parameters()).dtype == torch.bfloat16:
+            out = torch.full((1, 3, 8, 8), float("nan"))
+            held.append(weakref.ref(out))
+            return out
+        gc.collect()
+        assert held and held[0]() is None, "the NaN result is kept through the redo"
+        return torch.zeros(1, 3, 8, 8)
+
+    guard = StageGuard(model, torch.bfloat16)
+    decoded, _plan_run = guard.decode(decode, _plan(pipeline), [])
+    assert decoded.eq(0).all() and next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_batch_keeps_its_failed_images_errors_without_their_tensors(monkeypatch):
+    import gc
+    import weakref
+
+    from pisa_cli.core.random import random_pipeline
+
+    pipe = random_pipeline("tiny", torch.device("cpu"), torch.float32)
+    held: list[weakref.ref] = []
+
+    def failing(latents, *args):  # the batch fails, then each image alone
+        activations = torch.ones(256, 256)  # in the failing frame
+        held.append(weakref.ref(activations))
+        raise ValueError("a bug")
+
+    images = [noise_image(24, 20, seed) for seed in range(3)]
+    monkeypatch.setattr(pipe, "predict", failing)
+    results = pipe.upscale_many(images, OPTIONS, 3)
+    gc.collect()
+    assert len(held) == 4 and all(isinstance(result, ValueError) for result in results)
+    assert all(result.__traceback__ is None for result in results)
+    assert all(ref() is None for ref in held), "a stored error keeps its image's tensors"

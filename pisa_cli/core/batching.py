@@ -203,7 +203,7 @@ class Batcher:
                 log.warning(
                     "a batch of %d images failed (%s); its images run alone (said once per run)",
                     len(chunk),
-                    error,
+                    str(error),  # the text: a record kept by a handler keeps no tensors
                 )
                 self.warned = True
             return "error"
