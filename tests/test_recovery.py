@@ -156,43 +156,69 @@ def test_gpu_allocation_failures_are_out_of_memory_and_other_gpu_errors_not():
 
 @pytest.mark.parametrize("message", FLAVOURS)
 def test_every_allocation_failure_halves_and_retries_each_stage(pipeline, monkeypatch, message):
-    """A fake allocator raising ``message``: the decoder's tile halves, the UNet's tile
-    batch halves, a batch of images halves, as for torch.cuda.OutOfMemoryError."""
-    import pisa_cli.core.pipeline as pipeline_module
+    """A fake allocator raising ``message`` in each stage: the encoder's and decoder's
+    tiles halve, the UNet's tile batch then its tile, as for torch.cuda.OutOfMemoryError."""
+    from types import SimpleNamespace
 
-    decode, predict = vae_module.decode, pipeline_module.predict_eps
-    seen: dict[str, list] = {"decode": [], "unet": [], "images": []}
+    import pisa_cli.core.recovery as recovery
+    from pisa_cli.core.recovery import StageGuard
 
-    def fake_decode(*args, tile=None, **kwargs):
+    monkeypatch.setattr(recovery, "release_memory", lambda: None)  # a full gc costs 0.5 s
+
+    options = replace(OPTIONS, tiles=TileOptions(latent_tile=16, latent_overlap=4, tile_batch=4))
+    plan = pipeline.plan((64, 48), options, ("pisa",))  # latent 32 x 24
+    guard, notes = StageGuard(pipeline.vae, torch.float32), []
+    seen: dict[str, list] = {"encode": [], "unet": [], "decode": []}
+
+    def encode(tile, store):
+        seen["encode"].append(tile)
+        if tile is None or tile > 64:
+            raise flavour(message)
+        return SimpleNamespace(latents=torch.zeros(1, 4, 32, 24))
+
+    def predict(current):
+        seen["unet"].append((current.tile_batch, current.unet.tile_size))
+        if current.tile_batch > 1 or max(current.unet.tile_size) > 8:
+            raise flavour(message)
+        return {"pisa": torch.zeros(1, 4, 32, 24)}
+
+    def decode(tile, store):
         seen["decode"].append(tile)
         if tile is None or tile > 8:
             raise flavour(message)
-        return decode(*args, tile=tile, **kwargs)
+        return torch.zeros(1, 3, 256, 192)
 
-    def fake_predict(unet, latents, cond, plan, variants, tile_batch=1, timestep=1):
-        seen["unet"].append(tile_batch)
-        seen["images"].append(latents.shape[0])
-        if tile_batch > 1 or latents.shape[0] > 1:
-            raise flavour(message)
-        return predict(unet, latents, cond, plan, variants, tile_batch, timestep)
+    _encoded, after = guard.encode(encode, plan, notes)
+    assert seen["encode"] == [None, 128, 64] and after.encoder_tile == 64
+    _eps, after = guard.predict(predict, plan, notes)
+    assert [b for b, _tile in seen["unet"]] == [4, 2, 1, 1] and after.unet.tile_size == (8, 8)
+    _decoded, after = guard.decode(decode, plan, notes)
+    assert seen["decode"] == [None, 16, 8] and after.decoder_tile == 8
+    assert len(notes) == 7 and all("out of memory" in note for note in notes)
 
-    monkeypatch.setattr(vae_module, "decode", fake_decode)
-    monkeypatch.setattr(pipeline_module, "predict_eps", fake_predict)
-    options = replace(OPTIONS, tiles=TileOptions(latent_tile=16, latent_overlap=4, tile_batch=4))
-    result = pipeline.upscale_with_info(noise_image(64, 48, 2), options)  # latent 32 x 24
-    assert seen["decode"][0] is None and seen["decode"][-1] == 8
-    assert seen["unet"][:3] == [4, 2, 1]
-    assert sum("out of memory" in note for note in result.notes) >= 4
-    monkeypatch.setattr(vae_module, "decode", decode)  # now only the UNet refuses batches
-    pipeline.batcher.limits.clear()
-    try:
-        seen["images"].clear()
-        images = [noise_image(24, 20, seed) for seed in range(2)]
-        results = pipeline.upscale_many(images, OPTIONS, 2)
-    finally:
-        pipeline.batcher.limits.clear()
-    assert seen["images"][:2] == [2, 1]  # the batch of two halved, then one by one
-    assert all(not isinstance(r, Exception) for r in results), results
+
+@pytest.mark.parametrize("message", FLAVOURS)
+def test_every_allocation_failure_halves_an_image_batch(pipeline, monkeypatch, message):
+    import pisa_cli.core.batching as batching
+    from pisa_cli.core.batching import Batcher, Member
+
+    monkeypatch.setattr(batching, "release_memory", lambda: None)
+    batcher = Batcher(pipeline)
+    stage = pipeline.stages(OPTIONS)[0]
+    members = [Member(noise_image(24, 20, seed)) for seed in range(2)]
+    group = [(member, batcher.plan(member.image, stage)) for member in members]
+    calls: list[int] = []
+
+    def together(chunk, _stage, _first):
+        calls.append(len(chunk))
+        raise flavour(message)
+
+    monkeypatch.setattr(batcher, "together", together)
+    monkeypatch.setattr(batcher, "alone", lambda member, _stage: calls.append(1))
+    batcher.run(group, stage, True, 2)
+    assert calls == [2, 1, 1]  # the pair, then each image alone
+    assert members[0].notes == ["out of memory with 2 images per call; 1 from now on"]
+    assert batcher.limits == {group[0][1].model_size: 1}
 
 
 # --- a failed attempt is gone before memory is released (issue 20.9) ------------------------
@@ -211,12 +237,10 @@ def test_a_failed_attempt_is_gone_before_the_release_and_the_retry(pipeline, mon
     held: list[weakref.ref] = []
     released: list[bool] = []
 
-    def release():
-        gc.collect()
+    def release():  # no gc.collect: a tensor let go is freed at once
         released.append(all(ref() is None for ref in held))
 
     def decode(tile, store):
-        gc.collect()
         assert all(ref() is None for ref in held), "the failed attempt is still in memory"
         activations = torch.ones(64, 64)  # held by this frame, so by the traceback
         held.append(weakref.ref(activations))
