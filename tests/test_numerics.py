@@ -236,3 +236,30 @@ def test_nan_weights_fail_every_image_with_one_line_and_record_nothing(
     assert written == []
     manifest = out / MANIFEST_NAME
     assert not manifest.exists() or manifest.read_text().strip() == ""
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sweep_points_not_finite_fail_the_image_and_a_redo_holds(
+    pipeline, bf16_pipeline, precision
+):
+    """The sweep's points go through the same guard: a decoder inf/NaN in fp32 fails the
+    image; in bf16 alone it is redone, batched points included."""
+    from pisa_cli.sweep.core import Sweeper
+    from pisa_cli.sweep.grid import GridPoint
+
+    pipe = pipeline if precision == "fp32" else bf16_pipeline
+    points = [GridPoint(1.0, 1.0), GridPoint(1.0, 0.5)]
+    sweeper = Sweeper(pipe, OPTIONS, image_batch=2)
+    prepared = sweeper.prepare(noise_image(24, 20, 3))
+    handle = poisoned(STAGES["decoder"](pipe), low_only=precision == "bf16")
+    try:
+        if precision == "fp32":
+            with pytest.raises(NonFiniteError, match="VAE decoder gave inf/NaN even in fp32"):
+                list(sweeper.images(prepared, points))
+        else:
+            images = dict(sweeper.images(prepared, points))
+            assert all(np.asarray(image).std() > 10 for image in images.values())
+            assert "VAE decoder gave inf/NaN in bfloat16; redone in fp32" in prepared.notes
+    finally:
+        handle.remove()
+    assert dtypes(pipe) == {pipe.dtype}
