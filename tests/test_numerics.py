@@ -85,11 +85,12 @@ def test_a_stage_not_finite_even_in_fp32_fails_its_image(pipeline, bf16_pipeline
     handle = poisoned(STAGES[stage](pipe), low_only=False)
     try:
         with pytest.raises(NonFiniteError, match=f"the {NOTES[stage]} gave inf/NaN even in fp32"):
-            pipe.upscale(noise_image(40, 32, 5), OPTIONS)
-        batched = pipe.upscale_many([noise_image(24, 20, s) for s in range(2)], OPTIONS, 2)
+            pipe.upscale(noise_image(24, 20, 5), OPTIONS)
+        if precision == "fp32":  # a batch in bf16 on a CPU runs one by one anyway
+            batched = pipe.upscale_many([noise_image(24, 20, s) for s in range(2)], OPTIONS, 2)
+            assert all(isinstance(result, NonFiniteError) for result in batched)
     finally:
         handle.remove()
-    assert all(isinstance(result, NonFiniteError) for result in batched)
     assert dtypes(pipe) == {pipe.dtype}
 
 
@@ -171,17 +172,17 @@ def test_running_out_of_memory_while_converting_to_fp32_leaves_the_model_whole(
     """Issue 20.7: the VAE was converted outside the try; a conversion cut short left it
     half fp32 and every later image failed with a dtype mismatch."""
     module = STAGES[stage](bf16_pipeline)  # converted after most of the model's layers
-    expected = np.asarray(bf16_pipeline.upscale(noise_image(40, 32, 6), OPTIONS))
+    expected = np.asarray(bf16_pipeline.upscale(noise_image(24, 20, 6), OPTIONS))
     handle = poisoned(module, low_only=True)
     failing = _FailingConversion(monkeypatch, module)
     try:
         with pytest.raises(OutOfMemoryError, match=f"converting the {NOTES[stage]} to fp32"):
-            bf16_pipeline.upscale(noise_image(40, 32, 5), OPTIONS)
+            bf16_pipeline.upscale(noise_image(24, 20, 5), OPTIONS)
     finally:
         handle.remove()
     assert not failing.armed
     assert dtypes(bf16_pipeline) == {torch.bfloat16}
-    after = np.asarray(bf16_pipeline.upscale(noise_image(40, 32, 6), OPTIONS))
+    after = np.asarray(bf16_pipeline.upscale(noise_image(24, 20, 6), OPTIONS))
     assert np.array_equal(after, expected)  # the next image as if nothing happened
 
 
@@ -213,6 +214,7 @@ def test_an_image_not_finite_fails_alone_and_is_not_recorded(pipeline, tmp_path)
     assert len(recorded) == 2 and not any(jobs[1].output.name in r for r in recorded)
 
 
+@pytest.mark.slow  # loads the model through the CLI: 3-4 s
 def test_nan_weights_fail_every_image_with_one_line_and_record_nothing(
     tiny_base, pisa_pkl, tmp_path
 ):
