@@ -301,3 +301,41 @@ def test_a_batch_keeps_its_failed_images_errors_without_their_tensors(monkeypatc
     assert len(held) == 4 and all(isinstance(result, ValueError) for result in results)
     assert all(result.__traceback__ is None for result in results)
     assert all(ref() is None for ref in held), "a stored error keeps its image's tensors"
+
+
+def test_an_fp32_redo_out_of_memory_is_let_go_before_converting_back_and_halves(
+    pipeline, monkeypatch
+):
+    """fp32 activations are twice the size: the redo is where memory runs out; converting
+    the model back needs memory its traceback would hold."""
+    import weakref
+
+    import pisa_cli.core.recovery as recovery
+    from pisa_cli.core.recovery import StageGuard
+
+    monkeypatch.setattr(recovery, "release_memory", lambda: None)
+    model = torch.nn.Linear(1, 1).to(torch.bfloat16)
+    to, held, at_restore, tiles = model.to, [], [], []
+
+    def tracked_to(*args, dtype=None, **kwargs):
+        if dtype == torch.bfloat16:
+            at_restore.append(all(ref() is None for ref in held))
+        return to(*args, dtype=dtype, **kwargs)
+
+    def decode(tile, store):
+        tiles.append(tile)
+        if next(model.parameters()).dtype == torch.bfloat16:
+            return torch.full((1, 3, 8, 8), float("nan"))
+        if tile is None:  # the fp32 redo of the whole latent does not fit
+            activations = torch.ones(64, 64)
+            held.append(weakref.ref(activations))
+            raise RuntimeError(FLAVOURS[3])
+        return torch.zeros(1, 3, 8, 8)
+
+    monkeypatch.setattr(model, "to", tracked_to)
+    notes: list[str] = []
+    decoded, plan = StageGuard(model, torch.bfloat16).decode(decode, _plan(pipeline), notes)
+    assert tiles[:2] == [None, None] and tiles[2] is not None and plan.decoder_tile == tiles[2]
+    assert at_restore and all(at_restore), "the fp32 run's tensors held while converting back"
+    assert decoded.eq(0).all() and next(model.parameters()).dtype == torch.bfloat16
+    assert any("VAE decoder out of memory at the whole latent" in note for note in notes)

@@ -192,16 +192,31 @@ class StageGuard:
 
     def _in_fp32(self, stage: str, run: Callable[[], Any], model: Any) -> Any:
         """``run()`` with ``model`` in fp32, the model back in the compute dtype after it
-        however it ends (a conversion that runs out of memory part way included)."""
+        however it ends. Out of memory in the run is let go before the model converts back
+        (its activations would hold the memory that conversion needs) and raised anew, for
+        ``_retry`` to halve the tile; out of memory converting fails the image."""
+        converted = False
         try:
-            if not _converted(model, torch.float32):
-                raise OutOfMemoryError(
-                    f"out of memory converting the {stage} to fp32 to redo its pass; free "
-                    "memory on the device or use --dtype fp32"
+            converted = _converted(model, torch.float32)
+            if converted:
+                try:
+                    return run()
+                except Exception as error:
+                    if not is_out_of_memory(error):
+                        raise
+        finally:  # a second try after the first released what it could
+            if not (_converted(model, self.dtype) or _converted(model, self.dtype)):
+                log.error(
+                    "out of memory converting the %s back from fp32: later images may fail; "
+                    "run with --dtype fp32",
+                    stage,
                 )
-            return run()
-        finally:
-            model.to(dtype=self.dtype)
+        if not converted:
+            raise OutOfMemoryError(
+                f"out of memory converting the {stage} to fp32 to redo its pass; free "
+                "memory on the device or use --dtype fp32"
+            )
+        raise MemoryError(f"out of memory in the fp32 redo of the {stage}")
 
 
 def _converted(model: Any, dtype: torch.dtype) -> bool:
