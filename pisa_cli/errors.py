@@ -52,6 +52,13 @@ class OutOfMemoryError(PisaError):
     exit_code = 1
 
 
+class NonFiniteError(PisaError):
+    """A stage gave inf or NaN even in fp32 (damaged weights): this image fails, nothing of
+    it is written or recorded, others go on."""
+
+    exit_code = 1
+
+
 class LaunchError(PisaError):
     """A multi-process launch cannot work: bad rank variables, no process group, a lost rank."""
 

@@ -122,3 +122,220 @@ def test_non_finite_vae_output_is_redone_in_fp32_and_said_once(bf16_pipeline, ca
     warnings = [r for r in caplog.records if "inf/NaN" in r.getMessage()]
     assert len(warnings) == 1
     assert next(bf16_pipeline.vae.parameters()).dtype == torch.bfloat16
+
+
+# --- GPU allocation failures are out of memory (issue 20.10) ------------------------------
+
+FLAVOURS = [
+    "CUDA out of memory. Tried to allocate 2.00 GiB",
+    "CUDA error: out of memory",
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR",
+    "CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`",
+]
+NOT_MEMORY = [
+    "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, ...)`",
+    "CUDA error: CUBLAS_STATUS_INTERNAL_ERROR when calling `cublasGemmEx( handle, ...)`",
+    "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a ...",
+    "cuDNN error: CUDNN_STATUS_NOT_INITIALIZED",
+    "CUDA error: an illegal memory access was encountered",
+]
+
+
+def flavour(message: str) -> BaseException:
+    if message.startswith("CUDA out of memory"):
+        return torch.cuda.OutOfMemoryError(message)
+    return RuntimeError(message)
+
+
+def test_gpu_allocation_failures_are_out_of_memory_and_other_gpu_errors_not():
+    assert all(is_out_of_memory(flavour(message)) for message in FLAVOURS)
+    assert not any(is_out_of_memory(RuntimeError(message)) for message in NOT_MEMORY)
+
+
+@pytest.mark.parametrize("message", FLAVOURS)
+def test_every_allocation_failure_halves_and_retries_each_stage(pipeline, monkeypatch, message):
+    """A fake allocator raising ``message`` in each stage: the encoder's and decoder's
+    tiles halve, the UNet's tile batch then its tile, as for torch.cuda.OutOfMemoryError."""
+    from types import SimpleNamespace
+
+    import pisa_cli.core.recovery as recovery
+    from pisa_cli.core.recovery import StageGuard
+
+    monkeypatch.setattr(recovery, "release_memory", lambda: None)  # a full gc costs 0.5 s
+
+    options = replace(OPTIONS, tiles=TileOptions(latent_tile=16, latent_overlap=4, tile_batch=4))
+    plan = pipeline.plan((64, 48), options, ("pisa",))  # latent 32 x 24
+    guard, notes = StageGuard(pipeline.vae, torch.float32), []
+    seen: dict[str, list] = {"encode": [], "unet": [], "decode": []}
+
+    def encode(tile, store):
+        seen["encode"].append(tile)
+        if tile is None or tile > 64:
+            raise flavour(message)
+        return SimpleNamespace(latents=torch.zeros(1, 4, 32, 24))
+
+    def predict(current):
+        seen["unet"].append((current.tile_batch, current.unet.tile_size))
+        if current.tile_batch > 1 or max(current.unet.tile_size) > 8:
+            raise flavour(message)
+        return {"pisa": torch.zeros(1, 4, 32, 24)}
+
+    def decode(tile, store):
+        seen["decode"].append(tile)
+        if tile is None or tile > 8:
+            raise flavour(message)
+        return torch.zeros(1, 3, 256, 192)
+
+    _encoded, after = guard.encode(encode, plan, notes)
+    assert seen["encode"] == [None, 128, 64] and after.encoder_tile == 64
+    _eps, after = guard.predict(predict, plan, notes)
+    assert [b for b, _tile in seen["unet"]] == [4, 2, 1, 1] and after.unet.tile_size == (8, 8)
+    _decoded, after = guard.decode(decode, plan, notes)
+    assert seen["decode"] == [None, 16, 8] and after.decoder_tile == 8
+    assert len(notes) == 7 and all("out of memory" in note for note in notes)
+
+
+@pytest.mark.parametrize("message", FLAVOURS)
+def test_every_allocation_failure_halves_an_image_batch(pipeline, monkeypatch, message):
+    import pisa_cli.core.batching as batching
+    from pisa_cli.core.batching import Batcher, Member
+
+    monkeypatch.setattr(batching, "release_memory", lambda: None)
+    batcher = Batcher(pipeline)
+    stage = pipeline.stages(OPTIONS)[0]
+    members = [Member(noise_image(24, 20, seed)) for seed in range(2)]
+    group = [(member, batcher.plan(member.image, stage)) for member in members]
+    calls: list[int] = []
+
+    def together(chunk, _stage, _first):
+        calls.append(len(chunk))
+        raise flavour(message)
+
+    monkeypatch.setattr(batcher, "together", together)
+    monkeypatch.setattr(batcher, "alone", lambda member, _stage: calls.append(1))
+    batcher.run(group, stage, True, 2)
+    assert calls == [2, 1, 1]  # the pair, then each image alone
+    assert members[0].notes == ["out of memory with 2 images per call; 1 from now on"]
+    assert batcher.limits == {group[0][1].model_size: 1}
+
+
+# --- a failed attempt is gone before memory is released (issue 20.9) ------------------------
+
+
+def _plan(pipe):
+    return pipe.plan((40, 32), OPTIONS, ("pisa",))
+
+
+def test_a_failed_attempt_is_gone_before_the_release_and_the_retry(pipeline, monkeypatch):
+    import gc
+    import weakref
+
+    import pisa_cli.core.recovery as recovery
+
+    held: list[weakref.ref] = []
+    released: list[bool] = []
+
+    def release():  # no gc.collect: a tensor let go is freed at once
+        released.append(all(ref() is None for ref in held))
+
+    def decode(tile, store):
+        assert all(ref() is None for ref in held), "the failed attempt is still in memory"
+        activations = torch.ones(64, 64)  # held by this frame, so by the traceback
+        held.append(weakref.ref(activations))
+        raise RuntimeError(FLAVOURS[2])
+
+    monkeypatch.setattr(recovery, "release_memory", release)
+    guard = recovery.StageGuard(pipeline.vae, torch.float32)
+    with pytest.raises(OutOfMemoryError) as failure:
+        guard.decode(decode, _plan(pipeline), [])
+    assert len(held) >= 2 and released and all(released)
+    error = failure.value  # kept, as a runner keeps it: it keeps no attempt alive
+    gc.collect()
+    assert error.__context__ is None and error.__cause__ is None
+    assert all(ref() is None for ref in held)
+
+
+def test_a_low_precision_result_is_gone_before_its_fp32_redo(pipeline):
+    import gc
+    import weakref
+
+    from pisa_cli.core.recovery import StageGuard
+
+    model = torch.nn.Linear(1, 1).to(torch.bfloat16)  # the model upcast for the redo
+    held: list[weakref.ref] = []
+
+    def decode(tile, store):
+        if next(model.parameters()).dtype == torch.bfloat16:
+            out = torch.full((1, 3, 8, 8), float("nan"))
+            held.append(weakref.ref(out))
+            return out
+        gc.collect()
+        assert held and held[0]() is None, "the NaN result is kept through the redo"
+        return torch.zeros(1, 3, 8, 8)
+
+    guard = StageGuard(model, torch.bfloat16)
+    decoded, _plan_run = guard.decode(decode, _plan(pipeline), [])
+    assert decoded.eq(0).all() and next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_batch_keeps_its_failed_images_errors_without_their_tensors(monkeypatch):
+    import gc
+    import weakref
+
+    from pisa_cli.core.random import random_pipeline
+
+    pipe = random_pipeline("tiny", torch.device("cpu"), torch.float32)
+    held: list[weakref.ref] = []
+
+    def failing(latents, *args):  # the batch fails, then each image alone
+        activations = torch.ones(256, 256)  # in the failing frame
+        held.append(weakref.ref(activations))
+        raise ValueError("a bug")
+
+    images = [noise_image(24, 20, seed) for seed in range(3)]
+    monkeypatch.setattr(pipe, "predict", failing)
+    results = pipe.upscale_many(images, OPTIONS, 3)
+    gc.collect()
+    assert len(held) == 4 and all(isinstance(result, ValueError) for result in results)
+    assert all(result.__traceback__ is None for result in results)
+    assert all(ref() is None for ref in held), "a stored error keeps its image's tensors"
+
+
+def test_an_fp32_redo_out_of_memory_is_let_go_before_converting_back_and_halves(
+    pipeline, monkeypatch
+):
+    """fp32 activations are twice the size: the redo is where memory runs out; converting
+    the model back needs memory its traceback would hold."""
+    import weakref
+
+    import pisa_cli.core.recovery as recovery
+    from pisa_cli.core.recovery import StageGuard
+
+    monkeypatch.setattr(recovery, "release_memory", lambda: None)
+    model = torch.nn.Linear(1, 1).to(torch.bfloat16)
+    to, held, at_restore, tiles = model.to, [], [], []
+
+    def tracked_to(*args, dtype=None, **kwargs):
+        if dtype == torch.bfloat16:
+            at_restore.append(all(ref() is None for ref in held))
+        return to(*args, dtype=dtype, **kwargs)
+
+    def decode(tile, store):
+        tiles.append(tile)
+        if next(model.parameters()).dtype == torch.bfloat16:
+            return torch.full((1, 3, 8, 8), float("nan"))
+        if tile is None:  # the fp32 redo of the whole latent does not fit
+            activations = torch.ones(64, 64)
+            held.append(weakref.ref(activations))
+            raise RuntimeError(FLAVOURS[3])
+        return torch.zeros(1, 3, 8, 8)
+
+    monkeypatch.setattr(model, "to", tracked_to)
+    notes: list[str] = []
+    decoded, plan = StageGuard(model, torch.bfloat16).decode(decode, _plan(pipeline), notes)
+    assert tiles[:2] == [None, None] and tiles[2] is not None and plan.decoder_tile == tiles[2]
+    assert at_restore and all(at_restore), "the fp32 run's tensors held while converting back"
+    assert decoded.eq(0).all() and next(model.parameters()).dtype == torch.bfloat16
+    assert any("VAE decoder out of memory at the whole latent" in note for note in notes)

@@ -27,7 +27,7 @@ import torch
 from pisa_cli.core.latents import Encoded, Latents, UpscaleResult, as_rgb, timed, to_tensor
 from pisa_cli.core.passes import Stage
 from pisa_cli.core.planning import ImagePlan
-from pisa_cli.core.recovery import overflowed, release_memory
+from pisa_cli.core.recovery import finite, release_memory
 from pisa_cli.engine import memory, vae
 from pisa_cli.imaging.deep import DeepImage
 from pisa_cli.imaging.resize import upsample_input
@@ -46,8 +46,8 @@ anyway (``engine.vae.one_by_one``)."""
 
 
 class NotFinite(Exception):
-    """A batched VAE pass in low precision gave inf or NaN: its images are run alone, where
-    the stage that overflows is redone in fp32."""
+    """A batched pass gave inf or NaN: its images are run alone, where the stage that
+    overflows is redone in fp32 (or the image fails, in fp32 already)."""
 
 
 @dataclass
@@ -150,7 +150,7 @@ class Batcher:
                 try:
                     plan = self.plan(member.image, stage)
                 except Exception as error:
-                    member.error = error
+                    member.error = _let_go(error)
                     continue
                 key = self.key(plan, stage)
                 alone = ("alone", id(member))
@@ -203,7 +203,7 @@ class Batcher:
                 log.warning(
                     "a batch of %d images failed (%s); its images run alone (said once per run)",
                     len(chunk),
-                    error,
+                    str(error),  # the text: a record kept by a handler keeps no tensors
                 )
                 self.warned = True
             return "error"
@@ -216,7 +216,7 @@ class Batcher:
                 member.image, stage, member.timings, member.notes
             )
         except Exception as error:
-            member.error = error
+            member.error = _let_go(error)
         else:
             member.plans.append(plan)
 
@@ -240,6 +240,8 @@ class Batcher:
         with timed(timings, prefix + "unet", pipe.device):
             per_call = plan.tile_batch if plan.unet.tiled else len(group)
             eps = pipe.predict(z_low, cond, plan.variants, plan.unet, per_call, stage.timestep)
+            if not finite(*eps.values()):
+                raise NotFinite("UNet")
             z_high = pipe.step(z_low, eps, stage)
             del eps
         with timed(timings, prefix + "decode", pipe.device):
@@ -269,7 +271,7 @@ class Batcher:
         generators = [pipe.generator(options) for _source in sources]
         model = pipe.vae_for(encoder)
         z_low = vae.encode(model, batch, sample=options.vae_sample, generator=generators)
-        if overflowed(z_low, pipe.dtype):
+        if not finite(z_low):
             raise NotFinite("VAE encoder")
         encoded = [
             Encoded(z_low[index : index + 1], source, tuple(source.shape[-2:]))  # type: ignore[arg-type]
@@ -278,13 +280,29 @@ class Batcher:
         return z_low, encoded
 
 
+def _let_go(error: Exception) -> Exception:
+    """``error`` kept without its tracebacks (nor those of its cause and context): they
+    hold the failed attempt's frames, and with them its tensors. The traceback goes to the
+    debug log first."""
+    log.debug("an image failed in its pass", exc_info=error)
+    seen: set[int] = set()
+    links: list[BaseException | None] = [error]
+    while links:
+        link = links.pop()
+        if link is not None and id(link) not in seen:
+            seen.add(id(link))
+            link.__traceback__ = None
+            links += [link.__cause__, link.__context__]
+    return error
+
+
 @torch.inference_mode()
 def decode_together(pipe, z_high: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
     """The (1, 3, H, W) images in [0, 1] of ``z_high`` from one decoder call, each cropped
-    to its (H, W) in ``sizes`` (raises NotFinite when a low precision overflows)."""
+    to its (H, W) in ``sizes`` (raises NotFinite on inf or NaN)."""
     height, width = z_high.shape[-2:]
     decoded = pipe.decode(z_high, (height * pipe.vae_factor, width * pipe.vae_factor))
-    if overflowed(decoded, pipe.dtype):
+    if not finite(decoded):
         raise NotFinite("VAE decoder")
     return [decoded[i : i + 1, :, :h, :w].contiguous() for i, (h, w) in enumerate(sizes)]
 

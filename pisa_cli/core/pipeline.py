@@ -71,7 +71,7 @@ class PisaPipeline:
             vae=int(vae_config.block_out_channels[0]),
             vae_factor=self.vae_factor,
         )
-        self.guard = StageGuard(self.vae, dtype)
+        self.guard = StageGuard(self.vae, dtype, unet)
         steps = len(scheduler.alphas_cumprod)  # type: ignore[attr-defined]
         self.passes = passes or Passes(timesteps=steps, has_second="second" in unet.variants)
         """What each pass runs (families, timesteps), decided by what was loaded."""
@@ -176,7 +176,9 @@ class PisaPipeline:
         tile_batch: int = 1,
         timestep: int = TIMESTEP,
     ) -> dict[str, torch.Tensor]:
-        """eps of each UNet variant (``pix``, ``pisa``, ``second``) over the latent tiles."""
+        """eps of each UNet variant (``pix``, ``pisa``, ``second``) over the latent tiles
+        (float32), the latents taken in the UNet's dtype (fp32 during its redo)."""
+        latents = latents.to(self.unet.dtype)
         return predict_eps(self.unet, latents, cond, tiles, variants, tile_batch, timestep)
 
     @torch.inference_mode()
@@ -209,8 +211,9 @@ class PisaPipeline:
         self, image: Image.Image, options: UpscaleOptions | None = None
     ) -> UpscaleResult:
         """Upscale an RGB image (and run the second pass, if any), retrying a stage with
-        smaller tiles when memory runs out and in fp32 when a low-precision VAE pass gives
-        inf or NaN. A DeepImage (16-bit input) goes through in float and comes back as one."""
+        smaller tiles when memory runs out and in fp32 when a low-precision pass gives inf or
+        NaN (NonFiniteError when fp32 does too). A DeepImage (16-bit input) goes through in
+        float and comes back as one."""
         options = options or UpscaleOptions()
         timings: dict[str, float] = {}
         notes: list[str] = []

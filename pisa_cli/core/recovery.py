@@ -3,15 +3,20 @@
 An out-of-memory error (CUDA, MPS or the CPU allocator) in a stage halves that stage's tile
 (the UNet first halves its tile batch) and runs the stage again; only when the smallest
 tile fails does the image fail. A VAE pass in fp16 or bf16 that gives inf or NaN is redone
-in fp32, with a warning the first time. Every change is logged and noted in the result.
+in fp32, with a warning the first time; so is a UNet pass whose eps is not finite. A stage
+still not finite in fp32 fails the image (NonFiniteError: damaged weights). Every change is
+logged and noted in the result.
+
+A failed attempt is let go before the memory is released and the stage retried: its
+exception (and the traceback that holds its tensors) is gone by then, and the error raised
+in its place carries no context.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -19,7 +24,7 @@ import torch
 
 from pisa_cli.core.planning import ImagePlan
 from pisa_cli.engine.tiles import plan_tiles
-from pisa_cli.errors import OutOfMemoryError
+from pisa_cli.errors import NonFiniteError, OutOfMemoryError
 from pisa_cli.models.device import is_out_of_memory
 from pisa_cli.options import MIN_LATENT_TILE, MIN_VAE_DECODER_TILE, MIN_VAE_ENCODER_TILE
 
@@ -32,17 +37,19 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def overflowed(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether a pass in ``dtype`` (fp16 or bf16; fp32 never counts) gave inf or NaN."""
-    return dtype != torch.float32 and not bool(torch.isfinite(tensor).all())
+def finite(*tensors: torch.Tensor) -> bool:
+    """Whether every value of ``tensors`` is finite (no inf, no NaN)."""
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
 class StageGuard:
     """Runs the encode, UNet and decode stages of one image with recovery. Each stage is
     given as a callable of its tile sizes; the guard knows no pipeline."""
 
-    def __init__(self, vae: torch.nn.Module, dtype: torch.dtype):
+    def __init__(self, vae: torch.nn.Module, dtype: torch.dtype, unet: Any = None):
         self.vae = vae
+        self.unet = unet
+        """The UNet (anything with ``.to(dtype=...)``) upcast for an fp32 redo of its pass."""
         self.dtype = dtype
         self.upcast_warned = False
 
@@ -54,16 +61,18 @@ class StageGuard:
         notes: list[str],
         vae: torch.nn.Module | None = None,
     ) -> tuple[Any, ImagePlan]:
-        """``encode(tile, store)`` (returning an object with ``latents``), retried with
-        halved tiles; ``vae``: the model it runs, upcast for an fp32 redo (default: ours)."""
+        """``encode(tile, store)`` (returning an ``Encoded``), retried with halved tiles;
+        ``vae``: the model it runs, upcast for an fp32 redo (default: ours). The latents of
+        a redo are handed on in the compute dtype, as the UNet expects them."""
 
         def run(current: ImagePlan):
             return self._finite(
                 "VAE encoder",
                 lambda: encode(current.encoder_tile, current.store),
-                lambda out: out.latents,
+                lambda out: [out.latents],
                 notes,
-                vae,
+                vae or self.vae,
+                lambda out: replace(out, latents=out.latents.to(self.dtype)),
             )
 
         def shrink(current: ImagePlan) -> ImagePlan | None:
@@ -77,8 +86,13 @@ class StageGuard:
     def predict(
         self, predict: Callable[[ImagePlan], Any], plan: ImagePlan, notes: list[str]
     ) -> tuple[Any, ImagePlan]:
-        """``predict(plan)`` (the UNet over the plan's tiles, its tile batch per call),
-        retried with half the tile batch, then half the tile."""
+        """``predict(plan)`` (the UNet over the plan's tiles, its tile batch per call: a
+        dict of float32 eps), retried with half the tile batch, then half the tile; redone
+        in fp32 when a low precision gives inf or NaN."""
+
+        def run(current: ImagePlan):
+            unet = self.unet
+            return self._finite("UNet", lambda: predict(current), dict.values, notes, unet)
 
         def shrink(current: ImagePlan) -> ImagePlan | None:
             if current.tile_batch > 1:
@@ -92,20 +106,21 @@ class StageGuard:
             tiles = plan_tiles(height, width, tile, overlap, current.tiling)
             return replace(current, unet=tiles, latent_tile=tile, latent_overlap=overlap)
 
-        return self._retry("UNet", plan, predict, shrink, _unet_tile, notes)
+        return self._retry("UNet", plan, run, shrink, _unet_tile, notes)
 
     def decode(
         self, decode: Callable[[int | None, str], Any], plan: ImagePlan, notes: list[str]
     ) -> tuple[Any, ImagePlan]:
-        """``decode(tile, store)`` (a tensor), retried with halved tiles, redone in fp32 when
-        a low precision gives inf or NaN."""
+        """``decode(tile, store)`` (a float32 tensor), retried with halved tiles, redone in
+        fp32 when a low precision gives inf or NaN."""
 
         def run(current: ImagePlan):
             return self._finite(
                 "VAE decoder",
                 lambda: decode(current.decoder_tile, current.store),
-                lambda out: out,
+                lambda out: [out],
                 notes,
+                self.vae,
             )
 
         def shrink(current: ImagePlan) -> ImagePlan | None:
@@ -134,45 +149,95 @@ class StageGuard:
             except Exception as error:
                 if not is_out_of_memory(error):
                     raise
-                smaller = shrink(plan)
-                release_memory()
-                if smaller is None:
-                    raise OutOfMemoryError(
-                        f"out of memory in the {stage} even at {describe(plan)}; free memory "
-                        "on the device or upscale a smaller image"
-                    ) from None
-                note = f"{stage} out of memory at {describe(plan)}; retried at {describe(smaller)}"
-                log.warning(note)
-                notes.append(note)
-                plan = smaller
+            # out of the except block: the failed attempt and its traceback are gone
+            release_memory()
+            smaller = shrink(plan)
+            if smaller is None:
+                raise OutOfMemoryError(
+                    f"out of memory in the {stage} even at {describe(plan)}; free memory "
+                    "on the device or upscale a smaller image"
+                )
+            note = f"{stage} out of memory at {describe(plan)}; retried at {describe(smaller)}"
+            log.warning(note)
+            notes.append(note)
+            plan = smaller
 
     def _finite(
         self,
         stage: str,
         run: Callable[[], Any],
-        tensor_of: Callable[[Any], torch.Tensor],
+        tensors_of: Callable[[Any], Iterable[torch.Tensor]],
         notes: list[str],
-        vae: torch.nn.Module | None = None,
+        model: Any,
+        handed_on: Callable[[Any], Any] = lambda out: out,
     ) -> Any:
+        """``run()``, checked finite; in a low precision redone once in fp32 (``model``
+        upcast for it); ``handed_on`` makes a redo's result what the next stage expects."""
         result = run()
-        if not overflowed(tensor_of(result), self.dtype):
+        if finite(*tensors_of(result)):
             return result
+        del result  # not kept through the redo
+        if self.dtype == torch.float32 or model is None:
+            raise NonFiniteError(_damaged(stage))
         name = str(self.dtype).removeprefix("torch.")
         note = f"{stage} gave inf/NaN in {name}; redone in fp32"
         if not self.upcast_warned:
             log.warning("%s (said once per run)", note)
             self.upcast_warned = True
         notes.append(note)
-        with self._vae_in(torch.float32, vae or self.vae):
-            return run()
+        result = handed_on(self._in_fp32(stage, run, model))
+        if not finite(*tensors_of(result)):
+            raise NonFiniteError(_damaged(stage))
+        return result
 
-    @contextlib.contextmanager
-    def _vae_in(self, dtype: torch.dtype, vae: torch.nn.Module) -> Iterator[None]:
-        vae.to(dtype=dtype)
+    def _in_fp32(self, stage: str, run: Callable[[], Any], model: Any) -> Any:
+        """``run()`` with ``model`` in fp32, the model back in the compute dtype after it
+        however it ends. Out of memory in the run is let go before the model converts back
+        (its activations would hold the memory that conversion needs) and raised anew, for
+        ``_retry`` to halve the tile; out of memory converting fails the image."""
+        converted = False
         try:
-            yield
-        finally:
-            vae.to(dtype=self.dtype)
+            converted = _converted(model, torch.float32)
+            if converted:
+                try:
+                    return run()
+                except Exception as error:
+                    if not is_out_of_memory(error):
+                        raise
+        finally:  # a second try after the first released what it could
+            if not (_converted(model, self.dtype) or _converted(model, self.dtype)):
+                log.error(
+                    "out of memory converting the %s back from fp32: later images may fail; "
+                    "run with --dtype fp32",
+                    stage,
+                )
+        if not converted:
+            raise OutOfMemoryError(
+                f"out of memory converting the {stage} to fp32 to redo its pass; free "
+                "memory on the device or use --dtype fp32"
+            )
+        raise MemoryError(f"out of memory in the fp32 redo of the {stage}")
+
+
+def _converted(model: Any, dtype: torch.dtype) -> bool:
+    """``model`` converted to ``dtype``; False when memory ran out part way (its exception
+    let go, the memory released)."""
+    try:
+        model.to(dtype=dtype)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+    else:
+        return True
+    release_memory()
+    return False
+
+
+def _damaged(stage: str) -> str:
+    return (
+        f"the {stage} gave inf/NaN even in fp32: the weights are likely damaged (NaN or "
+        "huge values, e.g. in a LoRA)"
+    )
 
 
 def _encoder_tile(plan: ImagePlan) -> str:

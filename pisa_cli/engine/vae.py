@@ -81,7 +81,7 @@ def encode(
         moments = _whole(run, image)
     else:
         moments = encode_tiled(vae, image, _runner(vae, tile * tile, store, image.device))
-    mean, logvar = torch.chunk(moments, 2, dim=1)
+    mean, logvar = torch.chunk(_overflow_kept(moments), 2, dim=1)
     latent = mean
     if sample:
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -102,7 +102,8 @@ def _noise(mean: torch.Tensor, generator: Generators) -> torch.Tensor:
 def decode(
     vae: nn.Module, latents: torch.Tensor, tile: int | None = None, store: str = "ram"
 ) -> torch.Tensor:
-    """Images in [-1, 1] of scaled (N, 4, h, w) ``latents`` (clamped, as the reference does).
+    """Images in [-1, 1] of scaled (N, 4, h, w) ``latents`` (clamped, as the reference does;
+    an overflow, inf, comes out NaN, never clamped into range).
 
     ``tile`` (latent pixels) decodes one latent in bands holding at most the activations of
     a tile x tile latent; None decodes the whole latents at once. Both give the same image.
@@ -118,4 +119,12 @@ def decode(
         factor = 2 ** (len(vae.config.block_out_channels) - 1)  # type: ignore[union-attr]
         side = tile * factor
         image = decode_tiled(vae, latents, _runner(vae, side * side, store, latents.device))
-    return image.clamp_(-1, 1)
+    return _overflow_kept(image).clamp_(-1, 1)
+
+
+def _overflow_kept(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with every inf made NaN, in place: the clamps after it would turn an overflow
+    (inf) into a plausible +-1 (or a plausible variance); a NaN goes through them, so the
+    finiteness check after a pass still sees it."""
+    nan = float("nan")
+    return x.nan_to_num_(nan=nan, posinf=nan, neginf=nan)

@@ -86,16 +86,37 @@ def available_ram() -> int:
 
 
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+_OOM_STATUSES = (
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR",
+    "CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate",
+)
+"""GPU library failures taken for out of memory (halve and retry). The two ALLOC_FAILED
+are allocation failures by NVIDIA's definition ("resource allocation failed inside the
+library, usually a cudaMalloc() failure"). cuBLAS failing to create its handle (torch:
+"CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`") is an allocation
+that failed, in practice always memory. cuDNN's INTERNAL_ERROR is what its convolutions
+give when their workspace cannot be had under memory pressure. Left out on purpose:
+CUBLAS_STATUS_EXECUTION_FAILED and CUBLAS_STATUS_INTERNAL_ERROR (a failed kernel or copy,
+usually a bug or an earlier asynchronous error: no smaller tile helps) and cuDNN's
+NOT_INITIALIZED (also a missing or mismatched library). A wrong guess costs a few halvings
+and ends as an out-of-memory failure of that image alone."""
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """True for the out-of-memory errors of CUDA, MPS and the CPU allocator."""
+    """True for the out-of-memory errors of CUDA (``_OOM_STATUSES`` included), MPS and the
+    CPU allocator."""
     if isinstance(error, MemoryError):
         return True
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
     if oom is not None and isinstance(error, oom):
         return True
-    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _OOM_MESSAGES)
+    if not isinstance(error, RuntimeError):
+        return False
+    message = str(error)
+    lowered = message.lower()
+    return any(m in lowered for m in _OOM_MESSAGES) or any(s in message for s in _OOM_STATUSES)
 
 
 def cpu_has_bf16() -> bool:

@@ -231,10 +231,15 @@ class PisaUNet:
 
         return hook
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PisaUNet:
-        """Move the UNet and the side paths together (the side paths follow the weights)."""
-        self.unet.to(device=device)
-        if dtype is not None and dtype != self.dtype:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> PisaUNet:
+        """Move the UNet and the side paths together (the side paths follow the weights).
+        Every parameter is looked at, so a conversion cut short (out of memory) is mended
+        by the next one."""
+        if device is not None:
+            self.unet.to(device=device)
+        if dtype is not None and any(p.dtype != dtype for p in self.unet.parameters()):
             self.unet.to(dtype=dtype)
         for branch in self._branches:
             branch.down = branch.down.to(self.device, self.dtype)
