@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -231,3 +232,43 @@ def test_dry_run_prints_the_grid_and_plans(photos, tmp_path):
     assert "6 points; per image 1 encode, UNet pix + pisa once, 6 decodes" in result.output
     assert result.output.count("passes pix+pisa") == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_points_keep_the_input_mode_as_upscale_does(tiny_base, pisa_pkl, tmp_path):
+    # grey stays grey, alpha is upscaled apart and kept, 16 bits stay 16 bits: each point's
+    # file is the one `pisa upscale` writes at its lambdas (the same model: bit for bit)
+    from pisa_cli.core.random import random_pipeline
+    from tests.helpers import ramp16, run_on, save_png16
+
+    pipe = random_pipeline("tiny", torch.device("cpu"), torch.bfloat16, merged="pix")
+    photos = tmp_path / "in"
+    photos.mkdir()
+    rgba = noise_image(20, 16, 1, "RGBA")
+    rgba.putalpha(noise_image(20, 16, 2, "L"))
+    rgba.save(photos / "rgba.png")
+    noise_image(20, 16, 3, "L").save(photos / "grey.png")
+    save_png16(ramp16(20, 16, 3, seed=4), photos / "deep.png")
+    save_png16(ramp16(20, 16, 2, seed=5), photos / "deepgrey.png")
+    common = ["--process-size", "64", *model_args(tiny_base, pisa_pkl)]
+    swept = run_on(pipe, "sweep", photos, "-o", tmp_path / "sweep", "--lambda-grid",
+                   "pix=1 sem=0.5", *common)  # fmt: skip
+    assert swept.exit_code == 0, swept.output
+    upscaled = run_on(pipe, "upscale", photos, "-o", tmp_path / "up", "--lambda-pix", "1",
+                      "--lambda-sem", "0.5", *common)  # fmt: skip
+    assert upscaled.exit_code == 0, upscaled.output
+    expected = {"rgba": "RGBA", "grey": "L", "deep": "RGB;16", "deepgrey": "LA;16"}
+    for name, mode in expected.items():
+        ours = png_samples(tmp_path / "sweep" / name / "pix1.00_sem0.50.png")
+        theirs = png_samples(tmp_path / "up" / f"{name}.png")
+        assert ours[0] == theirs[0] == mode, name
+        assert np.array_equal(ours[1], theirs[1]), name
+
+
+def png_samples(path) -> tuple[str, np.ndarray]:
+    """(mode as named in the tests, every sample) of a PNG of any depth."""
+    import png
+
+    _width, _height, rows, info = png.Reader(filename=str(path)).asDirect()
+    names = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+    mode = names[info["planes"]] + (";16" if info["bitdepth"] == 16 else "")
+    return mode, np.vstack([np.asarray(row) for row in rows])

@@ -24,6 +24,7 @@ from pisa_cli.core.passes import TIMESTEP, Stage
 from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.core.planning import ImagePlan
 from pisa_cli.engine.denoise import combine_eps
+from pisa_cli.imaging.deep import DeepImage
 from pisa_cli.imaging.resize import plan_resize
 from pisa_cli.options import UpscaleOptions
 from pisa_cli.sweep.grid import GridPoint, plan_options
@@ -56,8 +57,8 @@ def blend_basis(basis: dict[str, np.ndarray], pix: float, sem: float) -> np.ndar
 class Prepared:
     """An image after the encoder and the UNet: all that its grid points need."""
 
-    image: Image.Image
-    """The RGB input."""
+    image: Image.Image | DeepImage
+    """The colour the model sees: 8-bit RGB, or a DeepImage of a 16-bit input."""
     latents: Latents
     """Its plan as run so far, prompt embedding and z_L (the pipeline's stages)."""
     eps: dict[str, torch.Tensor]
@@ -85,8 +86,12 @@ class Prepared:
         return self.latents.plan
 
     def bicubic(self) -> Image.Image:
-        """The input enlarged to the output size with PIL's bicubic filter (the "before")."""
-        return self.image.resize(self.output_size, Image.Resampling.BICUBIC)
+        """The input enlarged to the output size with PIL's bicubic filter (the "before"),
+        8-bit RGB."""
+        enlarged = self.image.resize(self.output_size, Image.Resampling.BICUBIC)
+        if isinstance(enlarged, DeepImage):
+            return Image.fromarray(np.rint(enlarged.to_array() * 255).astype(np.uint8))
+        return enlarged
 
 
 class Sweeper:
@@ -101,9 +106,10 @@ class Sweeper:
         self.image_batch = image_batch
         """--image-batch: grid points per decoder call (None: auto, as `pisa upscale`)."""
 
-    def prepare(self, image: Image.Image) -> Prepared:
-        """Encode ``image`` and run both UNet passes (the whole cost shared by all points),
-        through the pipeline's own stages."""
+    def prepare(self, image: Image.Image | DeepImage) -> Prepared:
+        """Encode ``image`` (8-bit RGB, or a DeepImage: its points come out as DeepImages,
+        as in `pisa upscale`) and run both UNet passes (the whole cost shared by all
+        points), through the pipeline's own stages."""
         pipe, timings, notes = self.pipeline, {}, []
         rgb = as_rgb(image)
         stage = Stage("", VARIANTS, TIMESTEP, "pisa", self.options)
@@ -143,8 +149,9 @@ class Sweeper:
 
     def images(
         self, prepared: Prepared, points: Iterable[GridPoint]
-    ) -> Iterator[tuple[GridPoint, Image.Image]]:
-        """Each point's finished image (decoded exactly, colour-fixed, 8-bit), in order."""
+    ) -> Iterator[tuple[GridPoint, Image.Image | DeepImage]]:
+        """Each point's finished colour (decoded exactly, colour-fixed; 8-bit RGB, or a
+        DeepImage for a 16-bit input), in order."""
         pipe, pending = self.pipeline, list(points)
         while pending:
             chunk, pending = pending[: prepared.decode_batch], pending[prepared.decode_batch :]
