@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pisa_cli.cli import app
+from pisa_cli.models.device import resolve_dtype
 from pisa_cli.sweep.metrics import psnr_y, ssim_y
 from tests.helpers import noise_image
 
@@ -95,7 +96,11 @@ def test_sweep_json_records_settings_grid_and_cost(swept):
     assert {p["file"] for p in record["points"]} == set(POINT_FILES)
     assert record["settings"]["color_fix"] == "adain" and record["settings"]["process_size"] == 64
     assert "lambda_pix" not in record["settings"]
-    assert record["cost"]["unet_calls"] == 1 and record["cost"]["decoded_points"] == 6
+    assert record["cost"]["decoded_points"] == 6
+    # auto precision: bf16 where the CPU has it, and then (1, 1) needs the PiSA-merged model
+    low = resolve_dtype("auto", torch.device("cpu")) != torch.float32
+    assert record["cost"]["unet_passes"] == ["pix", "pisa", *(["pisa merged"] if low else [])]
+    assert record["cost"]["unet_calls"] == (2 if low else 1)
     assert record["input_size"] == [20, 16] and record["output_size"] == [80, 64]
     assert set(record["best"]) == {"psnr", "ssim"}
 
@@ -272,3 +277,47 @@ def png_samples(path) -> tuple[str, np.ndarray]:
     names = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
     mode = names[info["planes"]] + (";16" if info["bitdepth"] == 16 else "")
     return mode, np.vstack([np.asarray(row) for row in rows])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_points_are_upscale_s_files_as_each_command_loads_its_model(tmp_path, dtype):
+    # `pisa upscale` merges the PiSA weights for equal lambdas, the sweep the pixel ones: in
+    # bf16 the two round apart (up to 122 levels here), so the sweep also loads the model
+    # upscale loads for those points; in fp32 they agree within float noise and it does not
+    from pisa_cli.core.loading import merged_variant
+    from pisa_cli.core.random import random_pipeline
+
+    cpu, loaded = torch.device("cpu"), {}
+
+    def factory(model, options):  # merged as the real loader merges for these options
+        merged = merged_variant(options)
+        if merged not in loaded:
+            torch_dtype = resolve_dtype(model.dtype, cpu)
+            loaded[merged] = random_pipeline("tiny", cpu, torch_dtype, merged=merged)
+        return loaded[merged]
+
+    def invoke(*args):
+        common = ["--process-size", "64", "--dtype", dtype, "--device", "cpu"]
+        words = [str(a) for a in (*args, *common, "--weights", tmp_path / "one.png")]
+        result = runner.invoke(app, words, obj={"pipeline_factory": factory})
+        assert result.exit_code == 0, result.output
+
+    noise_image(20, 16, 1, "RGBA").save(tmp_path / "one.png")
+    invoke(
+        "sweep",
+        tmp_path / "one.png",
+        "-o",
+        tmp_path / "sweep",
+        "--lambda-grid",
+        "pix=1 sem=0,0.5,1",
+    )
+    assert sorted(loaded) == (["pisa", "pix"] if dtype == "bf16" else ["pix"])
+    for sem in ("0", "0.5", "1"):
+        out = tmp_path / f"up{sem}"
+        invoke("upscale", tmp_path / "one.png", "-o", out, "--lambda-pix", "1", "--lambda-sem", sem)
+        ours = png_samples(tmp_path / "sweep" / "one" / f"pix1.00_sem{float(sem):.2f}.png")
+        theirs = png_samples(out / "one.png")
+        difference = np.abs(ours[1].astype(int) - theirs[1].astype(int)).max()
+        # bf16 runs a batch's samples one by one (bit for bit); fp32's bound is batching's
+        assert difference <= (0 if dtype == "bf16" else 3), (sem, difference)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from pisa_cli.core.batching import decode_points
 from pisa_cli.core.latents import Encoded, Latents, as_rgb, timed
+from pisa_cli.core.loading import merged_variant
 from pisa_cli.core.passes import TIMESTEP, Stage
 from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.core.planning import ImagePlan
@@ -71,6 +72,10 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    merged_eps: torch.Tensor | None = None
+    """eps_pisa from the PiSA-merged weights, for points `pisa upscale` runs on them
+    (``Sweeper.merged``), computed when the first such point comes."""
+
     second_pass: bool = False
     """Each point's image also went through the x2 second pass (lambdas: the point's)."""
     output_size: tuple[int, int] = (0, 0)
@@ -94,17 +99,43 @@ class Prepared:
         return enlarged
 
 
+def at(options: UpscaleOptions, point: GridPoint) -> UpscaleOptions:
+    """``options`` with the lambdas of ``point``: what `pisa upscale` runs for it."""
+    return replace(options, lambda_pix=point.pix, lambda_sem=point.sem)
+
+
+def needs_merged(pipeline: PisaPipeline, options: UpscaleOptions, points) -> bool:
+    """Whether some of ``points`` need a pipeline with the PiSA weights merged, as `pisa
+    upscale` loads for equal lambdas, where the sweep's (pixel weights merged) reaches them
+    through the side path: in bf16 and fp16 the two round apart (a merged weight rounds
+    once; on the tiny random model a point moved by up to 122 levels), in fp32 they agree
+    to float noise."""
+    if pipeline.dtype == torch.float32:
+        return False
+    merged = pipeline.unet.merged
+    return any(
+        merged_variant(at(options, point), pipeline.family) == "pisa" != merged for point in points
+    )
+
+
 class Sweeper:
     """Runs the shared stages of a sweep and decodes grid points, for one pipeline."""
 
     def __init__(
-        self, pipeline: PisaPipeline, options: UpscaleOptions, image_batch: int | None = None
+        self,
+        pipeline: PisaPipeline,
+        options: UpscaleOptions,
+        image_batch: int | None = None,
+        merged: PisaPipeline | None = None,
     ):
         self.pipeline = pipeline
         self.options = plan_options(options)
         self.second_pass = options.second_pass.kind != "none"
         self.image_batch = image_batch
         """--image-batch: grid points per decoder call (None: auto, as `pisa upscale`)."""
+        self.merged = merged if merged is not pipeline else None
+        """The same model with the PiSA weights merged (``needs_merged``): the eps of points
+        with equal lambdas come from it, as in `pisa upscale`; None: from ``pipeline``."""
 
     def prepare(self, image: Image.Image | DeepImage) -> Prepared:
         """Encode ``image`` (8-bit RGB, or a DeepImage: its points come out as DeepImages,
@@ -144,8 +175,27 @@ class Sweeper:
         return self.pipeline.batcher.size(plan, self.image_batch)
 
     def latents(self, prepared: Prepared, point: GridPoint) -> torch.Tensor:
-        """z_H of ``point``: the same arithmetic as ``pisa upscale``."""
-        return prepared.encoded.latents - combine_eps(prepared.eps, point.pix, point.sem)
+        """z_H of ``point``: the same weights and arithmetic as ``pisa upscale``."""
+        eps = prepared.eps
+        family = self.pipeline.family
+        if self.merged is not None and merged_variant(at(self.options, point), family) == "pisa":
+            eps = {"pisa": self.merged_eps(prepared)}
+        return prepared.encoded.latents - combine_eps(eps, point.pix, point.sem)
+
+    def merged_eps(self, prepared: Prepared) -> torch.Tensor:
+        """eps_pisa of the PiSA-merged pipeline, planned as `pisa upscale` plans its pass
+        (one UNet variant), once per image."""
+        if prepared.merged_eps is None:
+            pipe = self.merged
+            assert pipe is not None
+            stage = pipe.stages(at(self.options, BASIS["pisa"]))[0]
+            plan = pipe.plan(prepared.image.size, stage.options, stage.variants, stage.tiling)
+            latents = replace(prepared.latents, plan=plan)
+            calls = pipe.unet_calls
+            eps = pipe.predict_eps(latents, stage, prepared.timings, prepared.notes)
+            prepared.unet_calls += pipe.unet_calls - calls
+            prepared.merged_eps = eps["pisa"]
+        return prepared.merged_eps
 
     def images(
         self, prepared: Prepared, points: Iterable[GridPoint]
@@ -171,7 +221,10 @@ class Sweeper:
         the stages of ``pisa upscale`` with the point's lambdas, so the image is the same."""
         if not self.second_pass:
             return image
-        options = replace(self.options, lambda_pix=point.pix, lambda_sem=point.sem)
-        for stage in self.pipeline.stages(options)[1:]:
-            image, _ = self.pipeline.run_stage(image, stage, prepared.timings, prepared.notes)
+        options = at(self.options, point)
+        pipe = self.pipeline
+        if self.merged is not None and merged_variant(options, pipe.family) == "pisa":
+            pipe = self.merged  # the model `pisa upscale` loads for these lambdas
+        for stage in pipe.stages(options)[1:]:
+            image, _ = pipe.run_stage(image, stage, prepared.timings, prepared.notes)
         return image

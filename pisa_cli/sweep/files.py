@@ -176,7 +176,8 @@ def _record(job, prepared: Prepared, settings, exact, scores, best, metrics) -> 
         },
         "cost": {
             "unet_calls": prepared.unet_calls,
-            "unet_passes": ["pix", "pisa"],
+            "unet_passes": ["pix", "pisa"]
+            + (["pisa merged"] if prepared.merged_eps is not None else []),
             "decoded_points": prepared.decodes,
             "decoder_batch": prepared.decode_batch,
         },

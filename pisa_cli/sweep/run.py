@@ -59,9 +59,12 @@ def sweep_jobs(
     jobs: Iterable[Job],
     settings: SweepSettings,
     metrics: MetricSet | None = None,
+    merged=None,
 ) -> Iterator[SweepResult]:
-    """Sweep each job's source into its folder, yielding a result per job, in order."""
-    sweeper = Sweeper(pipeline, settings.options, settings.image_batch)
+    """Sweep each job's source into its folder, yielding a result per job, in order.
+    ``merged``: the model with the PiSA weights merged, where ``sweep.core.needs_merged``
+    says the grid needs it."""
+    sweeper = Sweeper(pipeline, settings.options, settings.image_batch, merged)
     for job in jobs:
         yield sweep_job(sweeper, job, settings, metrics)
 
