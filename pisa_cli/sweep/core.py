@@ -177,10 +177,15 @@ class Sweeper:
     def latents(self, prepared: Prepared, point: GridPoint) -> torch.Tensor:
         """z_H of ``point``: the same weights and arithmetic as ``pisa upscale``."""
         eps = prepared.eps
-        family = self.pipeline.family
-        if self.merged is not None and merged_variant(at(self.options, point), family) == "pisa":
+        if self.on_merged(point):
             eps = {"pisa": self.merged_eps(prepared)}
         return prepared.encoded.latents - combine_eps(eps, point.pix, point.sem)
+
+    def on_merged(self, point: GridPoint) -> bool:
+        """Whether ``point`` takes its eps from ``merged`` (as `pisa upscale` would)."""
+        if self.merged is None:
+            return False
+        return merged_variant(at(self.options, point), self.pipeline.family) == "pisa"
 
     def merged_eps(self, prepared: Prepared) -> torch.Tensor:
         """eps_pisa of the PiSA-merged pipeline, planned as `pisa upscale` plans its pass
@@ -203,6 +208,8 @@ class Sweeper:
         """Each point's finished colour (decoded exactly, colour-fixed; 8-bit RGB, or a
         DeepImage for a 16-bit input), in order."""
         pipe, pending = self.pipeline, list(points)
+        if any(self.on_merged(point) for point in pending):
+            self.merged_eps(prepared)  # a UNet pass: timed as one, not as decoding
         while pending:
             chunk, pending = pending[: prepared.decode_batch], pending[prepared.decode_batch :]
             with timed(prepared.timings, "decode", pipe.device):
@@ -222,9 +229,7 @@ class Sweeper:
         if not self.second_pass:
             return image
         options = at(self.options, point)
-        pipe = self.pipeline
-        if self.merged is not None and merged_variant(options, pipe.family) == "pisa":
-            pipe = self.merged  # the model `pisa upscale` loads for these lambdas
-        for stage in pipe.stages(options)[1:]:
+        pipe = self.merged if self.on_merged(point) else self.pipeline
+        for stage in pipe.stages(options)[1:]:  # on the model `pisa upscale` loads for them
             image, _ = pipe.run_stage(image, stage, prepared.timings, prepared.notes)
         return image
