@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 from pisa_cli.cli import app
 from pisa_cli.fsutil import TEMP_PREFIX
 from pisa_cli.models.synthetic import lora_target_modules
+from pisa_cli.options import UpscaleOptions
 
 REPO = Path(__file__).parents[1]
 
@@ -168,6 +170,31 @@ def ramp16(width: int, height: int, channels: int, seed: int = 0) -> np.ndarray:
 def save_png16(array: np.ndarray, path) -> None:
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[array.shape[-1]] + ";16"
     png.from_array(array.reshape(array.shape[0], -1), mode).save(str(path))
+
+
+def batch_differences(color_fixes: Sequence[str]) -> dict[str, float]:
+    """Per colour fix, the largest difference between four 16-bit images (two smooth, two
+    ramps) upscaled in one batch and one by one, on the tiny model in bf16 on the CPU, in
+    float: a 16-bit output is the colour fix's float result, so any rounding a batch changed
+    shows."""
+    from pisa_cli.core.random import random_pipeline
+    from pisa_cli.imaging.deep import DeepImage
+
+    pipe = random_pipeline("tiny", torch.device("cpu"), torch.bfloat16)
+    smooth = [np.asarray(noise_image(24, 20, seed), dtype=np.float32) / 255 for seed in (1, 2)]
+    images = [DeepImage.from_array(array) for array in smooth]
+    images += [DeepImage.from_uint16(ramp16(24, 20, 3, seed=seed)) for seed in (3, 4)]
+    worst = {}
+    for color_fix in color_fixes:
+        options = UpscaleOptions(process_size=64, color_fix=color_fix)
+        batched = pipe.upscale_many(images, options, 4)
+        worst[color_fix] = 0.0
+        for image, result in zip(images, batched, strict=True):
+            assert result.batch == 4, result
+            alone = pipe.upscale(image, options).to_array()
+            difference = float(np.abs(result.image.to_array() - alone).max())
+            worst[color_fix] = max(worst[color_fix], difference)
+    return worst
 
 
 def pisa(*args: object) -> list[str]:

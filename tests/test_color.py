@@ -44,3 +44,14 @@ def test_none_only_clamps():
 def test_quantize_truncates_like_an_8bit_conversion():
     values = torch.tensor([0.0, 0.999 / 255, 1.0 / 255, 254.99 / 255, 1.0])
     assert (quantize(values) * 255).round().tolist() == [0, 0, 1, 254, 255]
+
+
+def test_a_fix_does_not_depend_on_the_memory_layout():
+    # a bf16 VAE on a CPU decodes channels-last; a batch's crops are NCHW: the same image
+    # must get the same fix (the mean of the two layouts differed in the last bit)
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(1, 3, 80, 96, generator=generator)
+    source = torch.rand(1, 3, 80, 96, generator=generator) * 0.3 + 0.4
+    last = target.contiguous(memory_format=torch.channels_last)
+    for method in ("adain", "wavelet", "none"):
+        assert torch.equal(color_fix(method, last, source), color_fix(method, target, source))

@@ -245,3 +245,20 @@ def test_the_sweep_command_decodes_image_batch_points_per_call(
         counter.close()
     assert result.exit_code == 0, result.output
     assert counter.batches == [3, 1]  # four points, three per call
+
+
+def test_equal_lambdas_in_low_precision_need_the_model_upscale_loads():
+    from types import SimpleNamespace
+
+    from pisa_cli.sweep.core import needs_merged
+
+    def pipe(dtype, merged="pix"):
+        return SimpleNamespace(dtype=dtype, unet=SimpleNamespace(merged=merged), family="pisa-sr")
+
+    options = UpscaleOptions()
+    equal, apart = [GridPoint(0.5, 0.5)], [GridPoint(1.0, 0.0), GridPoint(1.0, 0.5)]
+    assert needs_merged(pipe(torch.bfloat16), options, apart + equal)
+    assert needs_merged(pipe(torch.float16), options, equal)
+    assert not needs_merged(pipe(torch.bfloat16), options, apart)
+    assert not needs_merged(pipe(torch.float32), options, equal)  # float noise only
+    assert not needs_merged(pipe(torch.bfloat16, "pisa"), options, equal)

@@ -7,10 +7,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from pisa_cli.cli import app
+from pisa_cli.models.device import resolve_dtype
 from pisa_cli.sweep.metrics import psnr_y, ssim_y
 from tests.helpers import noise_image
 
@@ -94,7 +96,11 @@ def test_sweep_json_records_settings_grid_and_cost(swept):
     assert {p["file"] for p in record["points"]} == set(POINT_FILES)
     assert record["settings"]["color_fix"] == "adain" and record["settings"]["process_size"] == 64
     assert "lambda_pix" not in record["settings"]
-    assert record["cost"]["unet_calls"] == 1 and record["cost"]["decoded_points"] == 6
+    assert record["cost"]["decoded_points"] == 6
+    # auto precision: bf16 where the CPU has it, and then (1, 1) needs the PiSA-merged model
+    low = resolve_dtype("auto", torch.device("cpu")) != torch.float32
+    assert record["cost"]["unet_passes"] == ["pix", "pisa", *(["pisa merged"] if low else [])]
+    assert record["cost"]["unet_calls"] == (2 if low else 1)
     assert record["input_size"] == [20, 16] and record["output_size"] == [80, 64]
     assert set(record["best"]) == {"psnr", "ssim"}
 
@@ -231,3 +237,87 @@ def test_dry_run_prints_the_grid_and_plans(photos, tmp_path):
     assert "6 points; per image 1 encode, UNet pix + pisa once, 6 decodes" in result.output
     assert result.output.count("passes pix+pisa") == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_points_keep_the_input_mode_as_upscale_does(tiny_base, pisa_pkl, tmp_path):
+    # grey stays grey, alpha is upscaled apart and kept, 16 bits stay 16 bits: each point's
+    # file is the one `pisa upscale` writes at its lambdas (the same model: bit for bit)
+    from pisa_cli.core.random import random_pipeline
+    from tests.helpers import ramp16, run_on, save_png16
+
+    pipe = random_pipeline("tiny", torch.device("cpu"), torch.bfloat16, merged="pix")
+    photos = tmp_path / "in"
+    photos.mkdir()
+    rgba = noise_image(20, 16, 1, "RGBA")
+    rgba.putalpha(noise_image(20, 16, 2, "L"))
+    rgba.save(photos / "rgba.png")
+    noise_image(20, 16, 3, "L").save(photos / "grey.png")
+    save_png16(ramp16(20, 16, 3, seed=4), photos / "deep.png")
+    save_png16(ramp16(20, 16, 2, seed=5), photos / "deepgrey.png")
+    common = ["--process-size", "64", *model_args(tiny_base, pisa_pkl)]
+    swept = run_on(pipe, "sweep", photos, "-o", tmp_path / "sweep", "--lambda-grid",
+                   "pix=1 sem=0.5", *common)  # fmt: skip
+    assert swept.exit_code == 0, swept.output
+    upscaled = run_on(pipe, "upscale", photos, "-o", tmp_path / "up", "--lambda-pix", "1",
+                      "--lambda-sem", "0.5", *common)  # fmt: skip
+    assert upscaled.exit_code == 0, upscaled.output
+    expected = {"rgba": "RGBA", "grey": "L", "deep": "RGB;16", "deepgrey": "LA;16"}
+    for name, mode in expected.items():
+        ours = png_samples(tmp_path / "sweep" / name / "pix1.00_sem0.50.png")
+        theirs = png_samples(tmp_path / "up" / f"{name}.png")
+        assert ours[0] == theirs[0] == mode, name
+        assert np.array_equal(ours[1], theirs[1]), name
+
+
+def png_samples(path) -> tuple[str, np.ndarray]:
+    """(mode as named in the tests, every sample) of a PNG of any depth."""
+    import png
+
+    _width, _height, rows, info = png.Reader(filename=str(path)).asDirect()
+    names = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+    mode = names[info["planes"]] + (";16" if info["bitdepth"] == 16 else "")
+    return mode, np.vstack([np.asarray(row) for row in rows])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_points_are_upscale_s_files_as_each_command_loads_its_model(tmp_path, dtype):
+    # `pisa upscale` merges the PiSA weights for equal lambdas, the sweep the pixel ones: in
+    # bf16 the two round apart (up to 122 levels here), so the sweep also loads the model
+    # upscale loads for those points; in fp32 they agree within float noise and it does not
+    from pisa_cli.core.loading import merged_variant
+    from pisa_cli.core.random import random_pipeline
+
+    cpu, loaded = torch.device("cpu"), {}
+
+    def factory(model, options):  # merged as the real loader merges for these options
+        merged = merged_variant(options)
+        if merged not in loaded:
+            torch_dtype = resolve_dtype(model.dtype, cpu)
+            loaded[merged] = random_pipeline("tiny", cpu, torch_dtype, merged=merged)
+        return loaded[merged]
+
+    def invoke(*args):
+        common = ["--process-size", "64", "--dtype", dtype, "--device", "cpu"]
+        words = [str(a) for a in (*args, *common, "--weights", tmp_path / "one.png")]
+        result = runner.invoke(app, words, obj={"pipeline_factory": factory})
+        assert result.exit_code == 0, result.output
+
+    noise_image(20, 16, 1, "RGBA").save(tmp_path / "one.png")
+    invoke(
+        "sweep",
+        tmp_path / "one.png",
+        "-o",
+        tmp_path / "sweep",
+        "--lambda-grid",
+        "pix=1 sem=0,0.5,1",
+    )
+    assert sorted(loaded) == (["pisa", "pix"] if dtype == "bf16" else ["pix"])
+    for sem in ("0", "0.5", "1"):
+        out = tmp_path / f"up{sem}"
+        invoke("upscale", tmp_path / "one.png", "-o", out, "--lambda-pix", "1", "--lambda-sem", sem)
+        ours = png_samples(tmp_path / "sweep" / "one" / f"pix1.00_sem{float(sem):.2f}.png")
+        theirs = png_samples(out / "one.png")
+        difference = np.abs(ours[1].astype(int) - theirs[1].astype(int)).max()
+        # bf16 runs a batch's samples one by one (bit for bit); fp32's bound is batching's
+        assert difference <= (0 if dtype == "bf16" else 3), (sem, difference)

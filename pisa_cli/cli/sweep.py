@@ -217,6 +217,7 @@ def _run(jobs, run: spec.SweepSpec, settings, metric_names, load) -> Counter:
 
 
 def _sweep(jobs, settings, metric_names, crop_border: int, quiet: bool, load) -> Counter:
+    from pisa_cli.sweep.core import BASIS, at, needs_merged
     from pisa_cli.sweep.grid import plan_options
     from pisa_cli.sweep.metrics import MetricSet
     from pisa_cli.sweep.run import sweep_jobs
@@ -224,6 +225,9 @@ def _sweep(jobs, settings, metric_names, crop_border: int, quiet: bool, load) ->
     try:
         pipeline = load(settings.model, plan_options(settings.options))
         pipeline.stages(plan_options(settings.options))  # e.g. no second-pass timestep
+        merged = None  # equal lambdas in bf16/fp16: the weights `pisa upscale` loads
+        if needs_merged(pipeline, settings.options, settings.points()):
+            merged = load(settings.model, at(settings.options, BASIS["pisa"]))
         metric_set = None
         if metric_names:
             metric_set = MetricSet(metric_names, str(pipeline.device), crop_border)
@@ -232,7 +236,7 @@ def _sweep(jobs, settings, metric_names, crop_border: int, quiet: bool, load) ->
         raise common.fail(error) from None
     counts: Counter = Counter()
     names = [str(job.source) for job in jobs]
-    results = sweep_jobs(pipeline, jobs, settings, metric_set)
+    results = sweep_jobs(pipeline, jobs, settings, metric_set, merged)
     for result in track(results, len(jobs), names, quiet):
         counts[result.status] += 1
         for metric, (point, value) in result.best.items():

@@ -191,7 +191,10 @@ class PisaPipeline:
     ) -> torch.Tensor:
         """The decoded image in [0, 1], cropped to ``size`` (undoing the padding)."""
         image = vae.decode(self.vae, latents, tile=tile, store=store)
-        image = image[..., : size[0], : size[1]].float()
+        # NCHW whatever the decoder's layout (channels-last in bf16 on a CPU), as a batch's
+        # crops are: the colour fix's reductions round by layout (``color.color_fix``)
+        image = image[..., : size[0], : size[1]]
+        image = image.to(torch.float32, memory_format=torch.contiguous_format)
         return image.mul_(0.5).add_(0.5).clamp_(0, 1)  # in place: this can be a big buffer
 
     @staticmethod

@@ -61,7 +61,14 @@ def wavelet_color_fix(target: torch.Tensor, source: torch.Tensor) -> torch.Tenso
 
 
 def color_fix(method: str, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Apply ``method`` (adain, wavelet or none)."""
+    """Apply ``method`` (adain, wavelet or none).
+
+    ``target`` is computed on in NCHW order whatever its memory layout: a reduction's
+    rounding follows the layout (the mean of a channels-last image, what a bf16 VAE on a CPU
+    decodes, differs in the last bit from a contiguous one's), and the same image must get
+    the same fix whichever path decoded it (alone, cropped from a batch, in bands).
+    """
+    target = target.contiguous()
     if method == "adain":
         return adain_color_fix(target, source)
     if method == "wavelet":

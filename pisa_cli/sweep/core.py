@@ -20,10 +20,12 @@ from PIL import Image
 
 from pisa_cli.core.batching import decode_points
 from pisa_cli.core.latents import Encoded, Latents, as_rgb, timed
+from pisa_cli.core.loading import merged_variant
 from pisa_cli.core.passes import TIMESTEP, Stage
 from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.core.planning import ImagePlan
 from pisa_cli.engine.denoise import combine_eps
+from pisa_cli.imaging.deep import DeepImage
 from pisa_cli.imaging.resize import plan_resize
 from pisa_cli.options import UpscaleOptions
 from pisa_cli.sweep.grid import GridPoint, plan_options
@@ -56,8 +58,8 @@ def blend_basis(basis: dict[str, np.ndarray], pix: float, sem: float) -> np.ndar
 class Prepared:
     """An image after the encoder and the UNet: all that its grid points need."""
 
-    image: Image.Image
-    """The RGB input."""
+    image: Image.Image | DeepImage
+    """The colour the model sees: 8-bit RGB, or a DeepImage of a 16-bit input."""
     latents: Latents
     """Its plan as run so far, prompt embedding and z_L (the pipeline's stages)."""
     eps: dict[str, torch.Tensor]
@@ -69,6 +71,10 @@ class Prepared:
     decode_batch: int = 1
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    merged_eps: torch.Tensor | None = None
+    """eps_pisa from the PiSA-merged weights, for points `pisa upscale` runs on them
+    (``Sweeper.merged``), computed when the first such point comes."""
 
     second_pass: bool = False
     """Each point's image also went through the x2 second pass (lambdas: the point's)."""
@@ -85,25 +91,56 @@ class Prepared:
         return self.latents.plan
 
     def bicubic(self) -> Image.Image:
-        """The input enlarged to the output size with PIL's bicubic filter (the "before")."""
-        return self.image.resize(self.output_size, Image.Resampling.BICUBIC)
+        """The input enlarged to the output size with PIL's bicubic filter (the "before"),
+        8-bit RGB."""
+        enlarged = self.image.resize(self.output_size, Image.Resampling.BICUBIC)
+        if isinstance(enlarged, DeepImage):
+            return Image.fromarray(np.rint(enlarged.to_array() * 255).astype(np.uint8))
+        return enlarged
+
+
+def at(options: UpscaleOptions, point: GridPoint) -> UpscaleOptions:
+    """``options`` with the lambdas of ``point``: what `pisa upscale` runs for it."""
+    return replace(options, lambda_pix=point.pix, lambda_sem=point.sem)
+
+
+def needs_merged(pipeline: PisaPipeline, options: UpscaleOptions, points) -> bool:
+    """Whether some of ``points`` need a pipeline with the PiSA weights merged, as `pisa
+    upscale` loads for equal lambdas, where the sweep's (pixel weights merged) reaches them
+    through the side path: in bf16 and fp16 the two round apart (a merged weight rounds
+    once; on the tiny random model a point moved by up to 122 levels), in fp32 they agree
+    to float noise."""
+    if pipeline.dtype == torch.float32:
+        return False
+    merged = pipeline.unet.merged
+    return any(
+        merged_variant(at(options, point), pipeline.family) == "pisa" != merged for point in points
+    )
 
 
 class Sweeper:
     """Runs the shared stages of a sweep and decodes grid points, for one pipeline."""
 
     def __init__(
-        self, pipeline: PisaPipeline, options: UpscaleOptions, image_batch: int | None = None
+        self,
+        pipeline: PisaPipeline,
+        options: UpscaleOptions,
+        image_batch: int | None = None,
+        merged: PisaPipeline | None = None,
     ):
         self.pipeline = pipeline
         self.options = plan_options(options)
         self.second_pass = options.second_pass.kind != "none"
         self.image_batch = image_batch
         """--image-batch: grid points per decoder call (None: auto, as `pisa upscale`)."""
+        self.merged = merged if merged is not pipeline else None
+        """The same model with the PiSA weights merged (``needs_merged``): the eps of points
+        with equal lambdas come from it, as in `pisa upscale`; None: from ``pipeline``."""
 
-    def prepare(self, image: Image.Image) -> Prepared:
-        """Encode ``image`` and run both UNet passes (the whole cost shared by all points),
-        through the pipeline's own stages."""
+    def prepare(self, image: Image.Image | DeepImage) -> Prepared:
+        """Encode ``image`` (8-bit RGB, or a DeepImage: its points come out as DeepImages,
+        as in `pisa upscale`) and run both UNet passes (the whole cost shared by all
+        points), through the pipeline's own stages."""
         pipe, timings, notes = self.pipeline, {}, []
         rgb = as_rgb(image)
         stage = Stage("", VARIANTS, TIMESTEP, "pisa", self.options)
@@ -138,14 +175,41 @@ class Sweeper:
         return self.pipeline.batcher.size(plan, self.image_batch)
 
     def latents(self, prepared: Prepared, point: GridPoint) -> torch.Tensor:
-        """z_H of ``point``: the same arithmetic as ``pisa upscale``."""
-        return prepared.encoded.latents - combine_eps(prepared.eps, point.pix, point.sem)
+        """z_H of ``point``: the same weights and arithmetic as ``pisa upscale``."""
+        eps = prepared.eps
+        if self.on_merged(point):
+            eps = {"pisa": self.merged_eps(prepared)}
+        return prepared.encoded.latents - combine_eps(eps, point.pix, point.sem)
+
+    def on_merged(self, point: GridPoint) -> bool:
+        """Whether ``point`` takes its eps from ``merged`` (as `pisa upscale` would)."""
+        if self.merged is None:
+            return False
+        return merged_variant(at(self.options, point), self.pipeline.family) == "pisa"
+
+    def merged_eps(self, prepared: Prepared) -> torch.Tensor:
+        """eps_pisa of the PiSA-merged pipeline, planned as `pisa upscale` plans its pass
+        (one UNet variant), once per image."""
+        if prepared.merged_eps is None:
+            pipe = self.merged
+            assert pipe is not None
+            stage = pipe.stages(at(self.options, BASIS["pisa"]))[0]
+            plan = pipe.plan(prepared.image.size, stage.options, stage.variants, stage.tiling)
+            latents = replace(prepared.latents, plan=plan)
+            calls = pipe.unet_calls
+            eps = pipe.predict_eps(latents, stage, prepared.timings, prepared.notes)
+            prepared.unet_calls += pipe.unet_calls - calls
+            prepared.merged_eps = eps["pisa"]
+        return prepared.merged_eps
 
     def images(
         self, prepared: Prepared, points: Iterable[GridPoint]
-    ) -> Iterator[tuple[GridPoint, Image.Image]]:
-        """Each point's finished image (decoded exactly, colour-fixed, 8-bit), in order."""
+    ) -> Iterator[tuple[GridPoint, Image.Image | DeepImage]]:
+        """Each point's finished colour (decoded exactly, colour-fixed; 8-bit RGB, or a
+        DeepImage for a 16-bit input), in order."""
         pipe, pending = self.pipeline, list(points)
+        if any(self.on_merged(point) for point in pending):
+            self.merged_eps(prepared)  # a UNet pass: timed as one, not as decoding
         while pending:
             chunk, pending = pending[: prepared.decode_batch], pending[prepared.decode_batch :]
             with timed(prepared.timings, "decode", pipe.device):
@@ -164,7 +228,8 @@ class Sweeper:
         the stages of ``pisa upscale`` with the point's lambdas, so the image is the same."""
         if not self.second_pass:
             return image
-        options = replace(self.options, lambda_pix=point.pix, lambda_sem=point.sem)
-        for stage in self.pipeline.stages(options)[1:]:
-            image, _ = self.pipeline.run_stage(image, stage, prepared.timings, prepared.notes)
+        options = at(self.options, point)
+        pipe = self.merged if self.on_merged(point) else self.pipeline
+        for stage in pipe.stages(options)[1:]:  # on the model `pisa upscale` loads for them
+            image, _ = pipe.run_stage(image, stage, prepared.timings, prepared.notes)
         return image

@@ -18,7 +18,8 @@ from PIL import Image
 from pisa_cli import __version__
 from pisa_cli.errors import ImageError
 from pisa_cli.imaging.discover import Job
-from pisa_cli.imaging.io import write_image
+from pisa_cli.imaging.io import write_image, write_output
+from pisa_cli.imaging.modes import Picture, compose
 from pisa_cli.imaging.names import shown
 from pisa_cli.sweep.core import BASIS, Prepared, Sweeper
 from pisa_cli.sweep.grid import GridPoint
@@ -38,21 +39,28 @@ OWN_FILES = ("pix*_sem*.png", "heatmap_*.png", CONTACT_SHEET, SWEEP_JSON, METRIC
 def write_sweep(
     folder: Path,
     job: Job,
+    picture: Picture,
     sweeper: Sweeper,
     prepared: Prepared,
     settings: SweepSettings,
     metrics: MetricSet | None,
     truth: Image.Image | None,
 ) -> dict[str, tuple[GridPoint, float]]:
-    """Decode every grid point and write all the files; return the best point per metric."""
+    """Decode every grid point and write all the files; return the best point per metric.
+
+    A point's file is what `pisa upscale` writes for ``picture`` (the input as read) at its
+    lambdas: grey stays grey, alpha is upscaled apart and re-attached, 16 bits stay 16 bits,
+    ICC profile and EXIF carried. The sheet, metrics and viewer see its 8-bit colour."""
     grid = settings.grid
     cells: dict[GridPoint, Image.Image] = {}
     exact: dict[GridPoint, str] = {}
     basis: dict[str, Image.Image] = {}
     scores: list[dict[str, float]] = []
-    for point, image in sweeper.images(prepared, grid.points):
+    for point, colour in sweeper.images(prepared, grid.points):
+        pixels = compose(picture, colour)
+        image = pixels.to_8bit().convert("RGB")
         if settings.images:
-            write_image(image, folder / f"{point.name}.png")
+            write_output(pixels, folder / f"{point.name}.png")
             exact[point] = f"{point.name}.png"
         elif settings.viewer:
             exact[point] = png_data_uri(image)
@@ -68,8 +76,8 @@ def write_sweep(
     if settings.viewer:
         missing = {name: at for name, at in BASIS.items() if name not in basis}
         by_point = {at: name for name, at in missing.items()}
-        for point, image in sweeper.images(prepared, list(missing.values())):
-            basis[by_point[point]] = image
+        for point, colour in sweeper.images(prepared, list(missing.values())):
+            basis[by_point[point]] = compose(picture, colour).to_8bit().convert("RGB")
         html = build_viewer(
             job.source.name, " · ".join(title[1:]), grid, basis, prepared.bicubic(), exact
         )
@@ -168,7 +176,8 @@ def _record(job, prepared: Prepared, settings, exact, scores, best, metrics) -> 
         },
         "cost": {
             "unet_calls": prepared.unet_calls,
-            "unet_passes": ["pix", "pisa"],
+            "unet_passes": ["pix", "pisa"]
+            + (["pisa merged"] if prepared.merged_eps is not None else []),
             "decoded_points": prepared.decodes,
             "decoder_batch": prepared.decode_batch,
         },

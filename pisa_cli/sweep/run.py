@@ -24,7 +24,7 @@ from pisa_cli.core.planning import check_pixels
 from pisa_cli.errors import ImageError, OptionsError, describe_error
 from pisa_cli.fsutil import TEMP_PREFIX
 from pisa_cli.imaging.discover import Job, image_extensions
-from pisa_cli.imaging.io import read_image
+from pisa_cli.imaging.io import read_image, read_picture
 from pisa_cli.sweep.core import Sweeper
 from pisa_cli.sweep.files import OWN_FILES, write_sweep
 from pisa_cli.sweep.grid import GridPoint
@@ -59,9 +59,12 @@ def sweep_jobs(
     jobs: Iterable[Job],
     settings: SweepSettings,
     metrics: MetricSet | None = None,
+    merged=None,
 ) -> Iterator[SweepResult]:
-    """Sweep each job's source into its folder, yielding a result per job, in order."""
-    sweeper = Sweeper(pipeline, settings.options, settings.image_batch)
+    """Sweep each job's source into its folder, yielding a result per job, in order.
+    ``merged``: the model with the PiSA weights merged, where ``sweep.core.needs_merged``
+    says the grid needs it."""
+    sweeper = Sweeper(pipeline, settings.options, settings.image_batch, merged)
     for job in jobs:
         yield sweep_job(sweeper, job, settings, metrics)
 
@@ -72,14 +75,16 @@ def sweep_job(
     start = time.perf_counter()
     result = SweepResult(job=job, status=FAILED)
     try:
-        image = read_image(job.source, settings.max_pixels)
-        check_pixels(job.source, image.size, settings.options, settings.max_pixels)
+        # as `pisa upscale` reads it: the model sees the colour (16-bit as float); grey and
+        # transparency come back in each point's file (``write_sweep``)
+        picture = read_picture(job.source, settings.max_pixels)
+        check_pixels(job.source, picture.size, settings.options, settings.max_pixels)
         truth = None
         if metrics is not None and metrics.needs_gt:
             if settings.gt_dir is None:
                 raise OptionsError("metrics against the ground truth need --gt DIR")
-            truth = read_truth(settings.gt_dir, job.source, sweeper.output_size(image.size))
-        prepared = sweeper.prepare(image)
+            truth = read_truth(settings.gt_dir, job.source, sweeper.output_size(picture.size))
+        prepared = sweeper.prepare(picture.color)
         result.unet_calls = prepared.unet_calls
         log.info(
             "%s: encoded, UNet pix + pisa in %d call(s); decoding %d points, %d per call",
@@ -89,7 +94,9 @@ def sweep_job(
             min(prepared.decode_batch, settings.grid.size),
         )
         with staged_folder(job.output) as folder:
-            result.best = write_sweep(folder, job, sweeper, prepared, settings, metrics, truth)
+            result.best = write_sweep(
+                folder, job, picture, sweeper, prepared, settings, metrics, truth
+            )
         result.decodes, result.timings, result.notes = (
             prepared.decodes,
             prepared.timings,

@@ -32,6 +32,12 @@ class SweepSettings:
     image_batch: int | None = None
     """Grid points per decoder call (--image-batch; None: auto). Images do not depend on it."""
 
+    def points(self) -> list:
+        """Every point decoded: the grid's, and with the viewer its three basis points."""
+        from pisa_cli.sweep.core import BASIS
+
+        return [*self.grid.points, *(BASIS.values() if self.viewer else ())]
+
     def __post_init__(self) -> None:
         if self.max_pixels < 1:
             raise OptionsError(f"--max-pixels {self.max_pixels} must be at least 1")
