@@ -20,7 +20,7 @@ import torch
 from pisa_cli.core.planning import ImagePlan
 from pisa_cli.engine.tiles import plan_tiles
 from pisa_cli.errors import OutOfMemoryError
-from pisa_cli.models.device import is_out_of_memory
+from pisa_cli.models.device import empty_caches, is_out_of_memory
 from pisa_cli.options import MIN_LATENT_TILE, MIN_VAE_DECODER_TILE, MIN_VAE_ENCODER_TILE
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 
 def release_memory() -> None:
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    empty_caches()
 
 
 def overflowed(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
