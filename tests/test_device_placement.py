@@ -16,6 +16,7 @@ import torch
 
 from pisa_cli import load_pipeline
 from pisa_cli.core import loading
+from pisa_cli.core import pipeline as pipeline_module
 from pisa_cli.engine import vae
 from pisa_cli.imaging.deep import DeepImage
 from pisa_cli.models import cache
@@ -94,6 +95,12 @@ MODES = {
         "rgb",
         True,
     ),
+    "tiled-vae-disk-planes": (
+        "pisa",
+        UpscaleOptions(process_size=64, tiles=TILED_VAE),
+        "disk",
+        True,
+    ),
     "adjustable-latent-tiles-no-colour-fix": (
         "pisa",
         UpscaleOptions(
@@ -123,6 +130,7 @@ MODES = {
 
 
 def _input(kind: str):
+    """A 24x20 noise image; "deep": a 16-bit one."""
     if kind == "deep":
         return DeepImage.from_array(ramp16(24, 20, 3) / 65535.0)
     return noise_image(24, 20, 1)
@@ -132,9 +140,11 @@ def _input(kind: str):
     "mode",
     [pytest.param(m, marks=[pytest.mark.slow] if MODES[m][3] else []) for m in MODES],
 )
-def test_every_mode_runs_on_the_device(on_device, mode, request):
+def test_every_mode_runs_on_the_device(on_device, mode, request, monkeypatch):
     name, options, kind, _ = MODES[mode]
     pipe = _pipe(on_device, name, request)
+    if kind == "disk":  # no host RAM to spare: the planes go to temporary files
+        monkeypatch.setattr(pipeline_module, "host_free_memory", lambda device: 0)
     assert is_on_device(next(pipe.unet.unet.parameters()))
     result = pipe.upscale_with_info(_input(kind), options)
     if mode == "default":  # the same image as on the CPU (same weights)
@@ -144,6 +154,7 @@ def test_every_mode_runs_on_the_device(on_device, mode, request):
     assert levels.std() > 1, "a flat image: the pass did nothing"
     if options.tiles.vae_decoder_tile:
         assert result.plan.decoder_tile == 8 and result.plan.encoder_tile == 64
+        assert result.plan.store == ("disk" if kind == "disk" else "ram")
 
 
 @pytest.mark.slow
@@ -170,7 +181,9 @@ def test_second_pass_lora_runs_on_the_device(on_device, request, second_lora):
 
 
 @pytest.mark.parametrize("float64", [False, True], ids=["mps", "cuda"])
-@pytest.mark.parametrize("tile", [None, 8], ids=["whole", "tiled"])
+@pytest.mark.parametrize(
+    "tile", [pytest.param(None, marks=pytest.mark.slow), 8], ids=["whole", "tiled"]
+)
 def test_the_decoded_image_stays_on_the_device(pipeline, float64, tile):
     """Bug: the tiled decoder built its image on the CPU, and the colour fix then met its
     reference on the GPU ("Expected all tensors to be on the same device")."""

@@ -146,6 +146,21 @@ def test_mps_free_memory_is_metals_working_set_less_torchs_tensors(monkeypatch):
     assert devices.free_memory(torch.device("mps")) == 16 * GIB
 
 
+def test_macos_ram_is_not_a_4_gib_guess(monkeypatch):
+    """macOS has no /proc/meminfo: its RAM, the GPU's too, is what MPS says is free."""
+    fake_mps(monkeypatch, recommended=48 * GIB, allocated=2 * GIB)
+    real_open = open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_proc)
+    monkeypatch.setattr(devices.sys, "platform", "darwin")
+    assert devices.available_ram() == 46 * GIB
+
+
 def test_stage_timings_and_memory_release_reach_mps(monkeypatch):
     calls = fake_mps(monkeypatch, recommended=8 * GIB, allocated=0)
     timings: dict[str, float] = {}
