@@ -1,17 +1,22 @@
 """A stand-in accelerator on the CPU: tensors that say they live on another device.
 
-``on_fake_device()`` makes ``torch.device("mps")`` usable on any machine: a tensor moved or
-created there is an ``OnDevice``, a CPU tensor under a wrapper that reports the device.
-Every operation runs on the CPU tensors inside, but first checks what a real accelerator
-checks: an operation that mixes a device tensor with a CPU tensor (other than a 0-d scalar)
-raises "Expected all tensors to be on the same device", and so does reading a device
-tensor's memory from the host (``.numpy()``). Like Apple's MPS, the device has no float64.
-So the whole pipeline can run with its models "on a GPU" in a CPU-only test, and a tensor
-left on the wrong side fails the test as it would fail on the GPU.
+Inside ``on_fake_device()`` the device it yields (``lazy:0``) is usable on any machine: a
+tensor moved or created there is an ``OnDevice``, a CPU tensor under a wrapper subclass that
+reports the device, and modules moved there get OnDevice parameters. Every operation runs on
+the CPU tensors inside, but first checks what a real accelerator checks: an operation that
+mixes a device tensor with a CPU tensor (other than a 0-d scalar) raises "Expected all
+tensors to be on the same device", and ``.numpy()`` of a device tensor raises (``.tolist()``
+too, stricter than CUDA). As on Apple's MPS, float64 on the device raises unless
+``float64=True`` (CUDA). torch.Generator(device) gives a CPU generator; which device a
+generator was made for is not checked. So the whole pipeline can run with its models "on a
+GPU" in a CPU-only test, and a tensor left on the wrong side fails the test as it would on
+the GPU.
 
-MPS is the stand-in's name because torch's Python bindings accept ``mps`` tensors without a
-backend (``cuda`` would try to initialise CUDA); the pipeline takes its accelerator branches
-(``device.type != "cpu"``) just the same.
+Why ``lazy``: a wrapper's device needs a device guard, which a CPU build of torch has for
+the CPU, meta and lazy only (``mps`` or a renamed PrivateUse1 abort the process, ``cuda``
+tries to initialise CUDA), and ``meta`` means "no data" to libraries. The pipeline takes its
+accelerator branches (``device.type != "cpu"``) for it like for any GPU; the CUDA- and
+MPS-only calls are covered by tests/test_gpu_paths.py with torch.cuda and torch.mps mocked.
 """
 
 from __future__ import annotations

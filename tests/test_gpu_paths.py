@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import logging
 import types
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -286,7 +285,3 @@ def test_tiled_decode_and_colour_fix_on_the_device(pipeline, device):
     source = torch.rand(1, 3, 96, 80, device=device)
     fixed = color.color_fix("adain", (image + 1) / 2, source)
     assert np.isfinite(fixed.cpu().numpy()).all()
-
-
-def test_the_fixture_names_the_device(device):
-    assert replace(ModelOptions(), device=device.type).device == device.type
