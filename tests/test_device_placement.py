@@ -194,3 +194,26 @@ def test_the_decoded_image_stays_on_the_device(pipeline, float64, tile):
         assert is_on_device(image)
         moments = vae.encode(model, image, tile=None if tile is None else 64)
         assert is_on_device(moments)
+
+
+@pytest.mark.slow
+def test_the_fp32_redo_runs_on_the_device(on_device, request):
+    """A bf16 decoder giving NaN is redone in fp32: the VAE converted and back, on the device."""
+    pipes, _ = on_device
+    if "bf16" not in pipes:
+        base, weights = request.getfixturevalue("tiny_base"), request.getfixturevalue("pisa_pkl")
+        pipes["bf16"] = load_pipeline(weights=str(weights), base_model=str(base), dtype="bf16")
+    pipe = pipes["bf16"]
+
+    def poison(module, args, output):
+        return output * float("nan") if output.dtype != torch.float32 else output
+
+    handle = pipe.vae.decoder.conv_out.register_forward_hook(poison)
+    try:
+        result = pipe.upscale_with_info(noise_image(24, 20, 5), BASE)
+    finally:
+        handle.remove()
+    assert any("fp32" in note for note in result.notes), result.notes
+    assert _levels(result.image).std() > 1
+    assert next(pipe.vae.parameters()).dtype == torch.bfloat16
+    assert is_on_device(next(pipe.vae.parameters()))
