@@ -25,8 +25,9 @@ class CompiledOrEager:
     Out-of-memory errors are not failures of the compiler: they propagate as they are.
 
     Each graph compiled is logged (with --verbose) with its input shapes, so a shape that
-    keeps changing shows; reaching torch's recompile limit, after which it runs the function
-    eagerly without a word, is a warning."""
+    keeps changing shows; as many graphs as torch's recompile limit, past which it runs the
+    function eagerly without a word, is a warning (graph breaks count too: a warning
+    early rather than never)."""
 
     def __init__(self, function: Callable[..., Any], label: str, backend: str = "inductor"):
         self.eager = function
@@ -48,10 +49,10 @@ class CompiledOrEager:
             )
             if self.graphs == recompile_limit():
                 log.warning(
-                    "torch.compile recompiled the %s %d times (its limit): new input shapes "
-                    "now run without compiling",
-                    self.label,
+                    "torch.compile has made %d graphs of the %s, torch's recompile limit: "
+                    "further input shapes may run without compiling",
                     self.graphs,
+                    self.label,
                 )
             return torch._dynamo.lookup_backend(name)(graph, inputs)
 
