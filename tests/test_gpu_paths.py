@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pisa_cli.batch import distributed
-from pisa_cli.batch.distributed import RankEnv, join, rank_device, use_rank_device
+from pisa_cli.batch.distributed import RankEnv, join, rank_device
 from pisa_cli.core import doctor
 from pisa_cli.core.latents import timed
 from pisa_cli.core.planning import plan_image, untiled_batch_limit
@@ -99,7 +99,7 @@ def test_a_rank_seeing_one_gpu_takes_it_and_makes_it_current(monkeypatch):
     calls = fake_gpus(monkeypatch, [(9, 0)])  # srun --gpus-per-task=1: LOCAL_RANK 3, 1 GPU
     device = rank_device("auto", RankEnv(3, 4, 3, "slurm"), torch.cuda.device_count())
     assert device == "cuda:0"
-    use_rank_device(device)
+    devices.make_current(torch.device(device))
     assert calls == [("set_device", torch.device("cuda:0"))]
     devices.resolve_device(device)  # exists: no DeviceError
 
@@ -107,9 +107,9 @@ def test_a_rank_seeing_one_gpu_takes_it_and_makes_it_current(monkeypatch):
 def test_a_rank_seeing_every_gpu_takes_its_local_rank(monkeypatch):
     calls = fake_gpus(monkeypatch, [(9, 0)] * 4)
     device = rank_device("cuda", RankEnv(6, 8, 2, "torchrun"), torch.cuda.device_count())
-    use_rank_device(device)
+    devices.make_current(torch.device(device))
     assert device == "cuda:2" and calls == [("set_device", torch.device("cuda:2"))]
-    use_rank_device("cpu")  # a CPU rank sets nothing
+    devices.make_current(torch.device("cpu"))  # a CPU rank sets nothing
     assert len(calls) == 1
 
 

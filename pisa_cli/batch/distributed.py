@@ -132,31 +132,14 @@ def rank_timeout(environ: Mapping[str, str] | None = None) -> float:
 
 def rank_device(requested: str, env: RankEnv, cuda_count: int) -> str:
     """The device of this rank, with ``cuda_count`` GPUs visible to it: ``auto`` and
-    ``cuda`` become cuda:{LOCAL_RANK mod cuda_count} when there are GPUs (``auto`` falls
-    back to the CPU); anything else is taken as given.
-
-    The modulo: where each rank sees only its own GPU (``srun --gpus-per-task=1``,
-    ``--gpu-bind``, Kubernetes), that GPU is cuda:0 whatever the local rank; where a rank
-    sees all of them, it is cuda:LOCAL_RANK as before."""
+    ``cuda`` become cuda:{LOCAL_RANK mod cuda_count} (cuda:0 where each rank sees only its
+    own GPU: ``srun --gpus-per-task=1``, Kubernetes) when there are GPUs (``auto`` falls back
+    to the CPU); anything else is taken as given."""
     if requested == "cuda" or (requested == "auto" and cuda_count > 0):
         return f"cuda:{env.local_rank % cuda_count}" if cuda_count > 0 else "cuda"
     if requested == "auto" and env.distributed:
         return "cpu"  # not MPS: one Apple GPU cannot be shared by several ranks usefully
     return requested
-
-
-def use_rank_device(device: str) -> None:
-    """Make a rank's CUDA device the current one (once per rank, before any model): the
-    allocations and kernels that name no device (``torch.cuda.synchronize()``, cuBLAS
-    handles, a library's bare "cuda") then land on it, not on every rank's cuda:0."""
-    import torch
-
-    target = torch.device(device)
-    # A device that is not there is left to the model loader's error message.
-    if target.type != "cuda" or target.index is None or not torch.cuda.is_available():
-        return
-    if target.index < torch.cuda.device_count():
-        torch.cuda.set_device(target)
 
 
 def parse_devices(text: str) -> list[str]:

@@ -21,13 +21,14 @@ def upscale_as_rank(env: RankEnv, run: spec.UpscaleSpec, load: PipelineFactory) 
     """Run this rank's part of the batch; on rank 0, print the summary and write the report."""
     import torch
 
-    from pisa_cli.batch.distributed import join, rank_device, use_rank_device
+    from pisa_cli.batch.distributed import join, rank_device
+    from pisa_cli.models.device import make_current
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = rank_device(run.model.device, env, gpus)
     run = replace(run, model=replace(run.model, device=device))
     try:
-        use_rank_device(device)
+        make_current(torch.device(device))
         group = join(env, torch.device(device).type)
     except PisaError as error:
         raise common.fail(error) from None

@@ -41,6 +41,16 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def make_current(device: torch.device) -> None:
+    """Make a CUDA device the current one (a rank's, once, before any model): allocations
+    and kernels that name no device (cuBLAS handles, a bare "cuda") then land on it, not on
+    every rank's cuda:0. A device that is not there is left to resolve_device's message."""
+    if device.type != "cuda" or device.index is None or not torch.cuda.is_available():
+        return
+    if device.index < torch.cuda.device_count():
+        torch.cuda.set_device(device)
+
+
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend and backend.is_available())
