@@ -17,7 +17,7 @@ from pisa_cli.batch import distributed
 from pisa_cli.batch.distributed import RankEnv, join, rank_device
 from pisa_cli.core import doctor
 from pisa_cli.core.latents import timed
-from pisa_cli.core.planning import plan_image, untiled_batch_limit
+from pisa_cli.core.planning import plan_image
 from pisa_cli.core.recovery import release_memory
 from pisa_cli.engine import color, memory, vae
 from pisa_cli.engine.denoise import predict_eps
@@ -204,7 +204,7 @@ def test_vae_goes_in_bands_past_two_to_the_31_elements():
     under = plan(10_000 * GIB, host=10_000 * GIB, size=(512, 512))  # 2048 px: untiled
     assert under.decoder_tile is None and under.encoder_tile is None
     # An image batch of untiled passes stays within the limit too: 256 x 2048^2 x 8 = 2^33
-    assert untiled_batch_limit(under, memory.Widths()) == 2
+    assert under.untiled_batch_limit(memory.Widths()) == 2
 
 
 def test_forced_bands_give_the_untiled_image(pipeline, monkeypatch):

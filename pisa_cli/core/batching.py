@@ -26,7 +26,7 @@ import torch
 
 from pisa_cli.core.latents import Encoded, Latents, UpscaleResult, as_rgb, timed, to_tensor
 from pisa_cli.core.passes import Stage
-from pisa_cli.core.planning import ImagePlan, untiled_batch_limit
+from pisa_cli.core.planning import ImagePlan
 from pisa_cli.core.recovery import overflowed, release_memory
 from pisa_cli.engine import memory, vae
 from pisa_cli.imaging.deep import DeepImage
@@ -122,7 +122,7 @@ class Batcher:
         else:
             size = AUTO_IMAGE_BATCH
         fit = int(plan.free_bytes * memory.SAFETY // max(1, plan.peak_bytes))
-        fit = min(fit, untiled_batch_limit(plan, self.pipeline.widths))  # 2^31 elements
+        fit = min(fit, plan.untiled_batch_limit(self.pipeline.widths))  # 2^31 elements
         size = min(size, fit, self.limits.get(plan.model_size, size))
         return max(1, size)
 

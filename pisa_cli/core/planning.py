@@ -42,6 +42,17 @@ class ImagePlan:
     """Estimated working memory at the busiest stage (weights not included)."""
     free_bytes: int
 
+    def untiled_batch_limit(self, widths: memory.Widths) -> int:
+        """Images of this plan one untiled VAE call may hold before its largest activation
+        passes 2^31 elements (no limit for a pass in bands: it runs one image at a time)."""
+        width, height = self.model_size
+        limits = [
+            memory.INDEX_LIMIT // max(1, memory.largest_vae_tensor(height, width, widths, dec))
+            for dec, tile in ((False, self.encoder_tile), (True, self.decoder_tile))
+            if tile is None
+        ]
+        return max(1, min(limits, default=memory.INDEX_LIMIT))
+
     def describe(self) -> str:
         """A few lines for --dry-run."""
         (iw, ih), (ow, oh) = self.resize.input_size, self.resize.output_size
@@ -161,18 +172,6 @@ def plan_image(
 
 def _indexable(height: int, width: int, widths: memory.Widths, decoder: bool) -> bool:
     return memory.largest_vae_tensor(height, width, widths, decoder) <= memory.INDEX_LIMIT
-
-
-def untiled_batch_limit(plan: ImagePlan, widths: memory.Widths) -> int:
-    """Images of ``plan`` one untiled VAE call may hold before its largest activation
-    passes 2^31 elements (no limit for a pass in bands, which runs one image at a time)."""
-    width, height = plan.model_size
-    limits = [
-        memory.INDEX_LIMIT // max(1, memory.largest_vae_tensor(height, width, widths, decoder))
-        for decoder, tile in ((False, plan.encoder_tile), (True, plan.decoder_tile))
-        if tile is None
-    ]
-    return max(1, min(limits, default=memory.INDEX_LIMIT))
 
 
 def check_pixels(
