@@ -273,6 +273,18 @@ def test_bench_clock_stops_after_the_synchronisation(monkeypatch):
     assert order[order.index("work") + 1 :][:2] == ["sync", "clock"]
 
 
+def test_bench_rows_on_an_accelerator_report_host_memory_too(monkeypatch):
+    """The tiled VAE's planes live on the host: a GPU allocator's peak alone misses them."""
+    from pisa_cli import bench
+
+    monkeypatch.setattr(bench, "synchronize", lambda device: None)
+    rows: list = []
+    with bench.measured(rows, "vae-memory", "planes", torch.device("mps")):
+        planes = torch.ones(64, 2**20)  # 256 MiB on the host
+    del planes
+    assert rows[0].figures["host_peak_gib"] > 0.2
+
+
 # --- 1. the colour fix meets its reference on one device, on a real GPU too ------------
 @torch.inference_mode()
 def test_tiled_decode_and_colour_fix_on_the_device(pipeline, device):
