@@ -21,6 +21,27 @@ from pisa_cli.models.synthetic import save_random_base
 from tests.helpers import write_adapter_folder, write_official_checkpoint, write_second_lora
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda (the cuda case of ``device``) are skipped, with the reason, where
+    torch sees no CUDA GPU; on a GPU ``pytest -m cuda`` runs just them."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"no CUDA GPU (torch {torch.__version__}): run on a GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    """The device a test runs on: the CPU, and CUDA where there is a GPU (marked cuda)."""
+    import torch
+
+    return torch.device(request.param)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment(tmp_path_factory, monkeypatch):
     """No test reads or writes the user's caches or picks up their settings."""

@@ -15,7 +15,7 @@ from tests.helpers import noise_image
 
 
 def test_compiler_missing_at_build_time(monkeypatch, caplog):
-    def no_compiler(function):
+    def no_compiler(function, **options):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(torch, "compile", no_compiler)
@@ -28,7 +28,7 @@ def test_compiler_missing_at_build_time(monkeypatch, caplog):
 def test_compiled_call_failing_falls_back_once(monkeypatch, caplog):
     calls = []
 
-    def broken_compile(function):
+    def broken_compile(function, **options):
         def run(*args):
             calls.append("compiled")
             raise NotImplementedError("operator not supported by the backend")
@@ -44,7 +44,7 @@ def test_compiled_call_failing_falls_back_once(monkeypatch, caplog):
 
 
 def test_out_of_memory_is_not_taken_for_a_compiler_failure(monkeypatch):
-    def oom_compile(function):
+    def oom_compile(function, **options):
         def run(*args):
             raise MemoryError
 
@@ -60,7 +60,7 @@ def test_out_of_memory_is_not_taken_for_a_compiler_failure(monkeypatch):
 def test_pipeline_with_compile_gives_the_same_image(tiny_base, pisa_pkl, monkeypatch):
     from pisa_cli import load_pipeline
 
-    def failing_compile(function):
+    def failing_compile(function, **options):
         def run(*args, **kwargs):
             raise RuntimeError("inductor backend failed")
 

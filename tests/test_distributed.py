@@ -92,17 +92,20 @@ def test_rank_timeout():
 
 
 @pytest.mark.parametrize(
-    ("requested", "cuda", "expected"),
+    ("requested", "gpus", "expected"),
     [
-        ("auto", True, "cuda:1"),
-        ("cuda", True, "cuda:1"),
-        ("auto", False, "cpu"),
-        ("cpu", True, "cpu"),
-        ("cuda:0", True, "cuda:0"),  # an explicit device is the user's choice
+        ("auto", 4, "cuda:1"),
+        ("cuda", 4, "cuda:1"),
+        ("auto", 1, "cuda:0"),  # srun --gpus-per-task=1, Kubernetes: each rank sees its own
+        ("cuda", 1, "cuda:0"),
+        ("auto", 0, "cpu"),
+        ("cuda", 0, "cuda"),  # no GPU: the loader says so
+        ("cpu", 4, "cpu"),
+        ("cuda:0", 4, "cuda:0"),  # an explicit device is the user's choice
     ],
 )
-def test_rank_device_takes_the_local_rank_gpu(requested, cuda, expected):
-    assert rank_device(requested, RankEnv(3, 4, 1, "torchrun"), cuda) == expected
+def test_rank_device_takes_the_local_rank_gpu(requested, gpus, expected):
+    assert rank_device(requested, RankEnv(3, 4, 1, "torchrun"), gpus) == expected
 
 
 def test_parse_devices():

@@ -65,11 +65,11 @@ def test_unet_out_of_memory_lowers_the_batch_then_the_tile(pipeline, monkeypatch
     original = pipeline_module.predict_eps
     tried = []
 
-    def fake(unet, latents, cond, plan, variants, tile_batch=1, timestep=1):
+    def fake(unet, latents, cond, plan, variants, tile_batch=1, timestep=1, **kwargs):
         tried.append((plan.tile_size, tile_batch))
         if tile_batch > 1 or max(plan.tile_size) > 8:
             raise RuntimeError("CUDA out of memory. Tried to allocate 1.50 GiB")
-        return original(unet, latents, cond, plan, variants, tile_batch, timestep)
+        return original(unet, latents, cond, plan, variants, tile_batch, timestep, **kwargs)
 
     monkeypatch.setattr(pipeline_module, "predict_eps", fake)
     options = replace(OPTIONS, tiles=TileOptions(latent_tile=16, latent_overlap=4, tile_batch=4))

@@ -3,8 +3,9 @@ ranks tell rank 0 what they did.
 
 A launcher (torchrun, accelerate launch, Slurm's srun, or ``pisa upscale --devices``)
 starts the same command once per device. Each process reads its rank from the
-environment (``rank_environment``) and joins a torch.distributed process group (gloo on
-CPUs, nccl on GPUs). Rank 0 decides what to run (the manifest's resume decisions) and
+environment (``rank_environment``) and joins a torch.distributed process group (gloo,
+GPUs or not: the group runs no collective, so nccl would only add its start-up and its
+GPU memory). Rank 0 decides what to run (the manifest's resume decisions) and
 splits the remaining inputs by pixel count (``shard_by_weight``); every rank runs its
 share and sends its results back through the group's key-value store, as plain JSON
 checked on the way in (pisa_cli/batch/store.py, pisa_cli/batch/messages.py): the store has
@@ -129,11 +130,13 @@ def rank_timeout(environ: Mapping[str, str] | None = None) -> float:
     return value
 
 
-def rank_device(requested: str, env: RankEnv, cuda_available: bool) -> str:
-    """The device of this rank: ``auto`` and ``cuda`` become cuda:LOCAL_RANK when there
-    are GPUs (``auto`` falls back to the CPU); anything else is taken as given."""
-    if requested == "cuda" or (requested == "auto" and cuda_available):
-        return f"cuda:{env.local_rank}"
+def rank_device(requested: str, env: RankEnv, cuda_count: int) -> str:
+    """The device of this rank, with ``cuda_count`` GPUs visible to it: ``auto`` and
+    ``cuda`` become cuda:{LOCAL_RANK mod cuda_count} (cuda:0 where each rank sees only its
+    own GPU: ``srun --gpus-per-task=1``, Kubernetes) when there are GPUs (``auto`` falls back
+    to the CPU); anything else is taken as given."""
+    if requested == "cuda" or (requested == "auto" and cuda_count > 0):
+        return f"cuda:{env.local_rank % cuda_count}" if cuda_count > 0 else "cuda"
     if requested == "auto" and env.distributed:
         return "cpu"  # not MPS: one Apple GPU cannot be shared by several ranks usefully
     return requested
@@ -347,7 +350,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def join(env: RankEnv, device_type: str, timeout: float | None = None) -> Group:
-    """Join the launch's process group (gloo on CPU, nccl on CUDA) and start beating.
+    """Join the launch's process group (gloo on every device: only its store is used) and
+    start beating.
 
     Raises LaunchError with one line when the group cannot be set up (no MASTER_ADDR or
     MASTER_PORT, the port taken, ranks that never arrive within the timeout).
@@ -364,7 +368,7 @@ def join(env: RankEnv, device_type: str, timeout: float | None = None) -> Group:
             f"{where}: {' and '.join(missing)} not set; launch with torchrun, or export "
             "MASTER_ADDR (the first node's address) and MASTER_PORT before srun"
         )
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    backend = "gloo"  # not nccl on GPUs: no collective runs, the store is all we use
     host, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
     address = f"{host}:{port}"
     wait = timedelta(seconds=timeout)

@@ -223,7 +223,12 @@ def dry_run(
     from pisa_cli.core.planning import model_widths, plan_image
     from pisa_cli.imaging.io import read_size
     from pisa_cli.models.adapters import OMGSR, family_of
-    from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
+    from pisa_cli.models.device import (
+        free_memory,
+        host_free_memory,
+        resolve_device,
+        resolve_dtype,
+    )
 
     device = resolve_device(model.device)
     dtype = resolve_dtype(model.dtype, device)
@@ -238,16 +243,17 @@ def dry_run(
         except ImageError as error:
             yield job, str(error)
             continue
-        free = free_memory(device)
+        free, host = free_memory(device), host_free_memory(device)
+        itemsize = dtype.itemsize
         if first == OMGSR:
-            plans = [plan_image(size, options, widths, dtype.itemsize, free, ("first",), OMGSR)]
+            plans = [plan_image(size, options, widths, itemsize, free, ("first",), OMGSR, host)]
         else:
-            plans = [plan_image(size, options, widths, dtype.itemsize, free)]
+            plans = [plan_image(size, options, widths, itemsize, free, host_free_bytes=host)]
         if kind != "none":
             second = replace(options, scale=2, timestep=None, second_pass=SecondPassOptions())
             variants = ("second",) if kind == "tudsr" else plans[0].variants
             tiling = OMGSR if second_omgsr else "stablesr"
             size = plans[0].resize.output_size
-            free = free_memory(device)
-            plans.append(plan_image(size, second, widths, dtype.itemsize, free, variants, tiling))
+            free, host = free_memory(device), host_free_memory(device)
+            plans.append(plan_image(size, second, widths, itemsize, free, variants, tiling, host))
         yield job, plans

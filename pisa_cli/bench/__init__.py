@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from pisa_cli.models.device import synchronize
+
 
 @dataclass
 class Row:
@@ -33,30 +35,33 @@ class Row:
 
 
 class PeakMemory:
-    """Peak memory of a block: RSS high-water mark on Linux, allocator peak on CUDA."""
+    """Peak memory of a block: RSS high-water mark on Linux, allocator peak on CUDA, and on
+    an accelerator the host's RSS peak as well (``host_peak``: the tiled VAE's planes and
+    every buffer kept on the host)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak = 0
+        self.host_peak = 0
 
     def __enter__(self) -> PeakMemory:
         gc.collect()
+        synchronize(self.device)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            _trim_heap()
-            _reset_rss_peak()
-            self._base = _rss()[0]
+        _trim_heap()
+        _reset_rss_peak()
+        self._host_base = _rss()[0]
         return self
 
     def __exit__(self, *exc: object) -> None:
+        synchronize(self.device)
+        self.host_peak = _rss()[1] - self._host_base
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
         else:
-            self.peak = _rss()[1] - self._base
+            self.peak = self.host_peak
 
 
 def _rss() -> tuple[int, int]:
@@ -89,8 +94,11 @@ def measured(rows: list[Row], scenario: str, case: str, device: torch.device) ->
     with PeakMemory(device) as peak:
         start = time.perf_counter()
         yield row
+        synchronize(device)  # the clock stops when the queued GPU work is done, not before
         row.seconds = time.perf_counter() - start
     row.peak_bytes = peak.peak
+    if device.type != "cpu":
+        row.figures["host_peak_gib"] = peak.host_peak / 2**30
     rows.append(row)
 
 

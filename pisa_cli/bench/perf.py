@@ -17,6 +17,7 @@ import torch
 
 from pisa_cli.bench import Row, scenario
 from pisa_cli.bench.upscale import random_pipeline, run_folder
+from pisa_cli.models.device import synchronize
 from pisa_cli.models.synthetic import config_dir
 from pisa_cli.options import BatchOptions, UpscaleOptions
 
@@ -30,12 +31,10 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 4096) -> f
     best = float("inf")
     torch.mm(a, b)
     for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 

@@ -29,12 +29,15 @@ def vae_exact(
             whole = decode(vae, latent)
         with measured(rows, "vae-exact", f"decode {size}px tile {tile} disk", device) as row:
             tiled = decode(vae, latent, tile=tile, store="disk")
-            row.figures["max_abs_diff"] = float((tiled - whole).abs().max())
+            row.figures["max_abs_diff"] = float(
+                (tiled.float().cpu() - whole.float().cpu()).abs().max()
+            )
         with measured(rows, "vae-exact", f"encode {size}px untiled", device):
             whole = encode(vae, image)
         with measured(rows, "vae-exact", f"encode {size}px tile {tile * 8} disk", device) as row:
             tiled = encode(vae, image, tile=tile * 8, store="disk")
-            row.figures["max_abs_diff_mean"] = float((tiled - whole).abs().max() / 0.18215)
+            diff = (tiled.float().cpu() - whole.float().cpu()).abs().max()
+            row.figures["max_abs_diff_mean"] = float(diff / 0.18215)
     return rows
 
 

@@ -22,10 +22,13 @@ def upscale_as_rank(env: RankEnv, run: spec.UpscaleSpec, load: PipelineFactory) 
     import torch
 
     from pisa_cli.batch.distributed import join, rank_device
+    from pisa_cli.models.device import make_current
 
-    device = rank_device(run.model.device, env, torch.cuda.is_available())
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = rank_device(run.model.device, env, gpus)
     run = replace(run, model=replace(run.model, device=device))
     try:
+        make_current(torch.device(device))
         group = join(env, torch.device(device).type)
     except PisaError as error:
         raise common.fail(error) from None

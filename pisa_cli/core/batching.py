@@ -122,6 +122,7 @@ class Batcher:
         else:
             size = AUTO_IMAGE_BATCH
         fit = int(plan.free_bytes * memory.SAFETY // max(1, plan.peak_bytes))
+        fit = min(fit, plan.untiled_batch_limit(self.pipeline.widths))  # 2^31 elements
         size = min(size, fit, self.limits.get(plan.model_size, size))
         return max(1, size)
 

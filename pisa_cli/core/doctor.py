@@ -43,18 +43,20 @@ def _torch_line() -> str:
 
 
 def _device_checks(model: ModelOptions) -> list[Check]:
-    from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
+    from pisa_cli.models.device import cuda_bf16, free_memory, resolve_device, resolve_dtype
 
     checks = []
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
-            bf16 = "bf16 yes" if torch.cuda.is_bf16_supported() else "bf16 no"
+            # The rule of --dtype auto: bf16 from compute capability 8.0, else fp16.
+            bf16 = "bf16" if cuda_bf16(torch.device("cuda", index)) else "no bf16: auto is fp16"
+            capability = f"compute {props.major}.{props.minor}"
             checks.append(
                 Check(
                     f"cuda:{index}",
                     INFO,
-                    f"{props.name}, {props.total_memory / 2**30:.1f} GiB, {bf16}",
+                    f"{props.name}, {props.total_memory / 2**30:.1f} GiB, {capability}, {bf16}",
                 )
             )
     else:

@@ -17,6 +17,7 @@ from pisa_cli.core.planning import ImagePlan
 from pisa_cli.engine.tiles import TilePlan
 from pisa_cli.imaging.deep import DeepImage
 from pisa_cli.imaging.resize import ResizePlan
+from pisa_cli.models.device import synchronize
 
 
 @dataclass
@@ -72,8 +73,8 @@ class UpscaleResult:
 def timed(timings: dict[str, float], stage: str, device: torch.device | None = None) -> Iterator:
     start = time.perf_counter()
     yield
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device is not None:
+        synchronize(device)  # the queued work belongs to this stage (CUDA, MPS)
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 

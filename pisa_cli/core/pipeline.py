@@ -36,7 +36,7 @@ from pisa_cli.engine.denoise import combine_eps, predict_eps, x0_from_eps
 from pisa_cli.engine.tiles import TilePlan
 from pisa_cli.imaging.deep import DEEP_MAX, DeepImage
 from pisa_cli.imaging.resize import restore_size, upsample_input
-from pisa_cli.models.device import free_memory
+from pisa_cli.models.device import free_memory, host_free_memory
 from pisa_cli.models.lora import PisaUNet
 from pisa_cli.models.text import PromptEncoder
 from pisa_cli.options import UpscaleOptions
@@ -121,9 +121,9 @@ class PisaPipeline:
         tiling: str = "stablesr",
     ) -> ImagePlan:
         """The plan for an input of ``size`` (width, height) in the memory free right now."""
-        free = free_memory(self.device)
+        free, host = free_memory(self.device), host_free_memory(self.device)
         itemsize = self.dtype.itemsize
-        return plan_image(size, options, self.widths, itemsize, free, variants, tiling)
+        return plan_image(size, options, self.widths, itemsize, free, variants, tiling, host)
 
     @torch.inference_mode()
     def embed(self, prompt: str) -> torch.Tensor:
@@ -177,9 +177,13 @@ class PisaPipeline:
         timestep: int = TIMESTEP,
     ) -> dict[str, torch.Tensor]:
         """eps of each UNet variant (``pix``, ``pisa``, ``second``) over the latent tiles
-        (float32), the latents taken in the UNet's dtype (fp32 during its redo)."""
+        (float32), the latents taken in the UNet's dtype (fp32 during its redo; a compiled
+        UNet's last batch padded: one shape, one compile)."""
         latents = latents.to(self.unet.dtype)
-        return predict_eps(self.unet, latents, cond, tiles, variants, tile_batch, timestep)
+        compiled = getattr(self.unet.forward, "compiled", None) is not None
+        return predict_eps(
+            self.unet, latents, cond, tiles, variants, tile_batch, timestep, pad=compiled
+        )
 
     @torch.inference_mode()
     def decode(

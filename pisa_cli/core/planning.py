@@ -42,6 +42,17 @@ class ImagePlan:
     """Estimated working memory at the busiest stage (weights not included)."""
     free_bytes: int
 
+    def untiled_batch_limit(self, widths: memory.Widths) -> int:
+        """Images of this plan one untiled VAE call may hold before its largest activation
+        passes 2^31 elements (no limit for a pass in bands: it runs one image at a time)."""
+        width, height = self.model_size
+        limits = [
+            memory.INDEX_LIMIT // max(1, memory.largest_vae_tensor(height, width, widths, dec))
+            for dec, tile in ((False, self.encoder_tile), (True, self.decoder_tile))
+            if tile is None
+        ]
+        return max(1, min(limits, default=memory.INDEX_LIMIT))
+
     def describe(self) -> str:
         """A few lines for --dry-run."""
         (iw, ih), (ow, oh) = self.resize.input_size, self.resize.output_size
@@ -78,11 +89,14 @@ def plan_image(
     free_bytes: int,
     variants: tuple[str, ...] | None = None,
     tiling: str = "stablesr",
+    host_free_bytes: int | None = None,
 ) -> ImagePlan:
     """The plan for an input of ``size`` (width, height) under ``free_bytes`` of memory.
 
     ``variants`` are the UNet weight sets the pass needs (default: those of the lambdas);
-    ``tiling`` the family's tile grid and defaults (REFERENCE sections 5 and 9)."""
+    ``tiling`` the family's tile grid and defaults (REFERENCE sections 5 and 9).
+    ``host_free_bytes``: the RAM free for the tiled VAE's planes, which live on the host,
+    when the model runs on an accelerator (None: on the CPU, where the two are one)."""
     factor = widths.vae_factor
     resize = plan_resize(size, options.scale, options.process_size, factor)
     width, height = resize.model_size
@@ -113,6 +127,12 @@ def plan_image(
         decoder = (
             None if max(latent_h, latent_w) <= tiles.vae_decoder_tile else tiles.vae_decoder_tile
         )
+    # Past 2^31 elements GPU kernels fail: such images go in bands whatever the memory.
+    safe = memory.index_safe_tile(widths)
+    if encoder is None and not _indexable(height, width, widths, decoder=False):
+        encoder = safe
+    if decoder is None and not _indexable(height, width, widths, decoder=True):
+        decoder = max(memory.MIN_VAE_TILE, safe // factor)
 
     def vae_bytes(tile_px: int | None, untiled: int) -> int:
         if tile_px is None:
@@ -124,11 +144,14 @@ def plan_image(
     store = "-"
     if encoder is not None or decoder is not None:
         ram = memory.ram_store_bytes(height, width, widths, dtype_bytes)
-        fits = ram + max(enc_bytes, dec_bytes) <= free_bytes * memory.SAFETY
-        store = "ram" if fits else "disk"
-        if store == "ram":
-            enc_bytes += ram if encoder is not None else 0
-            dec_bytes += ram if decoder is not None else 0
+        if host_free_bytes is not None:  # the planes are in host RAM, the bands on the device
+            store = "ram" if ram <= host_free_bytes * memory.SAFETY else "disk"
+        else:
+            fits = ram + max(enc_bytes, dec_bytes) <= free_bytes * memory.SAFETY
+            store = "ram" if fits else "disk"
+            if store == "ram":
+                enc_bytes += ram if encoder is not None else 0
+                dec_bytes += ram if decoder is not None else 0
     return ImagePlan(
         resize=resize,
         model_size=(width, height),
@@ -145,6 +168,10 @@ def plan_image(
         peak_bytes=max(enc_bytes, unet_bytes, dec_bytes),
         free_bytes=free_bytes,
     )
+
+
+def _indexable(height: int, width: int, widths: memory.Widths, decoder: bool) -> bool:
+    return memory.largest_vae_tensor(height, width, widths, decoder) <= memory.INDEX_LIMIT
 
 
 def check_pixels(

@@ -25,7 +25,7 @@ import torch
 from pisa_cli.core.planning import ImagePlan
 from pisa_cli.engine.tiles import plan_tiles
 from pisa_cli.errors import NonFiniteError, OutOfMemoryError
-from pisa_cli.models.device import is_out_of_memory
+from pisa_cli.models.device import empty_caches, is_out_of_memory
 from pisa_cli.options import MIN_LATENT_TILE, MIN_VAE_DECODER_TILE, MIN_VAE_ENCODER_TILE
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 
 def release_memory() -> None:
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    empty_caches()
 
 
 def finite(*tensors: torch.Tensor) -> bool:

@@ -51,9 +51,14 @@ def predict_eps(
     variants: Sequence[str],
     tile_batch: int = 1,
     timestep: int = 1,
+    pad: bool = False,
 ) -> dict[str, torch.Tensor]:
     """eps of each variant for the (N, C, H, W) ``latents`` (N images of one size), tile by
     tile: (N, C, H, W) float32 per variant.
+
+    ``pad``: fill a short last batch up to ``tile_batch`` with copies of its last sample
+    (their eps is dropped), so every call has one shape: a compiled UNet then compiles
+    once instead of once per batch size.
 
     Tiles go through the UNet ``tile_batch`` at a time, taken in order from every image (a
     call can hold the last tiles of one image and the first of the next), all variants in
@@ -67,8 +72,9 @@ def predict_eps(
         outs = []
         for start in range(0, count, tile_batch):
             chunk = latents[start : start + tile_batch]
-            out = unet(chunk, cond, variants, timestep=timestep).float()
-            outs.append(out.unflatten(0, (len(variants), chunk.shape[0])))
+            size = tile_batch if pad else chunk.shape[0]
+            out = unet(_filled(chunk, size), cond, variants, timestep=timestep).float()
+            outs.append(out.unflatten(0, (len(variants), size))[:, : chunk.shape[0]])
         eps = torch.cat(outs, dim=1)
         return {v: eps[k] for k, v in enumerate(variants)}
     _, channels, height, width = latents.shape
@@ -81,9 +87,18 @@ def predict_eps(
     for start in range(0, len(work), tile_batch):
         group = work[start : start + tile_batch]
         batch = torch.cat([latents[i : i + 1, :, t.rows, t.cols] for i, t in group])
-        out = unet(batch, cond, variants, timestep=timestep).float()
+        size = tile_batch if pad else len(group)
+        out = unet(_filled(batch, size), cond, variants, timestep=timestep).float()
         for index, (image, tile) in enumerate(group):
             for k, variant in enumerate(variants):
-                eps_tile = out[k * len(group) + index]
+                eps_tile = out[k * size + index]
                 sums[variant][image, :, tile.rows, tile.cols] += eps_tile * weight
     return {v: total / norm for v, total in sums.items()}
+
+
+def _filled(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """``batch`` with copies of its last sample appended up to ``size`` samples."""
+    missing = size - batch.shape[0]
+    if missing <= 0:
+        return batch
+    return torch.cat([batch, batch[-1:].expand(missing, *batch.shape[1:])])

@@ -28,6 +28,10 @@ MIN_LATENT_TILE = 16
 MIN_VAE_TILE = 8
 """Smallest decoder tile in latent pixels (the encoder's is 8x that in image pixels)."""
 MAX_TILE_BATCH = 8
+INDEX_LIMIT = 2**31
+"""Elements a tensor may hold for torch's GPU kernels that index in 32 bits (convolution,
+GroupNorm, upsampling): a larger one fails ("input tensor must fit into 32-bit index
+math") or, for some kernels, is computed wrongly."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,19 @@ def decoder_untiled_bytes(latent_h: int, latent_w: int, widths: Widths, dtype_by
 
 def encoder_untiled_bytes(height: int, width: int, widths: Widths, dtype_bytes: int) -> int:
     return ENCODER_PEAK * height * width * widths.vae * dtype_bytes
+
+
+def largest_vae_tensor(height: int, width: int, widths: Widths, decoder: bool) -> int:
+    """Elements of the largest activation of an untiled VAE pass on one height x width
+    image: the decoder's up block before the last runs twice the first-level width at full
+    resolution (256 channels in SD 2.1's VAE), the encoder the first-level width."""
+    return (2 if decoder else 1) * widths.vae * height * width
+
+
+def index_safe_tile(widths: Widths) -> int:
+    """A tile side (image pixels) whose bands stay far inside INDEX_LIMIT (a band holds
+    about 4 x budget values at most, the budget of a tile x tile image's activations)."""
+    return math.isqrt(INDEX_LIMIT // (4 * widths.vae))
 
 
 def band_budget(tile_pixels: int, widths: Widths) -> int:

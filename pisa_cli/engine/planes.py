@@ -45,9 +45,11 @@ class Plane:
         """Store rows ``top:top+h`` from a (C, h, W) band and add them to the statistics."""
         band = band.detach()
         var, mean = torch.var_mean(band.float(), dim=(1, 2), correction=0)
+        # float64 on the CPU only: MPS has no float64.
+        var, mean = var.cpu().double(), mean.cpu().double()
         count = band.shape[1] * band.shape[2]
-        self.sums += (mean.double() * count).cpu()
-        self.squares += ((var.double() + mean.double().square()) * count).cpu()
+        self.sums += mean * count
+        self.squares += (var + mean.square()) * count
         self._write(top, band)
 
     def read(self, top: int, bottom: int, device: torch.device) -> torch.Tensor:
@@ -66,8 +68,8 @@ class Plane:
         per_channel = self.channels // groups
         mean_c = mean.repeat_interleave(per_channel)
         rstd_c = rstd.repeat_interleave(per_channel)
-        scale = weight.detach().double().cpu() * rstd_c
-        shift = bias.detach().double().cpu() - mean_c * scale
+        scale = weight.detach().cpu().double() * rstd_c
+        shift = bias.detach().cpu().double() - mean_c * scale
         return scale, shift
 
     def release(self) -> None:
@@ -94,8 +96,8 @@ class RamPlane(Plane):
         plane = cls(channels, 0, width, tensor.dtype, tensor.device)
         plane.height, plane.owned, plane._data = height, False, tensor[0]
         flat = tensor[0].float().flatten(1)
-        plane.sums = flat.sum(1).double().cpu()
-        plane.squares = flat.square().sum(1).double().cpu()
+        plane.sums = flat.sum(1).cpu().double()
+        plane.squares = flat.square().sum(1).cpu().double()
         return plane
 
     def _write(self, top: int, band: torch.Tensor) -> None:
@@ -175,7 +177,3 @@ class PlaneStore:
         if self.kind == "disk":
             return DiskPlane(channels, height, width, dtype, self.folder)
         return RamPlane(channels, height, width, dtype, self.device)
-
-    def output(self, channels: int, height: int, width: int, dtype: torch.dtype) -> RamPlane:
-        """A plane for the final result, always in RAM (it is the output buffer)."""
-        return RamPlane(channels, height, width, dtype, "cpu")

@@ -81,8 +81,9 @@ class BandRunner:
     def _normalize(self, band: torch.Tensor, affine, act: bool) -> torch.Tensor:
         if affine is not None:
             scale, shift = affine
-            scale = scale.to(band.device, torch.float32)[:, None, None]
-            shift = shift.to(band.device, torch.float32)[:, None, None]
+            # To float32 on the CPU first: MPS has no float64.
+            scale = scale.float().to(band.device)[:, None, None]
+            shift = shift.float().to(band.device)[:, None, None]
             band = torch.addcmul(shift, band.float(), scale).to(self.dtype)
             return F.silu(band, inplace=True) if act else band
         return F.silu(band) if act else band
@@ -243,7 +244,9 @@ def decode_tiled(vae: nn.Module, latents: torch.Tensor, runner: BandRunner) -> t
         if block.upsamplers:
             x = runner._then(x, runner.conv(x, block.upsamplers[0].conv, upsample=True))
     conv = decoder.conv_out
-    out = RamPlane(conv.out_channels, x.height, x.width, runner.dtype, "cpu")
+    # The image comes back where the latents were, as from the untiled decoder: the colour
+    # fix then meets its reference on the same device (3 channels: small beside the planes).
+    out = RamPlane(conv.out_channels, x.height, x.width, runner.dtype, runner.device)
     runner.conv(x, conv, norm=decoder.conv_norm_out, act=True, out=out)
     x.release()
     return out.tensor()[None]

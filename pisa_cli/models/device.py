@@ -41,17 +41,27 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def make_current(device: torch.device) -> None:
+    """Make a CUDA device the current one (a rank's, once, before any model): allocations
+    and kernels that name no device (cuBLAS handles, a bare "cuda") then land on it, not on
+    every rank's cuda:0. A device that is not there is left to resolve_device's message."""
+    if device.type != "cuda" or device.index is None or not torch.cuda.is_available():
+        return
+    if device.index < torch.cuda.device_count():
+        torch.cuda.set_device(device)
+
+
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend and backend.is_available())
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA GPUs and CPUs that support it, else fp16 on CUDA/MPS, fp32 on
-    other CPUs."""
+    """``auto``: bf16 on CUDA GPUs and CPUs that compute it natively, else fp16 on CUDA/MPS,
+    fp32 on other CPUs."""
     if spec == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_bf16(device) else torch.float16
         if device.type == "mps":
             return torch.float16
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
@@ -61,16 +71,61 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+BF16_CAPABILITY = (8, 0)
+"""The first CUDA compute capability with bf16 tensor cores (Ampere)."""
+
+
+def cuda_bf16(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` computes bf16 natively: compute capability 8.0 or more.
+
+    Not ``torch.cuda.is_bf16_supported()``: it says yes where bf16 is only emulated (T4,
+    V100, Turing: slow, no tensor cores) and asks the current device, not this one."""
+    return tuple(torch.cuda.get_device_capability(device)) >= BF16_CAPABILITY
+
+
 def free_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on ``device`` (CUDA: free + cached; CPU: available RAM)."""
+    """Bytes that can still be allocated on ``device`` (CUDA: free + cached; MPS: Metal's
+    recommended working set less what torch holds; CPU: available RAM)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "mps":
+        return mps_free_memory()
     return available_ram() + heap_free_bytes()
 
 
+def host_free_memory(device: torch.device) -> int | None:
+    """RAM free for the host buffers of work on ``device`` (the tiled VAE's planes), or
+    None on the CPU, where host and device memory are one."""
+    return None if device.type == "cpu" else free_memory(torch.device("cpu"))
+
+
+def mps_free_memory() -> int:
+    """Apple MPS: the working set Metal recommends for this process less what torch's
+    allocator holds for live tensors (its cache can be reused, as CUDA's)."""
+    mps = torch.mps
+    return max(0, int(mps.recommended_max_memory()) - int(mps.current_allocated_memory()))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA, MPS) to finish; nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def empty_caches() -> None:
+    """Give the memory cached by torch's CUDA and MPS allocators back to the driver."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if _mps_available():
+        torch.mps.empty_cache()
+
+
 def available_ram() -> int:
-    """Available RAM in bytes (Linux ``MemAvailable``; elsewhere a conservative guess)."""
+    """Available RAM in bytes: Linux ``MemAvailable``; on macOS, where the RAM is also the
+    GPU's, MPS's figure (``mps_free_memory``); elsewhere the free pages, else half the RAM."""
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -78,11 +133,14 @@ def available_ram() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:
-        pages = os.sysconf("SC_AVPHYS_PAGES")
-        return int(pages * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 4 * 2**30
+    if sys.platform == "darwin" and _mps_available():
+        return mps_free_memory()
+    for name, share in (("SC_AVPHYS_PAGES", 1.0), ("SC_PHYS_PAGES", 0.5)):
+        try:
+            return int(os.sysconf(name) * os.sysconf("SC_PAGE_SIZE") * share)
+        except (ValueError, OSError, AttributeError):
+            continue
+    return 4 * 2**30
 
 
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
