@@ -186,3 +186,40 @@ def test_settings_refuse_what_the_official_code_cannot_run():
         HypirSettings(patch=100)
     with pytest.raises(OptionsError, match="stride"):
         HypirSettings(patch=128, stride=136)
+
+
+def test_each_detail_of_the_official_path_matters(ours, oracle, monkeypatch):
+    """Honesty of the bar above: the y-centre quirk, the zero padding, the unclamped decode
+    and model_t each move pixels far outside it (on an input that needs padding)."""
+    import pisa_cli.core.hypir as core_hypir
+    import pisa_cli.engine.hypir as engine_hypir
+
+    image = noise_image(27, 37, seed=3)
+    settings = HypirSettings(patch=128, stride=64)
+    theirs = hypir_enhance(oracle, image, patch_size=128, stride=64)
+    assert (
+        differences(
+            upscale_image(ours(), image, HypirSettings(patch=128, stride=64, model_t=201)), theirs
+        )[0]
+        > 3
+    )
+
+    def centred(size, dtype, device):
+        index = torch.arange(size, dtype=torch.float64)
+        gauss = torch.exp(-((index - (size - 1) / 2) ** 2) / (2 * (0.1 * size) ** 2))
+        return torch.outer(gauss, gauss).to(device, dtype)
+
+    pad, decode = torch.nn.functional.pad, core_hypir.vae_engine.decode
+
+    def replicate(x, margins, mode="constant", value=0.0):  # the image's padding only
+        return pad(x, margins, mode="replicate" if x.shape[1] == 3 else mode, value=value)
+
+    variants = {
+        "window_weights": (engine_hypir, "window_weights", centred),
+        "replicate": (engine_hypir.F, "pad", replicate),
+        "clamped": (core_hypir.vae_engine, "decode", lambda v, z, clamp: decode(v, z)),
+    }
+    for name, (where, attribute, replacement) in variants.items():
+        with monkeypatch.context() as patch:
+            patch.setattr(where, attribute, replacement)
+            assert differences(upscale_image(ours(), image, settings), theirs)[0] > 3, name
