@@ -220,9 +220,10 @@ def dry_run(
     2.1-base's; the free memory is that of the device the run would use. The families (and
     so the tile grids) follow the weights' names.
     """
+    from pisa_cli.core.hypir_pass import plan_hypir
     from pisa_cli.core.planning import model_widths, plan_image
     from pisa_cli.imaging.io import read_size
-    from pisa_cli.models.adapters import OMGSR, family_of
+    from pisa_cli.models.adapters import HYPIR, OMGSR, family_of
     from pisa_cli.models.device import free_memory, resolve_device, resolve_dtype
 
     device = resolve_device(model.device)
@@ -239,7 +240,9 @@ def dry_run(
             yield job, str(error)
             continue
         free = free_memory(device)
-        if first == OMGSR:
+        if first == HYPIR:
+            plans = [plan_hypir(size, options, widths, dtype.itemsize, free)]
+        elif first == OMGSR:
             plans = [plan_image(size, options, widths, dtype.itemsize, free, ("first",), OMGSR)]
         else:
             plans = [plan_image(size, options, widths, dtype.itemsize, free)]

@@ -26,16 +26,19 @@ from pisa_cli.engine.hypir import (
     DEFAULT_STRIDE,
     DEFAULT_TIMESTEP,
     VAE_FACTOR,
+    Prepared,
     finish_output,
     plan_windows,
     prepare_input,
     tiled_map,
     x0_rule,
 )
+from pisa_cli.engine.tiles import TilePlan
 from pisa_cli.errors import OptionsError
 from pisa_cli.imaging.deep import DeepImage
 from pisa_cli.options import COLOR_FIXES, UpscaleOptions
 
+LATENT_CHANNELS = 4
 DEFAULT_COLOR_FIX = "wavelet"
 """HYPIR's colour fix, done in float before the quantization."""
 
@@ -58,8 +61,9 @@ class HypirSettings:
     vae_sample: bool = False
     """Sample the VAE posterior (seeded by ``seed``) instead of taking its mean."""
     seed: int | None = None
-    tile_batch: int = 1
-    """Windows per model call (the output does not depend on it beyond float noise)."""
+    tile_batch: int | None = None
+    """UNet windows per call (None: as many as fit; the output does not depend on it
+    beyond float noise). The VAE takes one window at a time."""
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -82,7 +86,10 @@ class HypirSettings:
             f"--timestep {self.model_t} must be 0 or more",
         )
         check(self.color_fix in COLOR_FIXES, f"--color-fix {self.color_fix!r} is unknown")
-        check(self.tile_batch >= 1, f"--tile-batch {self.tile_batch} must be at least 1")
+        check(
+            self.tile_batch is None or self.tile_batch >= 1,
+            f"--tile-batch {self.tile_batch} must be at least 1",
+        )
 
     @classmethod
     def from_options(cls, options: UpscaleOptions, color_fix: str | None = None) -> HypirSettings:
@@ -115,7 +122,7 @@ class HypirSettings:
             color_fix=color_fix or options.color_fix,
             vae_sample=options.vae_sample,
             seed=options.seed,
-            tile_batch=tiles.tile_batch or 1,
+            tile_batch=tiles.tile_batch,
         )
 
 
@@ -154,38 +161,87 @@ def alpha_bar(parts: HypirParts, timestep: int) -> float:
     return float(parts.alphas_cumprod[timestep])
 
 
-@torch.inference_mode()
-def upscale_tensor(parts: HypirParts, image: torch.Tensor, settings: HypirSettings) -> torch.Tensor:
-    """HYPIR on (N, 3, H, W) float ``image`` in [0, 1]: (N, 3, sH, sW) float in [0, 1],
-    before the quantization."""
-    device, dtype, timings = parts.device, parts.dtype, parts.timings
+def encode_windows(
+    parts: HypirParts,
+    prepared: Prepared,
+    settings: HypirSettings,
+    tile: int | None = None,
+    store: str = "ram",
+) -> torch.Tensor:
+    """Stage 1: the scaled latents (float32) of the prepared image, encoded window by window
+    (``tile`` below the patch: each window in bands, with the same result)."""
+    generator = _generator(settings, parts.device)
+    band = None if tile is None or tile >= settings.patch else tile
+
+    def encode(window: torch.Tensor) -> torch.Tensor:
+        return vae_engine.encode(
+            parts.vae, window, settings.vae_sample, generator, tile=band, store=store
+        )
+
+    image = prepared.model_input.to(parts.device, parts.dtype)
+    plan = plan_windows(*image.shape[-2:], settings.patch, settings.stride)
+    with torch.inference_mode():
+        return tiled_map(encode, image, plan, LATENT_CHANNELS, down=VAE_FACTOR)
+
+
+def step_windows(
+    parts: HypirParts, latents: torch.Tensor, settings: HypirSettings, tile_batch: int = 1
+) -> torch.Tensor:
+    """Stage 2: x0 (float32) of the latents, window by window: eps at model_t, x0 with
+    coeff_t's alpha_bar; ``tile_batch`` windows per UNet call."""
     abar = alpha_bar(parts, settings.coeff_t)
     alpha_bar(parts, settings.model_t)
+
+    def step(window: torch.Tensor) -> torch.Tensor:
+        eps = parts.unet(window, parts.cond, (parts.variant,), timestep=settings.model_t)
+        return x0_rule(window.float(), eps.float(), abar)
+
+    dtype = getattr(parts.unet, "dtype", parts.dtype)
+    latents = latents.to(parts.device, dtype)
+    plan = _latent_windows(latents, settings)
+    with torch.inference_mode():
+        return tiled_map(step, latents, plan, LATENT_CHANNELS, tile_batch=tile_batch)
+
+
+def decode_windows(
+    parts: HypirParts,
+    latents: torch.Tensor,
+    settings: HypirSettings,
+    tile: int | None = None,
+    store: str = "ram",
+) -> torch.Tensor:
+    """Stage 3: the decoded image (float32, unclamped, padded), window by window (``tile``
+    below the latent window: each window in bands, with the same result)."""
+    window = settings.patch // VAE_FACTOR
+    band = None if tile is None or tile >= window else tile
+
+    def decode(part: torch.Tensor) -> torch.Tensor:
+        return vae_engine.decode(parts.vae, part, tile=band, store=store, clamp=False)
+
+    latents = latents.to(parts.device, parts.dtype)
+    plan = _latent_windows(latents, settings)
+    with torch.inference_mode():
+        return tiled_map(decode, latents, plan, 3, up=VAE_FACTOR)
+
+
+def _latent_windows(latents: torch.Tensor, settings: HypirSettings) -> TilePlan:
+    window, stride = settings.patch // VAE_FACTOR, settings.stride // VAE_FACTOR
+    return plan_windows(*latents.shape[-2:], window, stride)
+
+
+def upscale_tensor(parts: HypirParts, image: torch.Tensor, settings: HypirSettings) -> torch.Tensor:
+    """HYPIR on (N, 3, H, W) float ``image`` in [0, 1]: (N, 3, sH, sW) float in [0, 1],
+    before the quantization (the three stages without recovery: the pipeline's
+    ``run_stage`` runs them under its guard)."""
+    device, timings = parts.device, parts.timings
     with timed(timings, "preprocess"):
         prepared = prepare_input(image.to(device), settings.scale, settings.patch)
-        lq = prepared.model_input.to(dtype)
-    window, stride = settings.patch // VAE_FACTOR, settings.stride // VAE_FACTOR
-    batch = settings.tile_batch
-    generator = _generator(settings, device)
-
-    def encode(tile: torch.Tensor) -> torch.Tensor:
-        return vae_engine.encode(parts.vae, tile, settings.vae_sample, generator)
-
-    def step(tile: torch.Tensor) -> torch.Tensor:
-        eps = parts.unet(tile, parts.cond, (parts.variant,), timestep=settings.model_t)
-        return x0_rule(tile.float(), eps.float(), abar)
-
-    def decode(tile: torch.Tensor) -> torch.Tensor:
-        return vae_engine.decode(parts.vae, tile, clamp=False)
-
     with timed(timings, "encode", device):
-        pixels = plan_windows(*lq.shape[-2:], settings.patch, settings.stride)
-        latents = tiled_map(encode, lq, pixels, 4, down=VAE_FACTOR, tile_batch=batch)
-    plan = plan_windows(*latents.shape[-2:], window, stride)
+        latents = encode_windows(parts, prepared, settings)
     with timed(timings, "unet", device):
-        latents = tiled_map(step, latents.to(dtype), plan, 4, tile_batch=batch)
+        latents = step_windows(parts, latents, settings, settings.tile_batch or 1)
     with timed(timings, "decode", device):
-        decoded = tiled_map(decode, latents.to(dtype), plan, 3, up=VAE_FACTOR, tile_batch=batch)
+        decoded = decode_windows(parts, latents, settings)
     with timed(timings, "color"):
         return finish_output(decoded, prepared, settings.color_fix)
 

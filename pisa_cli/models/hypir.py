@@ -59,6 +59,28 @@ class HypirWeights:
     def ranks(self) -> tuple[int, ...]:
         return tuple(sorted({layer.down.shape[0] for layer in self.layers}))
 
+    # The same face as an OMGSR-style ``AdapterFolder`` (``core.loading`` builds either):
+    # a UNet LoRA, no VAE-encoder LoRA, no recorded timestep.
+    @property
+    def unet(self) -> tuple[LoraLayer, ...]:
+        return self.layers
+
+    @property
+    def encoder(self) -> tuple[LoraLayer, ...]:
+        return ()
+
+    @property
+    def timestep(self) -> int | None:
+        return None
+
+    @property
+    def unet_source(self) -> str:
+        return self.source
+
+    @property
+    def encoder_source(self) -> str:
+        return self.source
+
     def describe(self) -> str:
         """One line for the log, `--dry-run` and `pisa doctor`."""
         ranks = "/".join(map(str, self.ranks))

@@ -1,0 +1,120 @@
+"""HYPIR-SD2 through the pipeline and `pisa upscale`: the family found from the file's keys,
+the official path within the bar, 16-bit inputs, its options and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pisa_cli import load_pipeline
+from pisa_cli.cli import app
+from pisa_cli.errors import OptionsError, WeightsError
+from pisa_cli.imaging.deep import DeepImage
+from pisa_cli.options import SecondPassOptions, TileOptions, UpscaleOptions
+from tests.helpers import assert_close, noise_image
+from tests.hypir_reference import hypir_enhance, load_hypir_reference, write_hypir_weights
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def hypir_pth(tiny_base, tmp_path_factory):
+    return write_hypir_weights(tiny_base, tmp_path_factory.mktemp("hypir") / "HYPIR_sd2.pth")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_base, hypir_pth):
+    kw = {"device": "cpu", "dtype": "fp32"}
+    return load_pipeline(weights=str(hypir_pth), base_model=str(tiny_base), **kw)
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_base, hypir_pth):
+    return load_hypir_reference(tiny_base, hypir_pth)
+
+
+def options(**kw) -> UpscaleOptions:
+    """HYPIR's defaults at a 64 patch (half-window overlap: stride 32), wavelet."""
+    return UpscaleOptions(process_size=64, color_fix="wavelet", **kw)
+
+
+def test_the_pipeline_runs_the_official_path(pipe, oracle):
+    assert pipe.family == "hypir"
+    stage = pipe.stages(options())[0]
+    assert (stage.rule, stage.timestep, stage.tiling) == ("hypir", 200, "hypir")
+    assert "non-commercial" in pipe.describe(options())[0]
+    image = noise_image(20, 24, seed=5)
+    result = pipe.upscale_with_info(image, options())
+    assert_close(result.image, hypir_enhance(oracle, image, patch_size=64, stride=32))
+    assert (
+        len(result.plan.unet.tiles) == len(result.plan.unet.tiles) and result.plan.latent_tile == 8
+    )
+    tiles = TileOptions(latent_overlap=2, tile_batch=3)  # stride 64 - 16 = 48
+    small = pipe.upscale(noise_image(17, 14, seed=6), options(tiles=tiles, scale=2))
+    theirs = hypir_enhance(oracle, noise_image(17, 14, seed=6), upscale=2, patch_size=64, stride=48)
+    assert_close(small, theirs)
+
+
+def test_a_16_bit_input_stays_16_bit(pipe):
+    rgb = noise_image(16, 16, seed=2)
+    deep = DeepImage.from_array(np.asarray(rgb, dtype=np.float32) / 255)
+    out = pipe.upscale(deep, options())
+    assert isinstance(out, DeepImage) and out.size == (64, 64)
+    eight = np.asarray(pipe.upscale(rgb, options()), dtype=np.float32) / 255
+    assert np.abs(out.to_array() - eight).max() <= 1.5 / 255  # one quantization, finer grid
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"lambda_pix": 0.5}, "only PiSA-SR has lambdas"),
+        ({"second_pass": SecondPassOptions(kind="pisa")}, "single pass"),
+        ({"timestep": 1000}, "from 0 to 999"),
+        ({"tiles": TileOptions(latent_tile=12)}, "set --process-size"),
+    ],
+)
+def test_options_it_cannot_take_are_refused(pipe, kw, message):
+    with pytest.raises(OptionsError, match=message):
+        pipe.upscale(noise_image(16, 16), options(**kw))
+
+
+def test_as_a_second_pass_it_is_refused(tiny_base, pisa_pkl, hypir_pth):
+    second = SecondPassOptions(kind="tudsr", weights=str(hypir_pth))
+    with pytest.raises(WeightsError, match="first pass only"):
+        load_pipeline(
+            weights=str(pisa_pkl),
+            base_model=str(tiny_base),
+            device="cpu",
+            dtype="fp32",
+            options=UpscaleOptions(second_pass=second),
+        )
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_pisa_upscale_with_hypir_weights(tiny_base, hypir_pth, oracle, tmp_path):
+    source = tmp_path / "in" / "photo.png"
+    source.parent.mkdir()
+    noise_image(24, 20, 7).save(source)
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    args = ["--base-model", tiny_base, "--weights", hypir_pth, "--device", "cpu"]
+    args += ["--dtype", "fp32", "--process-size", "64"]
+    result = run("upscale", source.parent, "-o", out, *args, "--report", report)
+    assert result.exit_code == 0, result.output
+    written = Image.open(out / "photo.png")
+    theirs = hypir_enhance(oracle, noise_image(24, 20, 7), patch_size=64, stride=32)
+    assert_close(written, theirs)  # the default colour fix is HYPIR's wavelet
+    data = json.loads(report.read_text())
+    assert data["settings"]["model"]["family"] == "hypir"
+    assert data["settings"]["model"]["timestep"] == 200
+    dry = run("upscale", source, "-o", tmp_path / "o2", *args, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "HYPIR-SD2" in dry.output and "non-commercial" in dry.output
+    again = run("upscale", source.parent, "-o", out, *args, "--timestep", "300")
+    assert again.exit_code == 0 and "settings changed" in again.output
