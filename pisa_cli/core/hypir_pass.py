@@ -11,7 +11,7 @@ tiles, which the batcher keeps to one image per call).
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pisa_cli.core.hypir import (
     LATENT_CHANNELS,
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from pisa_cli.core.passes import Stage
-    from pisa_cli.core.pipeline import PisaPipeline
 
 TILING = "hypir"
 
@@ -84,14 +83,15 @@ def plan_hypir(
 
 
 def run_hypir(
-    pipe: PisaPipeline,
+    pipe: Any,
     image: Image.Image | DeepImage,
     stage: Stage,
     timings: dict[str, float],
     notes: list[str],
 ) -> tuple[Image.Image | DeepImage, ImagePlan]:
-    """One HYPIR pass of ``pipe`` over ``image``: the finished image (8-bit truncated once,
-    or a DeepImage for 16-bit inputs) and the plan as run."""
+    """One HYPIR pass of ``pipe`` (a PisaPipeline, which imports this module) over
+    ``image``: the finished image (8-bit truncated once, or a DeepImage for 16-bit inputs)
+    and the plan as run."""
     from pisa_cli.engine.hypir import prepare_input
 
     settings = HypirSettings.from_options(stage.options)
