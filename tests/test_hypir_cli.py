@@ -118,3 +118,18 @@ def test_pisa_upscale_with_hypir_weights(tiny_base, hypir_pth, oracle, tmp_path)
     assert "HYPIR-SD2" in dry.output and "non-commercial" in dry.output
     again = run("upscale", source.parent, "-o", out, *args, "--timestep", "300")
     assert again.exit_code == 0 and "settings changed" in again.output
+
+
+def test_doctor_and_sweep_know_the_family(tiny_base, hypir_pth, tmp_path):
+    args = ["--base-model", tiny_base, "--weights", hypir_pth]
+    doctor = run("doctor", "--device", "cpu", *args)
+    assert doctor.exit_code == 0, doctor.output
+    line = next(line for line in doctor.output.splitlines() if "HYPIR-SD2" in line)
+    assert "rank 8" in line and "non-commercial" in line
+    source = tmp_path / "photo.png"
+    noise_image(16, 16).save(source)
+    sweep = run("sweep", source, "-o", tmp_path / "s", *args, "--device", "cpu")
+    assert sweep.exit_code == 3
+    errors = [line for line in sweep.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "HYPIR-SD2 has no lambdas to sweep" in errors[0]
+    assert not (tmp_path / "s").exists()
