@@ -39,7 +39,7 @@ def oracle(tiny_base, hypir_pth):
 
 def options(**kw) -> UpscaleOptions:
     """HYPIR's defaults at a 64 patch (half-window overlap: stride 32), wavelet."""
-    return UpscaleOptions(process_size=64, color_fix="wavelet", **kw)
+    return UpscaleOptions(**{"process_size": 64, "color_fix": "wavelet", **kw})
 
 
 def test_the_pipeline_runs_the_official_path(pipe, oracle):
@@ -133,3 +133,65 @@ def test_doctor_and_sweep_know_the_family(tiny_base, hypir_pth, tmp_path):
     errors = [line for line in sweep.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "HYPIR-SD2 has no lambdas to sweep" in errors[0]
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(("stage", "limit"), [("decode", 8), ("encode", 64)])
+def test_out_of_memory_bands_the_vae_windows_with_the_same_image(pipe, monkeypatch, stage, limit):
+    import pisa_cli.engine.vae as vae_module
+
+    image, settings = noise_image(20, 24, 1), options(process_size=128)  # 2 windows of 128
+    expected = pipe.upscale(image, settings)
+    original, seen = getattr(vae_module, stage), []
+
+    def refusing(*args, tile=None, **kwargs):
+        seen.append(tile)
+        if tile is None or tile > limit:
+            raise MemoryError
+        return original(*args, tile=tile, **kwargs)
+
+    monkeypatch.setattr(vae_module, stage, refusing)
+    result = pipe.upscale_with_info(image, settings)
+    assert seen[0] is None and seen[-1] == limit
+    assert any("out of memory" in note for note in result.notes)
+    assert_close(result.image, expected, mean=0.01)
+
+
+def test_out_of_memory_in_the_unet_halves_the_windows_per_call_only(pipe, monkeypatch):
+    from pisa_cli.errors import OutOfMemoryError
+
+    batches, original = [], pipe.unet.__class__.__call__
+
+    def refusing(self, latents, *args, **kwargs):
+        batches.append(latents.shape[0])
+        if latents.shape[0] > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.50 GiB")
+        return original(self, latents, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.unet.__class__, "__call__", refusing)
+    image, settings = noise_image(20, 24, 1), options(tiles=TileOptions(tile_batch=4))
+    result = pipe.upscale_with_info(image, settings)
+    assert batches[:3] == [4, 2, 1] and result.plan.tile_batch == 1
+    monkeypatch.setattr(
+        pipe.unet.__class__, "__call__", lambda *a, **k: refusing(*a[:1], a[1].repeat(2, 1, 1, 1))
+    )
+    with pytest.raises(OutOfMemoryError, match="out of memory in the UNet even at tile 8x8"):
+        pipe.upscale(image, settings)
+
+
+def test_a_non_finite_decode_in_bf16_is_redone_in_fp32(tiny_base, hypir_pth, monkeypatch):
+    import torch
+
+    import pisa_cli.engine.vae as vae_module
+
+    kw = {"device": "cpu", "dtype": "bf16"}
+    low = load_pipeline(weights=str(hypir_pth), base_model=str(tiny_base), **kw)
+    original = vae_module.decode
+
+    def overflowing(vae, latents, **kwargs):
+        out = original(vae, latents, **kwargs)
+        return out * float("inf") if next(vae.parameters()).dtype == torch.bfloat16 else out
+
+    monkeypatch.setattr(vae_module, "decode", overflowing)
+    result = low.upscale_with_info(noise_image(16, 16, 3), options())
+    assert any("VAE decoder gave inf/NaN in bfloat16; redone in fp32" in n for n in result.notes)
+    assert np.asarray(result.image).std() > 0 and low.vae.dtype == torch.bfloat16
