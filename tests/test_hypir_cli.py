@@ -195,3 +195,31 @@ def test_a_non_finite_decode_in_bf16_is_redone_in_fp32(tiny_base, hypir_pth, mon
     result = low.upscale_with_info(noise_image(16, 16, 3), options())
     assert any("VAE decoder gave inf/NaN in bfloat16; redone in fp32" in n for n in result.notes)
     assert np.asarray(result.image).std() > 0 and low.vae.dtype == torch.bfloat16
+
+
+def test_vae_sample_is_seeded(pipe):
+    image = noise_image(16, 16, 4)
+
+    def sampled(seed):
+        return np.asarray(pipe.upscale(image, options(vae_sample=True, seed=seed)), dtype=int)
+
+    first, mean = sampled(1), np.asarray(pipe.upscale(image, options()), dtype=int)
+    assert np.array_equal(first, sampled(1))
+    assert not np.array_equal(first, sampled(2)) and not np.array_equal(first, mean)
+
+
+def test_a_damaged_file_is_one_line_and_no_output_folder(tiny_base, hypir_pth, tmp_path):
+    import torch
+
+    state = torch.load(hypir_pth, weights_only=True)
+    state["optimizer_step"] = torch.zeros(1)
+    damaged = tmp_path / "HYPIR_sd2.pth"
+    torch.save(state, damaged)
+    source = tmp_path / "photo.png"
+    noise_image(16, 16).save(source)
+    args = ["--base-model", tiny_base, "--weights", damaged, "--device", "cpu"]
+    result = run("upscale", source, "-o", tmp_path / "out", *args)
+    assert result.exit_code == 3, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(damaged) in errors[0] and "'optimizer_step'" in errors[0]
+    assert not (tmp_path / "out").exists()

@@ -88,9 +88,9 @@ class HypirWeights:
 
 
 def is_hypir_weights(path: str | Path) -> bool:
-    """Whether ``path`` is a torch file holding a dict whose keys are all HYPIR's LoRA keys.
+    """Whether ``path`` is a torch file holding a dict with HYPIR's LoRA keys (not PiSA-SR's).
     Decided from the keys: the file is memory-mapped (``weights_only``, no tensor data read),
-    so this is cheap even for the 1.7 GB release; False for a folder, a legacy-format or
+    so this is cheap even for a large file; False for a folder, a legacy-format or
     unreadable file, or another layout (PiSA-SR's dict has its own keys)."""
     path = Path(path).expanduser()
     if not path.is_file() or not zipfile.is_zipfile(path):
@@ -99,11 +99,10 @@ def is_hypir_weights(path: str | Path) -> bool:
         raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # any file torch cannot read safely is not recognised as HYPIR's
         return False
-    return (
-        isinstance(raw, dict)
-        and bool(raw)
-        and all(isinstance(key, str) and KEY.match(key) for key in raw)
-    )
+    if not isinstance(raw, dict) or "state_dict_unet" in raw:  # PiSA-SR's layout
+        return False
+    # any of HYPIR's keys: a damaged HYPIR file then gets HYPIR's reader's one-line error
+    return any(isinstance(key, str) and KEY.match(key) for key in raw)
 
 
 def load_hypir_weights(path: str | Path) -> HypirWeights:
