@@ -53,8 +53,8 @@ Weights = Annotated[
         "--weights",
         envvar=WEIGHTS_ENV,
         help="The model's weights, which pick its family: PiSA-SR's pisa_sr.pkl or a "
-        ".safetensors from `pisa convert`, or an OMGSR-style folder holding "
-        "unet_lora_adapter/ and vae_encoder_lora_adapter/ (OMGSR-S, TUDSR's LoRA-1) "
+        ".safetensors from `pisa convert`, an OMGSR-style folder holding unet_lora_adapter/ "
+        "and vae_encoder_lora_adapter/ (OMGSR-S, TUDSR's LoRA-1), or HYPIR_sd2.pth "
         "(default: pisa_sr.safetensors or pisa_sr.pkl in ~/.cache/pisa-cli/).",
         show_default=False,
         rich_help_panel=MODEL,
@@ -131,11 +131,12 @@ LambdaSem = Annotated[
     ),
 ]
 ColorFix = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--color-fix",
         help="Colour correction against the bicubic input: adain (mean and spread per "
-        "channel), wavelet (low frequencies of the input), none.",
+        "channel), wavelet (low frequencies of the input), none (default adain; HYPIR-SD2 "
+        "wavelet, in float).",
         rich_help_panel=QUALITY,
     ),
 ]
@@ -165,8 +166,8 @@ Timestep = Annotated[
     int | None,
     typer.Option(
         "--timestep",
-        help="UNet timestep of an OMGSR-style model (default: the one its folder records, "
-        "else 273, OMGSR-S's); PiSA-SR runs at t = 1.",
+        help="UNet timestep: OMGSR-style (default: its folder's, else 273, OMGSR-S's), "
+        "HYPIR-SD2 (model_t = coeff_t, default 200); PiSA-SR runs at t = 1.",
         rich_help_panel=QUALITY,
         show_default=False,
     ),
