@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from pisa_cli.core.latents import Encoded, Latents, UpscaleResult, as_rgb, timed, to_tensor
-from pisa_cli.core.passes import Stage
+from pisa_cli.core.passes import PassPlan
 from pisa_cli.core.planning import ImagePlan
 from pisa_cli.core.recovery import finite, release_memory
 from pisa_cli.engine import memory, vae
@@ -93,11 +93,13 @@ class Batcher:
         log.warning(note)
         return note
 
-    def plan(self, image: Any, stage: Stage) -> ImagePlan:
-        return self.pipeline.plan(image.size, stage.options, stage.variants, stage.tiling)
+    def plan(self, image: Any, stage: PassPlan) -> ImagePlan:
+        return self.pipeline.plan(
+            image.size, stage.options, stage.variants, stage.tiling, stage.planner
+        )
 
     @staticmethod
-    def key(plan: ImagePlan, stage: Stage) -> Hashable | None:
+    def key(plan: ImagePlan, stage: PassPlan) -> Hashable | None:
         """Equal for images that can share the calls of a pass; None: the image runs alone
         (its VAE runs in bands)."""
         if plan.encoder_tile is not None or plan.decoder_tile is not None:
@@ -163,7 +165,7 @@ class Batcher:
     def run(
         self,
         group: list[tuple[Member, ImagePlan]],
-        stage: Stage,
+        stage: PassPlan,
         first: bool,
         requested: int | None,
     ) -> None:
@@ -189,7 +191,7 @@ class Batcher:
                 self.alone(member, stage)
 
     def attempt(
-        self, chunk: list[tuple[Member, ImagePlan]], stage: Stage, first: bool
+        self, chunk: list[tuple[Member, ImagePlan]], stage: PassPlan, first: bool
     ) -> str | None:
         """``together`` over ``chunk``: None when it held, else why not (memory, finite,
         error); what it held is released when this returns."""
@@ -210,7 +212,7 @@ class Batcher:
             return "error"
         return None
 
-    def alone(self, member: Member, stage: Stage) -> None:
+    def alone(self, member: Member, stage: PassPlan) -> None:
         """One image through the pass, with the single image's recoveries."""
         try:
             member.image, plan = self.pipeline.run_stage(
@@ -221,7 +223,7 @@ class Batcher:
         else:
             member.plans.append(plan)
 
-    def together(self, group: list[tuple[Member, ImagePlan]], stage: Stage, first: bool) -> None:
+    def together(self, group: list[tuple[Member, ImagePlan]], stage: PassPlan, first: bool) -> None:
         """One pass over images of one key in shared calls. Nothing is kept of a batch that
         raises: the members are as they were."""
         pipe, options = self.pipeline, stage.options

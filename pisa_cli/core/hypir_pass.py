@@ -32,9 +32,9 @@ from pisa_cli.options import UpscaleOptions
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pisa_cli.core.passes import Stage
+    from pisa_cli.core.passes import PassPlan
 
-TILING = "hypir"
+TILING = "windows"
 
 
 def plan_hypir(
@@ -85,7 +85,7 @@ def plan_hypir(
 def run_hypir(
     pipe: Any,
     image: Image.Image | DeepImage,
-    stage: Stage,
+    stage: PassPlan,
     timings: dict[str, float],
     notes: list[str],
 ) -> tuple[Image.Image | DeepImage, ImagePlan]:
@@ -99,7 +99,7 @@ def run_hypir(
     device = pipe.device
     with timed(timings, prefix + "preprocess"):
         rgb = as_rgb(image)
-        plan = pipe.plan(rgb.size, stage.options, stage.variants, TILING)
+        plan = pipe.plan(rgb.size, stage.options, stage.variants, TILING, stage.planner)
         prepared = prepare_input(to_tensor(rgb).to(device), settings.scale, settings.patch)
     with timed(timings, prefix + "text"):
         cond = pipe.embed(settings.prompt)

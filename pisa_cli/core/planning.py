@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pisa_cli.engine import memory
 from pisa_cli.engine.denoise import variants_needed
-from pisa_cli.engine.tiles import TilePlan, plan_tiles
+from pisa_cli.engine.tiles import TilePlan, Tiling, plan_tiles
 from pisa_cli.errors import ImageError
 from pisa_cli.imaging.resize import ResizePlan, plan_resize
 from pisa_cli.options import UpscaleOptions
@@ -30,8 +30,8 @@ class ImagePlan:
     latent_tile: int
     latent_overlap: int
     tile_batch: int
-    tiling: str
-    """The family's tile grid: stablesr (PiSA-SR) or omgsr (square tiles, OMGSR-S)."""
+    tiling: Tiling
+    """The family's tile grid (``engine.tiles.Tiling``)."""
     encoder_tile: int | None
     """Encoder tile side in image pixels, None when the image is encoded whole."""
     decoder_tile: int | None
@@ -88,7 +88,7 @@ def plan_image(
     dtype_bytes: int,
     free_bytes: int,
     variants: tuple[str, ...] | None = None,
-    tiling: str = "stablesr",
+    tiling: Tiling = "stablesr",
     host_free_bytes: int | None = None,
 ) -> ImagePlan:
     """The plan for an input of ``size`` (width, height) under ``free_bytes`` of memory.
@@ -222,14 +222,14 @@ def _latent_tile(
     dtype_bytes: int,
     free_bytes: int,
     variants: tuple[str, ...],
-    tiling: str,
+    tiling: Tiling,
 ) -> tuple[int, int]:
     """(tile, overlap) in latent pixels: the options', else the family's default, which
     shrinks when memory is short. PiSA-SR: 96 and 32 (at most a third of an automatic tile);
-    OMGSR-style: its script's process_size // 8 and half the tile."""
+    the square grid: its script's process_size // 8 and half the tile."""
     tiles = options.tiles
     auto = memory.auto_latent_tile(free_bytes, widths, dtype_bytes, len(variants))
-    if tiling == "omgsr":
+    if tiling == "square":
         tile = tiles.latent_tile or min(max(1, options.process_size // 8), auto)
         overlap = tile // 2 if tiles.latent_overlap is None else tiles.latent_overlap
         return tile, overlap

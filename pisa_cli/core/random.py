@@ -49,6 +49,10 @@ def random_pipeline(
     if second_rank:
         layers = tuple(random_lora_layers(parts.unet, second_rank, seed=2))
         second = SecondLora(layers, SECOND_PASS_TIMESTEP, "random second-pass LoRA")
+    from pisa_cli.core.families import family_of
+
+    weights = family_of("").from_checkpoint(checkpoint, "random LoRA")  # type: ignore[attr-defined]
+    loaded = family_of("", "second").from_lora(second) if second is not None else None  # type: ignore[attr-defined]
     return build_pipeline(
-        parts.unet, parts.vae, prompts, parts.scheduler, checkpoint, device, dtype, merged, second
+        parts.unet, parts.vae, prompts, parts.scheduler, weights, device, dtype, merged, loaded
     )

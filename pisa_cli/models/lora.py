@@ -12,7 +12,7 @@ the two weight sets is a flag: the UNet's parameters stay bit-identical whatever
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +31,24 @@ VARIANT_ADAPTERS = {
 """Each UNet weight set is the base weights plus these LoRAs: PiSA-SR's pixel LoRA, pixel +
 semantic LoRA, the UNet LoRA of an OMGSR-style first pass, and the LoRA of an optional
 second pass (TUDSR-style x2); the last two are each trained on the plain backbone."""
+ADAPTER_ORDER = ("pix", "sem", "first", "second")
+"""The order side paths are installed in (their sums round in this order)."""
+
+
+@dataclass(frozen=True)
+class UnetAdapter:
+    """One LoRA of the UNet, checked, and where it was read from (for messages)."""
+
+    layers: tuple[LoraLayer, ...]
+    source: str
+
+
+def checkpoint_adapters(checkpoint: PisaCheckpoint) -> dict[str, UnetAdapter]:
+    """The pixel and semantic LoRAs of a PiSA-SR checkpoint, as adapters."""
+    source = checkpoint.source or "weights"
+    return {b: UnetAdapter(tuple(checkpoint.layers(b)), source) for b in ("pix", "sem")}
+
+
 VARIANTS = ("pix", "pisa")
 """The two weight sets of PiSA-SR itself."""
 
@@ -131,18 +149,13 @@ class PisaUNet:
     def __init__(
         self,
         unet: nn.Module,
-        checkpoint: PisaCheckpoint | None,
+        adapters: Mapping[str, UnetAdapter],
         merged: str = "pisa",
-        second: Sequence[LoraLayer] | None = None,
-        second_source: str = "second-pass LoRA",
         premerged: bool = False,
-        first: Sequence[LoraLayer] | None = None,
-        first_source: str = "first-pass LoRA",
     ):
-        """``checkpoint`` None: no PiSA-SR weights, ``first`` (an OMGSR-style UNet LoRA)
-        is the first pass's."""
-        present = {"pix": checkpoint, "pisa": checkpoint, "first": first, "second": second}
-        self.variants = {k: v for k, v in VARIANT_ADAPTERS.items() if present[k]}
+        """``adapters``: the LoRAs loaded, by name (``VARIANT_ADAPTERS`` composes the weight
+        sets from them; a set is there when all its adapters are)."""
+        self.variants = {k: v for k, v in VARIANT_ADAPTERS.items() if all(a in adapters for a in v)}
         if merged not in self.variants:
             raise ValueError(f"merged must be one of {tuple(self.variants)}, not {merged!r}")
         self.unet = unet
@@ -154,26 +167,17 @@ class PisaUNet:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._branches: list[_SideBranch] = []
         modules = dict(unet.named_modules())
-        adapters: dict[str, list[LoraLayer]] = {}
-        sources: dict[str, str] = {}
-        if checkpoint is not None:
-            adapters = {
-                "pix": list(checkpoint.layers("pix")),
-                "sem": list(checkpoint.layers("sem")),
-            }
-            sources = {"pix": checkpoint.source or "weights", "sem": checkpoint.source or "weights"}
-        for name, layers, source in (
-            ("first", first, first_source),
-            ("second", second, second_source),
-        ):
-            if layers:
-                adapters[name], sources[name] = list(layers), source
-        for name, layers in adapters.items():
+        order = [n for n in ADAPTER_ORDER if n in adapters]
+        order += [n for n in adapters if n not in ADAPTER_ORDER]
+        sources = {name: adapters[name].source for name in order}
+        layers_of = {name: list(adapters[name].layers) for name in order}
+        for name, layers in layers_of.items():
             for layer in layers:
                 check_layer_fits(layer, modules.get(layer.module), sources[name])
         if not premerged:  # premerged: the weights come from the merged-UNet cache
-            self._merge([layer for a in self.variants[merged] for layer in adapters[a]], modules)
-        self._install_side_paths(adapters, modules)
+            merging = [layer for a in self.variants[merged] for layer in layers_of[a]]
+            self._merge(merging, modules)
+        self._install_side_paths(layers_of, modules)
 
     @property
     def device(self) -> torch.device:
