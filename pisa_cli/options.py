@@ -35,7 +35,7 @@ class ModelOptions:
     base_model: str = ""
     """Hub id or local diffusers folder of SD 2.1-base; empty: $PISA_BASE_MODEL, else the mirror."""
     weights: str = ""
-    """Path to ``pisa_sr.pkl`` or our safetensors, or an OMGSR-style adapter folder (the
+    """Path to ``pisa_sr.pkl`` or our safetensors, or another family's weights (the
     family follows the weights); empty: $PISA_WEIGHTS, else the default place."""
     device: str = "auto"
     """``auto`` (CUDA, then MPS, then CPU), ``cuda``, ``cuda:N``, ``mps`` or ``cpu``."""
@@ -86,8 +86,8 @@ class TileOptions:
     when it fits in memory, smaller when not."""
     latent_overlap: int | None = AUTO
     """Overlap of neighbouring UNet tiles in latent pixels; must be smaller than the tile.
-    Auto: the family's (PiSA-SR: 32, cut to a third of an automatic tile; OMGSR-style: half
-    the tile, as its script)."""
+    Auto: the family's (PiSA-SR: 32, cut to a third of an automatic tile; the square
+    tiling: half the tile, as its script)."""
     vae_encoder_tile: int | None = AUTO
     """VAE encoder tile side in image pixels; larger images are encoded in bands of rows
     holding at most this many pixels' activations. Auto: whole image when it fits."""
@@ -140,10 +140,10 @@ class SecondPassOptions:
     """none; tudsr (a second LoRA on the same backbone); pisa (PiSA-SR again, a fallback)."""
     weights: str = ""
     """The second pass's LoRA: a peft adapter folder, a diffusers LoRA .safetensors, or an
-    OMGSR-style folder (UNet + VAE-encoder LoRA)."""
+    adapter folder with a UNet and a VAE-encoder LoRA."""
     timestep: int | None = None
-    """UNet timestep of the second pass; None: the one stored in the LoRA file (an
-    OMGSR-style folder without one: 273)."""
+    """UNet timestep of the second pass; None: the one stored in the LoRA file (the
+    family's default when it records none)."""
     prompt: str = ""
     """Prompt of the second pass (tudsr)."""
 
@@ -188,8 +188,8 @@ class UpscaleOptions:
     seed: int | None = None
     """Seed for --vae-sample; None draws a fresh one."""
     timestep: int | None = None
-    """UNet timestep of an OMGSR-style first pass; None: the one its folder records, else
-    273. PiSA-SR runs at t = 1 and takes none."""
+    """UNet timestep of a first pass whose family takes one; None: the family's (the one
+    its weights record, else its default). PiSA-SR runs at t = 1 and takes none."""
     tiles: TileOptions = field(default_factory=TileOptions)
     """Tile sizes for the UNet and the VAE."""
     second_pass: SecondPassOptions = field(default_factory=SecondPassOptions)

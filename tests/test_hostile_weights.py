@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from pisa_cli.cli import app
+from pisa_cli.core.families.omgsr_folder import load_adapter_folder
 from pisa_cli.errors import WeightsError
-from pisa_cli.models.adapters import load_adapter_folder
 from tests.helpers import noise_image, run_on
 
 UNET, VAE = "unet_lora_adapter", "vae_encoder_lora_adapter"

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pisa_cli.core.hypir import HypirParts, HypirSettings, upscale_image
-from pisa_cli.engine.hypir import enlarged_size, plan_windows, window_origins
+from pisa_cli.core.families.hypir_steps import HypirParts, HypirSettings, upscale_image
+from pisa_cli.core.families.hypir_tiles import enlarged_size, plan_windows, window_origins
+from pisa_cli.core.families.hypir_weights import is_hypir_weights, load_hypir_weights
 from pisa_cli.errors import OptionsError, WeightsError
 from pisa_cli.models.base import load_part
-from pisa_cli.models.hypir import is_hypir_weights, load_hypir_weights
 from pisa_cli.models.lora import PisaUNet, UnetAdapter
 from pisa_cli.models.text import PromptEncoder
 from tests.helpers import assert_close, noise_image
@@ -197,8 +197,8 @@ def test_settings_refuse_what_the_official_code_cannot_run():
 def test_each_detail_of_the_official_path_matters(ours, oracle, monkeypatch):
     """Honesty of the bar above: the y-centre quirk, the zero padding, the unclamped decode
     and model_t each move pixels far outside it (on an input that needs padding)."""
-    import pisa_cli.core.hypir as core_hypir
-    import pisa_cli.engine.hypir as engine_hypir
+    import pisa_cli.core.families.hypir_steps as core_hypir
+    import pisa_cli.core.families.hypir_tiles as engine_hypir
 
     image = noise_image(27, 37, seed=3)
     settings = HypirSettings(patch=128, stride=64)

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from pisa_cli import load_pipeline
-from pisa_cli.models.adapters import load_adapter_folder
+from pisa_cli.core.families.omgsr_folder import load_adapter_folder
 from pisa_cli.options import SecondPassOptions, TileOptions, UpscaleOptions
 from tests.helpers import assert_close, noise_image, write_adapter_folder
 from tests.omgsr_reference import load_omgsr_reference, omgsr_upscale

@@ -58,7 +58,7 @@ LOOK = [
     option("vae_sample", common.VaeSample, False),
 ]
 TIMESTEP = [option("timestep", common.Timestep, None)]
-"""An OMGSR-style first pass's timestep (the sweep runs PiSA-SR only)."""
+"""A first pass's timestep, for the families that take one (the sweep runs PiSA-SR only)."""
 TILES = [
     option("latent_tile", common.LatentTile, "auto"),
     option("latent_overlap", common.LatentOverlap, "auto"),

@@ -1,5 +1,5 @@
 """Loading the models once per run: SD 2.1-base (hub id or folder), the first pass's weights
-(the PiSA-SR checkpoint or an OMGSR-style adapter folder), an optional second-pass LoRA, the
+(read by their family, ``core.families``), an optional second-pass LoRA, the
 merged-UNet and prompt caches, and assembling the PisaPipeline on the device."""
 
 from __future__ import annotations

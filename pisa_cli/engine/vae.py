@@ -107,8 +107,8 @@ def decode(
     clamp: bool = True,
 ) -> torch.Tensor:
     """Images in [-1, 1] of scaled (N, 4, h, w) ``latents`` (clamped, as the reference does,
-    unless ``clamp`` is False, as HYPIR's; an overflow, inf, comes out NaN, never clamped
-    into range).
+    unless ``clamp`` is False, as one family's reference code does; an overflow, inf, comes
+    out NaN, never clamped into range).
 
     ``tile`` (latent pixels) decodes one latent in bands holding at most the activations of
     a tile x tile latent; None decodes the whole latents at once. Both give the same image.

@@ -29,7 +29,7 @@ VARIANT_ADAPTERS = {
     "second": ("second",),
 }
 """Each UNet weight set is the base weights plus these LoRAs: PiSA-SR's pixel LoRA, pixel +
-semantic LoRA, the UNet LoRA of an OMGSR-style first pass, and the LoRA of an optional
+semantic LoRA, the UNet LoRA of another family's first pass, and the LoRA of an optional
 second pass (TUDSR-style x2); the last two are each trained on the plain backbone."""
 ADAPTER_ORDER = ("pix", "sem", "first", "second")
 """The order side paths are installed in (their sums round in this order)."""

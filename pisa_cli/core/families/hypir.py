@@ -6,7 +6,7 @@ decode, the colour fix (wavelet by default) in float before the single quantizat
 lambdas; no second pass. Its weights are licensed for non-commercial use only.
 
 Recognised from the file's keys (``torch.load(weights_only=True)``, memory-mapped); the
-pass runs as its own path (``core.hypir_pass``) under the pipeline's guard.
+pass runs as its own path (``hypir_pass``) under the pipeline's guard.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from pisa_cli.core.families.base import Family, LoadedWeights
-from pisa_cli.core.hypir_pass import plan_hypir, run_hypir
+from pisa_cli.core.families.hypir_pass import plan_hypir, run_hypir
+from pisa_cli.core.families.hypir_weights import LICENCE, is_hypir_weights, load_hypir_weights
 from pisa_cli.core.passes import PassPlan, PassWeights, Role
 from pisa_cli.errors import OptionsError, WeightsError
-from pisa_cli.models.hypir import LICENCE, is_hypir_weights, load_hypir_weights
 from pisa_cli.models.lora import UnetAdapter
 from pisa_cli.options import UpscaleOptions
 

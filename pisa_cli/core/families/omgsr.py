@@ -13,8 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from pisa_cli.core.families.base import Family, LoadedWeights
+from pisa_cli.core.families.omgsr_folder import (
+    load_adapter_folder,
+    planned_timestep,
+    resolve_timestep,
+)
 from pisa_cli.core.passes import Role
-from pisa_cli.models.adapters import load_adapter_folder, planned_timestep, resolve_timestep
 from pisa_cli.models.checkpoint import is_adapter_folder
 from pisa_cli.models.lora import UnetAdapter
 from pisa_cli.options import UpscaleOptions

@@ -13,7 +13,7 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from pisa_cli.core.hypir import (
+from pisa_cli.core.families.hypir_steps import (
     LATENT_CHANNELS,
     HypirParts,
     HypirSettings,
@@ -21,10 +21,15 @@ from pisa_cli.core.hypir import (
     encode_windows,
     step_windows,
 )
+from pisa_cli.core.families.hypir_tiles import (
+    VAE_FACTOR,
+    enlarged_size,
+    finish_output,
+    plan_windows,
+)
 from pisa_cli.core.latents import Encoded, as_rgb, timed, to_deep, to_image, to_tensor
 from pisa_cli.core.planning import ImagePlan
 from pisa_cli.engine import memory
-from pisa_cli.engine.hypir import VAE_FACTOR, enlarged_size, finish_output, plan_windows
 from pisa_cli.imaging.deep import DeepImage
 from pisa_cli.imaging.resize import ResizePlan
 from pisa_cli.options import UpscaleOptions
@@ -92,7 +97,7 @@ def run_hypir(
     """One HYPIR pass of ``pipe`` (a PisaPipeline, which imports this module) over
     ``image``: the finished image (8-bit truncated once, or a DeepImage for 16-bit inputs)
     and the plan as run."""
-    from pisa_cli.engine.hypir import prepare_input
+    from pisa_cli.core.families.hypir_tiles import prepare_input
 
     settings = HypirSettings.from_options(stage.options)
     prefix = f"{stage.name}_" if stage.name else ""
