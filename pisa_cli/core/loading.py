@@ -37,6 +37,7 @@ from pisa_cli.models.lora import (
     named_adapters,
 )
 from pisa_cli.models.second_lora import SecondLora, load_second_lora
+from pisa_cli.models.streamed import give_back_heap
 from pisa_cli.models.text import PromptEncoder
 from pisa_cli.options import ModelOptions, UpscaleOptions
 
@@ -77,16 +78,22 @@ class PipelineSpec:
     """The UNet weight set merged into the weights (the others are side paths)."""
     second_weights: str = ""
     """The x2 second pass's LoRA (a tudsr second pass), or none."""
+    prompts: tuple[str, ...] = ()
+    """Prompts the run will embed: encoded before the UNet loads, so that the float32 text
+    encoder (1.4 GB) and the UNet are never in memory together."""
 
     @classmethod
     def for_run(cls, model: ModelOptions, options: UpscaleOptions | None = None) -> PipelineSpec:
         """The spec for runs of ``options``: the weight set they need most merged, their
         second pass's LoRA loaded."""
         family = family_of(resolve_weights_path(model.resolved_weights()))
-        second = ""
-        if options is not None and options.second_pass.kind == "tudsr":
-            second = options.second_pass.weights
-        return cls(model, merged_variant(options, family), second)
+        second, prompts = "", ()
+        if options is not None:
+            prompts = (options.prompt,)
+            if options.second_pass.kind == "tudsr":
+                second = options.second_pass.weights
+                prompts = tuple(dict.fromkeys((options.prompt, options.second_pass.prompt)))
+        return cls(model, merged_variant(options, family), second, prompts)
 
 
 def load_pipeline(
@@ -134,6 +141,15 @@ def build(spec: PipelineSpec) -> PisaPipeline:
     log.info("base model %s, weights %s", folder, weights_path)
     merged = spec.merged
     key = _merged_key(folder, weights_path, merged, torch_dtype, second)
+    prompts = PromptEncoder(
+        lambda: load_part(folder, "tokenizer"),
+        lambda: load_part(folder, "text_encoder"),
+        cache_key=_text_key(folder),
+    )
+    for prompt in spec.prompts:
+        prompts(prompt)  # the text encoder comes and goes before the UNet loads
+    if spec.prompts:
+        give_back_heap()
     state = cache.load_tensors(
         "merged", key, lambda found: cache.mismatch(found, unet_state_spec(folder, torch_dtype))
     )
@@ -147,11 +163,6 @@ def build(spec: PipelineSpec) -> PisaPipeline:
         unet = load_part(folder, "unet")
     vae_dtype = torch.float32 if _vae_loras(first, second) else torch_dtype
     vae_model = load_part_in(folder, "vae", vae_dtype) or load_part(folder, "vae")
-    prompts = PromptEncoder(
-        lambda: load_part(folder, "tokenizer"),
-        lambda: load_part(folder, "text_encoder"),
-        cache_key=_text_key(folder),
-    )
     pipeline = build_pipeline(
         unet=unet,
         vae_model=vae_model,
