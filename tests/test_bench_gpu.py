@@ -3,6 +3,8 @@ the CPU, the same code the GPU runs, so that a GPU run is never their first run.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -81,7 +83,7 @@ def _stand_in_limit(pipeline, extra: int):
 @pytest.mark.slow
 def test_oom_check_on_the_cpu():
     tiles = TileOptions(latent_tile=8, latent_overlap=2, tile_batch=4)
-    options = UpscaleOptions(process_size=64, tiles=tiles)
+    options = UpscaleOptions(process_size=64, color_fix="none", tiles=tiles)
     check = gpu_checks.oom_check(CPU, "tiny", 24, _stand_in_limit, options)
     assert check.ok, check
     assert "out of memory" in check.detail
@@ -93,3 +95,10 @@ def test_first_run_load_check_on_the_cpu(tiny_base, pisa_pkl):
     check, row = gpu.load_figure(CPU, tiny_base, pisa_pkl)
     assert check.ok, check
     assert row.figures["weights_gib"] >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile needs a C compiler")
+def test_compile_check_on_the_cpu():
+    check = gpu_checks.compile_check(CPU)
+    assert check.ok, check

@@ -207,7 +207,10 @@ def oom_check(
     if limit is None:
         return Check("out of memory halves", None, f"no memory cap on {device.type}")
     with exact_float32():
-        return _oom(device, architecture, size, limit, options or UpscaleOptions())
+        # no colour fix: adain stretches random weights' low-contrast output, and with it
+        # every rounding difference between tile batches of two sizes
+        options = options or UpscaleOptions(color_fix="none")
+        return _oom(device, architecture, size, limit, options)
 
 
 def _oom(
