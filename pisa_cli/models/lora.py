@@ -100,23 +100,29 @@ def by_module(layers: Sequence[LoraLayer]) -> dict[str, list[LoraLayer]]:
 
 
 @torch.no_grad()
-def merged_weight(weight: torch.Tensor, layers: Sequence[LoraLayer]) -> torch.Tensor:
+def merged_weight(
+    weight: torch.Tensor, layers: Sequence[LoraLayer], scratch: bool = False
+) -> torch.Tensor:
     """``weight`` plus the LoRAs of one module, in float32: the deltas summed first, then
-    added once (the caller casts: one rounding whatever the dtype the weights are kept in)."""
+    added once (the caller casts: one rounding whatever the dtype the weights are kept in).
+    ``scratch``: ``weight`` may be overwritten (a float32 one then holds the result)."""
     delta = lora_delta(layers[0], weight)
     for layer in layers[1:]:
         delta = delta + lora_delta(layer, weight)
+    if scratch and weight.dtype == torch.float32:
+        return weight.add_(delta.to(weight.device))
     return weight.to(torch.float32) + delta.to(weight.device)
 
 
 def merge_while_loading(layers: Sequence[LoraLayer]) -> Callable:
     """An ``adjust`` for models/streamed.py: merges ``layers`` (checked already) into the
-    weights they target as each is read, in float32 before the cast."""
+    weights they target as each is read, in float32 before the cast (in the read buffer,
+    which the next tensor overwrites anyway)."""
     grouped = {f"{module}.weight": mine for module, mine in by_module(layers).items()}
 
     def adjust(name: str, tensor: torch.Tensor) -> torch.Tensor:
         mine = grouped.get(name)
-        return tensor if mine is None else merged_weight(tensor, mine)
+        return tensor if mine is None else merged_weight(tensor, mine, scratch=True)
 
     return adjust
 
