@@ -92,3 +92,13 @@ def test_unreadable_weights_name_the_file(tiny_base, tmp_path):
     broken.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelError, match=r"unet\.safetensors"):
         streamed.load_streamed(part_skeleton(tiny_base, "unet"), broken, torch.bfloat16)
+
+
+def test_a_pickle_that_is_not_one_names_the_file(tiny_base, tmp_path):
+    from pisa_cli.errors import ModelError
+    from pisa_cli.models.base import part_skeleton
+
+    broken = tmp_path / "diffusion_pytorch_model.bin"
+    broken.write_bytes(b"weights as a pickle, but not")
+    with pytest.raises(ModelError, match=r"diffusion_pytorch_model\.bin"):
+        streamed.load_streamed(part_skeleton(tiny_base, "vae"), broken, torch.bfloat16)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pisa_cli.errors import ModelError
+from pisa_cli.errors import ModelError, PisaError
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,9 @@ def load_streamed(
                     tensor = adjust(name, tensor)
                 tensor = tensor.to(dtype)
             state[name] = tensor.clone() if tensor is source else tensor
-    except (OSError, ValueError, RuntimeError) as error:
+    except PisaError:
+        raise
+    except Exception as error:  # any malformed file: a pickle, a zip, a safetensors header
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(f"{path}: cannot read the weights ({reason[:300]})") from None
     if state.keys() != expected.keys():
