@@ -102,3 +102,19 @@ def test_a_pickle_that_is_not_one_names_the_file(tiny_base, tmp_path):
     broken.write_bytes(b"weights as a pickle, but not")
     with pytest.raises(ModelError, match=r"diffusion_pytorch_model\.bin"):
         streamed.load_streamed(part_skeleton(tiny_base, "vae"), broken, torch.bfloat16)
+
+
+def test_cast_before_the_move(tiny_base, pisa_pkl):
+    """A float32 UNet (diffusers' loader, the fallback) bound for a bf16 device is cast
+    where it is, then moved: it never lands on the device in float32."""
+    unet = load_part(tiny_base, "unet")
+    calls = []
+    original = unet.to
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    unet.to = recording
+    PisaUNet(unet, load_checkpoint(pisa_pkl)).to("cpu", torch.bfloat16)
+    assert calls[0] == {"dtype": torch.bfloat16} and calls[1] == {"device": "cpu"}

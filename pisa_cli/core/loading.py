@@ -340,9 +340,9 @@ def _second_vae(
 
 
 def _vae_to(vae_model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    vae_model.to(device=device)
     if vae_model.dtype != dtype:  # type: ignore[attr-defined]
-        vae_model.to(dtype=dtype)
+        vae_model.to(dtype=dtype)  # cast, then move: never on the device in float32
+    vae_model.to(device=device)
     if device.type == "cpu" and dtype == torch.bfloat16:
         # Measured on a 2-core AMX CPU: the VAE in bf16 runs ~2x faster channels-last.
         vae_model.to(memory_format=torch.channels_last)
