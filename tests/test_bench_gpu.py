@@ -102,3 +102,41 @@ def test_first_run_load_check_on_the_cpu(tiny_base, pisa_pkl):
 def test_compile_check_on_the_cpu():
     check = gpu_checks.compile_check(CPU)
     assert check.ok, check
+
+
+@pytest.mark.slow
+def test_prove_with_figures_runs_on_tiny_models(monkeypatch, tiny_base, pisa_pkl):
+    """Every figure of the GPU run, on the tiny architecture and 4 images: the code the
+    GPU runs first, run here first (the checks are tested above)."""
+    from pisa_cli.bench import perf
+    from pisa_cli.core import random
+
+    build = random.random_pipeline
+    monkeypatch.setattr(
+        random, "random_pipeline", lambda arch, *args, **kw: build("tiny", *args, **kw)
+    )
+    monkeypatch.setattr(gpu, "all_checks", lambda device, progress: [])
+    monkeypatch.setattr(gpu, "_random_files", lambda folder, progress: (tiny_base, pisa_pkl))
+    monkeypatch.setattr(gpu, "FOLDER_IMAGES", 4)
+    monkeypatch.setattr(perf, "FOLDER_IMAGES", 4)
+    monkeypatch.setattr(perf, "matmul_peak", lambda dtype, device: 1e12)
+    steps: list[str] = []
+    report = gpu.prove(CPU, None, steps.append)
+    assert steps == ["first-run load", "figures", "official PiSA-SR script"]
+    assert [c.name for c in report.checks] == ["first-run load peak"]
+    scenarios = [row.scenario for row in report.rows]
+    for name in ("gpu-load", "gpu-folder", "adjustable-128", "upscale-512-2048", "sweep-5x5"):
+        assert name in scenarios
+    folder = next(row for row in report.rows if row.scenario == "gpu-folder")
+    assert folder.figures["images_per_s"] > 0 and "gpu_idle_s" in folder.figures
+    assert "no --official DIR" in report.rows[-1].figures["skipped"]
+    import json
+
+    json.dumps(report.as_json(), default=str)
+
+
+def test_official_script_skipped_with_the_reason(tmp_path):
+    row = gpu.official_figure(None, tmp_path, tmp_path / "w.pkl", CPU)
+    assert "no --official DIR" in row.figures["skipped"]
+    row = gpu.official_figure(tmp_path, tmp_path, tmp_path / "w.pkl", CPU)
+    assert "ModuleNotFoundError" in row.figures["skipped"] and "pisasr" in row.figures["skipped"]
