@@ -127,8 +127,6 @@ def build(spec: PipelineSpec) -> PisaPipeline:
     model = spec.model
     torch_device = resolve_device(model.device)
     torch_dtype = resolve_dtype(model.dtype, torch_device)
-    if torch_device.type == "cpu":
-        keep_freed_memory()  # the load's per-tensor temporaries reuse one another's pages
     weights_path = resolve_weights_path(model.resolved_weights())
     family = family_of(weights_path)
     checkpoint, first = None, None
