@@ -118,3 +118,32 @@ def test_cast_before_the_move(tiny_base, pisa_pkl):
     unet.to = recording
     PisaUNet(unet, load_checkpoint(pisa_pkl)).to("cpu", torch.bfloat16)
     assert calls[0] == {"dtype": torch.bfloat16} and calls[1] == {"device": "cpu"}
+
+
+def test_an_older_layout_loads_through_diffusers(tiny_base, pisa_pkl, tmp_path, monkeypatch):
+    """Names the model does not have as stored (a layout diffusers converts while loading):
+    the streamed load steps aside, and the float32 load merges as before, same weights."""
+    from safetensors.torch import load_file, save_file
+
+    from pisa_cli.models.base import part_skeleton
+
+    path = tmp_path / "unet.safetensors"
+    tensors = load_file(str(tiny_base / "unet" / "diffusion_pytorch_model.safetensors"))
+    tensors["renamed.weight"] = tensors.pop("conv_in.weight")
+    save_file(tensors, str(path))
+    assert streamed.load_streamed(part_skeleton(tiny_base, "unet"), path, torch.bfloat16) is None
+
+    def load(cache):
+        monkeypatch.setenv("PISA_CACHE_DIR", str(tmp_path / cache))
+        pipeline = load_pipeline(
+            weights=str(pisa_pkl), base_model=str(tiny_base), device="cpu", dtype="bf16"
+        )
+        return pipeline.unet.unet.state_dict(), pipeline.vae.state_dict()
+
+    lean = load("lean")
+    monkeypatch.setattr(streamed, "load_streamed", lambda *args: None)
+    old = load("old")
+    for ours, theirs in zip(lean, old, strict=True):
+        assert all(
+            torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours
+        )
