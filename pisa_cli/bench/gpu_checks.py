@@ -239,7 +239,11 @@ def _oom(
 
 
 def cuda_limit(pipeline: PisaPipeline, extra: int) -> Callable[[], None]:
+    """The cap on CUDA: the caching allocator's blocks given back first (blocks it keeps
+    from the uncapped run would serve the capped one without ever reaching the cap)."""
     device = pipeline.device
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory
     fraction = min(1.0, (torch.cuda.memory_allocated(device) + extra) / total)
     torch.cuda.set_per_process_memory_fraction(fraction, device)
