@@ -120,6 +120,17 @@ def test_prove_with_figures_runs_on_tiny_models(monkeypatch, tiny_base, pisa_pkl
     monkeypatch.setattr(gpu, "FOLDER_IMAGES", 4)
     monkeypatch.setattr(perf, "FOLDER_IMAGES", 4)
     monkeypatch.setattr(perf, "matmul_peak", lambda dtype, device: 1e12)
+    from pisa_cli.bench import sweep, upscale
+
+    run_folder = upscale.run_folder
+
+    def smaller(rows, name, case, pipeline, sizes, *args, **kw):  # 32 px stands in for 128+
+        return run_folder(rows, name, case, pipeline, [32] * len(sizes), *args, **kw)
+
+    monkeypatch.setattr(upscale, "run_folder", smaller)
+    monkeypatch.setattr(perf, "run_folder", smaller)
+    monkeypatch.setattr(sweep, "GRID", "pix=0:1:1 sem=0:1:1")
+    monkeypatch.setattr(sweep, "SIZE", 32)
     steps: list[str] = []
     report = gpu.prove(CPU, None, steps.append)
     assert steps == ["first-run load", "figures", "official PiSA-SR script"]
