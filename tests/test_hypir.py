@@ -92,7 +92,9 @@ def test_a_custom_prompt(ours, hypir_oracle, tiny_base):
     image = noise_image(20, 16, seed=4)
     settings = HypirSettings(patch=64, stride=32, prompt=prompt)
     result = upscale_image(ours(prompt), image, settings)
-    assert_close(result, hypir_enhance(prompted, image, patch_size=64, stride=32))
+    theirs = hypir_enhance(prompted, image, patch_size=64, stride=32)
+    print("prompt", differences(result, theirs))
+    assert_close(result, theirs)
     plain = upscale_image(ours(), image, HypirSettings(patch=64, stride=32))
     assert differences(plain, result)[1] > 0.5  # the prompt matters at this bar
 
