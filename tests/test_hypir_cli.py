@@ -150,6 +150,14 @@ def test_out_of_memory_bands_the_vae_windows_with_the_same_image(pipe, monkeypat
     assert_close(result.image, expected, mean=0.01)
 
 
+def test_vae_tiles_band_each_window(pipe):
+    image, plain = noise_image(20, 24, 1), options(process_size=128)
+    tiles = TileOptions(vae_encoder_tile=64, vae_decoder_tile=8)
+    result = pipe.upscale_with_info(image, options(process_size=128, tiles=tiles))
+    assert (result.plan.encoder_tile, result.plan.decoder_tile) == (64, 8)
+    assert_close(result.image, pipe.upscale(image, plain), mean=0.01)
+
+
 def test_out_of_memory_in_the_unet_halves_the_windows_per_call_only(pipe, monkeypatch):
     import pisa_cli.core.recovery as recovery
     from pisa_cli.errors import OutOfMemoryError
