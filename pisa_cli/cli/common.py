@@ -53,8 +53,8 @@ Weights = Annotated[
         "--weights",
         envvar=WEIGHTS_ENV,
         help="The model's weights, which pick its family: PiSA-SR's pisa_sr.pkl or a "
-        ".safetensors from `pisa convert`, or an OMGSR-style folder holding "
-        "unet_lora_adapter/ and vae_encoder_lora_adapter/ (OMGSR-S, TUDSR's LoRA-1) "
+        ".safetensors from `pisa convert`, an OMGSR-style folder holding unet_lora_adapter/ "
+        "and vae_encoder_lora_adapter/ (OMGSR-S, TUDSR's LoRA-1), or HYPIR_sd2.pth "
         "(default: pisa_sr.safetensors or pisa_sr.pkl in ~/.cache/pisa-cli/).",
         show_default=False,
         rich_help_panel=MODEL,
@@ -109,7 +109,8 @@ ProcessSize = Annotated[
     typer.Option(
         "--process-size",
         help="Inputs whose short side is below process-size/scale are enlarged to it first "
-        "and the result is shrunk back to exactly scale times the input.",
+        "and the result is shrunk back to exactly scale times the input. HYPIR-SD2: its "
+        "window side in pixels (a multiple of 8; latent windows of process-size/8).",
         rich_help_panel=QUALITY,
     ),
 ]
@@ -131,11 +132,12 @@ LambdaSem = Annotated[
     ),
 ]
 ColorFix = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--color-fix",
         help="Colour correction against the bicubic input: adain (mean and spread per "
-        "channel), wavelet (low frequencies of the input), none.",
+        "channel), wavelet (low frequencies of the input), none (default adain; HYPIR-SD2 "
+        "wavelet, in float).",
         rich_help_panel=QUALITY,
     ),
 ]
@@ -165,8 +167,8 @@ Timestep = Annotated[
     int | None,
     typer.Option(
         "--timestep",
-        help="UNet timestep of an OMGSR-style model (default: the one its folder records, "
-        "else 273, OMGSR-S's); PiSA-SR runs at t = 1.",
+        help="UNet timestep: OMGSR-style (default: its folder's, else 273, OMGSR-S's), "
+        "HYPIR-SD2 (model_t = coeff_t, default 200); PiSA-SR runs at t = 1.",
         rich_help_panel=QUALITY,
         show_default=False,
     ),
@@ -186,7 +188,7 @@ LatentOverlap = Annotated[
     typer.Option(
         "--latent-overlap",
         help="Overlap of UNet tiles in latent pixels, blended with Gaussian weights. auto: "
-        "the reference's (PiSA-SR 32; OMGSR-style half the tile).",
+        "the reference's (PiSA-SR 32; OMGSR-style and HYPIR-SD2 half the tile).",
         rich_help_panel=TILES,
     ),
 ]

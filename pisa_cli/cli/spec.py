@@ -52,7 +52,7 @@ LAMBDAS = [
     option("lambda_sem", common.LambdaSem, 1.0),
 ]
 LOOK = [
-    option("color_fix", common.ColorFix, "adain"),
+    option("color_fix", common.ColorFix, None),
     option("prompt", common.Prompt, ""),
     option("seed", common.Seed, None),
     option("vae_sample", common.VaeSample, False),
@@ -140,7 +140,7 @@ def upscale_options(values: Mapping[str, Any]) -> UpscaleOptions:
         process_size=values["process_size"],
         lambda_pix=values.get("lambda_pix", 1.0),
         lambda_sem=values.get("lambda_sem", 1.0),
-        color_fix=values["color_fix"],
+        color_fix=values["color_fix"] or default_color_fix(values["weights"]),
         prompt=values["prompt"],
         seed=values["seed"],
         vae_sample=values["vae_sample"],
@@ -148,6 +148,18 @@ def upscale_options(values: Mapping[str, Any]) -> UpscaleOptions:
         tiles=tiles,
         second_pass=second,
     )
+
+
+def default_color_fix(weights: str) -> str:
+    """The colour fix of the weights' family when --color-fix is not given: HYPIR-SD2's
+    wavelet (done in float, as its code), adain for the others (their scripts')."""
+    import os
+
+    from pisa_cli.models.adapters import HYPIR, family_of
+    from pisa_cli.options import WEIGHTS_ENV
+
+    path = weights or os.environ.get(WEIGHTS_ENV, "")
+    return "wavelet" if path and family_of(path) == HYPIR else "adain"
 
 
 def batch_options(values: Mapping[str, Any]) -> BatchOptions:
