@@ -74,9 +74,8 @@ class HypirModels:
     prompt_embeds: torch.Tensor
 
 
-def load_hypir_reference(base: Path, weight_path: Path, prompt: str = "") -> HypirModels:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from peft import LoraConfig
+def prompt_embeds(base: Path, prompt: str) -> torch.Tensor:
+    """The official prepare_inputs: CLIP's last hidden state of the prompt, 77 tokens."""
     from transformers import AutoTokenizer, CLIPTextModel
 
     tokenizer = AutoTokenizer.from_pretrained(str(base), subfolder="tokenizer")
@@ -89,7 +88,14 @@ def load_hypir_reference(base: Path, weight_path: Path, prompt: str = "") -> Hyp
         return_tensors="pt",
     ).input_ids
     with torch.no_grad():
-        embeds = text_encoder(ids)[0]
+        return text_encoder(ids)[0]
+
+
+def load_hypir_reference(base: Path, weight_path: Path, prompt: str = "") -> HypirModels:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+
+    embeds = prompt_embeds(base, prompt)
     vae = AutoencoderKL.from_pretrained(str(base), subfolder="vae").eval()
     scheduler = DDPMScheduler.from_pretrained(str(base), subfolder="scheduler")
     unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")

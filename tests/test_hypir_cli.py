@@ -16,14 +16,9 @@ from pisa_cli.errors import OptionsError, WeightsError
 from pisa_cli.imaging.deep import DeepImage
 from pisa_cli.options import SecondPassOptions, TileOptions, UpscaleOptions
 from tests.helpers import assert_close, noise_image
-from tests.hypir_reference import hypir_enhance, load_hypir_reference, write_hypir_weights
+from tests.hypir_reference import hypir_enhance
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def hypir_pth(tiny_base, tmp_path_factory):
-    return write_hypir_weights(tiny_base, tmp_path_factory.mktemp("hypir") / "HYPIR_sd2.pth")
 
 
 @pytest.fixture(scope="module")
@@ -32,30 +27,27 @@ def pipe(tiny_base, hypir_pth):
     return load_pipeline(weights=str(hypir_pth), base_model=str(tiny_base), **kw)
 
 
-@pytest.fixture(scope="module")
-def oracle(tiny_base, hypir_pth):
-    return load_hypir_reference(tiny_base, hypir_pth)
-
-
 def options(**kw) -> UpscaleOptions:
     """HYPIR's defaults at a 64 patch (half-window overlap: stride 32), wavelet."""
     return UpscaleOptions(**{"process_size": 64, "color_fix": "wavelet", **kw})
 
 
-def test_the_pipeline_runs_the_official_path(pipe, oracle):
+def test_the_pipeline_runs_the_official_path(pipe, hypir_oracle):
     assert pipe.family == "hypir"
     stage = pipe.stages(options())[0]
     assert (stage.rule, stage.timestep, stage.tiling) == ("own", 200, "windows")
     assert "non-commercial" in pipe.describe(options())[0]
     image = noise_image(20, 24, seed=5)
     result = pipe.upscale_with_info(image, options())
-    assert_close(result.image, hypir_enhance(oracle, image, patch_size=64, stride=32))
+    assert_close(result.image, hypir_enhance(hypir_oracle, image, patch_size=64, stride=32))
     assert (
         len(result.plan.unet.tiles) == len(result.plan.unet.tiles) and result.plan.latent_tile == 8
     )
     tiles = TileOptions(latent_overlap=2, tile_batch=3)  # stride 64 - 16 = 48
     small = pipe.upscale(noise_image(17, 14, seed=6), options(tiles=tiles, scale=2))
-    theirs = hypir_enhance(oracle, noise_image(17, 14, seed=6), upscale=2, patch_size=64, stride=48)
+    theirs = hypir_enhance(
+        hypir_oracle, noise_image(17, 14, seed=6), upscale=2, patch_size=64, stride=48
+    )
     assert_close(small, theirs)
 
 
@@ -98,7 +90,7 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def test_pisa_upscale_with_hypir_weights(tiny_base, hypir_pth, oracle, tmp_path):
+def test_pisa_upscale_with_hypir_weights(tiny_base, hypir_pth, hypir_oracle, tmp_path):
     source = tmp_path / "in" / "photo.png"
     source.parent.mkdir()
     noise_image(24, 20, 7).save(source)
@@ -108,7 +100,7 @@ def test_pisa_upscale_with_hypir_weights(tiny_base, hypir_pth, oracle, tmp_path)
     result = run("upscale", source.parent, "-o", out, *args, "--report", report)
     assert result.exit_code == 0, result.output
     written = Image.open(out / "photo.png")
-    theirs = hypir_enhance(oracle, noise_image(24, 20, 7), patch_size=64, stride=32)
+    theirs = hypir_enhance(hypir_oracle, noise_image(24, 20, 7), patch_size=64, stride=32)
     assert_close(written, theirs)  # the default colour fix is HYPIR's wavelet
     data = json.loads(report.read_text())
     assert data["settings"]["model"]["family"] == "hypir"
@@ -137,8 +129,10 @@ def test_doctor_and_sweep_know_the_family(tiny_base, hypir_pth, tmp_path):
 
 @pytest.mark.parametrize(("stage", "limit"), [("decode", 8), ("encode", 64)])
 def test_out_of_memory_bands_the_vae_windows_with_the_same_image(pipe, monkeypatch, stage, limit):
+    import pisa_cli.core.recovery as recovery
     import pisa_cli.engine.vae as vae_module
 
+    monkeypatch.setattr(recovery, "release_memory", lambda: None)  # a full gc costs 0.5 s
     image, settings = noise_image(20, 24, 1), options(process_size=128)  # 2 windows of 128
     expected = pipe.upscale(image, settings)
     original, seen = getattr(vae_module, stage), []
@@ -156,9 +150,19 @@ def test_out_of_memory_bands_the_vae_windows_with_the_same_image(pipe, monkeypat
     assert_close(result.image, expected, mean=0.01)
 
 
+def test_vae_tiles_band_each_window(pipe):
+    image, plain = noise_image(20, 24, 1), options(process_size=128)
+    tiles = TileOptions(vae_encoder_tile=64, vae_decoder_tile=8)
+    result = pipe.upscale_with_info(image, options(process_size=128, tiles=tiles))
+    assert (result.plan.encoder_tile, result.plan.decoder_tile) == (64, 8)
+    assert_close(result.image, pipe.upscale(image, plain), mean=0.01)
+
+
 def test_out_of_memory_in_the_unet_halves_the_windows_per_call_only(pipe, monkeypatch):
+    import pisa_cli.core.recovery as recovery
     from pisa_cli.errors import OutOfMemoryError
 
+    monkeypatch.setattr(recovery, "release_memory", lambda: None)  # a full gc costs 0.5 s
     batches, original = [], pipe.unet.__class__.__call__
 
     def refusing(self, latents, *args, **kwargs):

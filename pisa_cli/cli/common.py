@@ -109,7 +109,8 @@ ProcessSize = Annotated[
     typer.Option(
         "--process-size",
         help="Inputs whose short side is below process-size/scale are enlarged to it first "
-        "and the result is shrunk back to exactly scale times the input.",
+        "and the result is shrunk back to exactly scale times the input. HYPIR-SD2: its "
+        "window side in pixels (a multiple of 8; latent windows of process-size/8).",
         rich_help_panel=QUALITY,
     ),
 ]
@@ -187,7 +188,7 @@ LatentOverlap = Annotated[
     typer.Option(
         "--latent-overlap",
         help="Overlap of UNet tiles in latent pixels, blended with Gaussian weights. auto: "
-        "the reference's (PiSA-SR 32; OMGSR-style half the tile).",
+        "the reference's (PiSA-SR 32; OMGSR-style and HYPIR-SD2 half the tile).",
         rich_help_panel=TILES,
     ),
 ]

@@ -20,20 +20,23 @@ def random_pipeline(
     device: torch.device,
     dtype: torch.dtype,
     *,
-    merged: str = "pisa",
+    merged: str = "",
     second_rank: int = 0,
     checkpoint_seed: int = 1,
+    family: str = "",
 ) -> PisaPipeline:
     """``architecture`` (``tiny`` or ``sd21-base``, configs shipped in the package) with
-    random weights (seed 0), a random PiSA-SR LoRA (``checkpoint_seed``) and, with
-    ``second_rank``, a random second-pass LoRA of that rank (TUDSR-S uses 32)."""
+    random weights (seed 0), random weights of ``family`` (its name in ``core.families``;
+    "": the default family, PiSA-SR's LoRAs) from ``checkpoint_seed`` and, with
+    ``second_rank``, a random second-pass LoRA of that rank (TUDSR-S uses 32). ``merged``:
+    the weight set merged ("": the family's)."""
     from transformers import CLIPTokenizer
 
+    from pisa_cli.core.families import family_of, named
     from pisa_cli.models.second_lora import SecondLora
     from pisa_cli.models.synthetic import (
         build_random_base,
         config_dir,
-        random_checkpoint,
         random_lora_layers,
         write_tokenizer,
     )
@@ -44,15 +47,14 @@ def random_pipeline(
         write_tokenizer(Path(folder), config_dir(architecture))
         tokenizer = CLIPTokenizer.from_pretrained(folder)
     prompts = PromptEncoder(lambda: tokenizer, lambda: parts.text_encoder)  # type: ignore[arg-type,return-value]
-    checkpoint = random_checkpoint(parts.unet, seed=checkpoint_seed)
+    first_family = named(family) if family else family_of("")
+    weights = first_family.random_weights(parts, checkpoint_seed)
     second = None
     if second_rank:
         layers = tuple(random_lora_layers(parts.unet, second_rank, seed=2))
-        second = SecondLora(layers, SECOND_PASS_TIMESTEP, "random second-pass LoRA")
-    from pisa_cli.core.families import family_of
-
-    weights = family_of("").from_checkpoint(checkpoint, "random LoRA")  # type: ignore[attr-defined]
-    loaded = family_of("", "second").from_lora(second) if second is not None else None  # type: ignore[attr-defined]
+        lora = SecondLora(layers, SECOND_PASS_TIMESTEP, "random second-pass LoRA")
+        second = family_of("", "second").from_lora(lora)  # type: ignore[attr-defined]
+    merged = merged or first_family.merged_variant(None)
     return build_pipeline(
-        parts.unet, parts.vae, prompts, parts.scheduler, weights, device, dtype, merged, loaded
+        parts.unet, parts.vae, prompts, parts.scheduler, weights, device, dtype, merged, second
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pisa_cli.core.passes import PassPlan, PassWeights, Role
 from pisa_cli.core.planning import ImagePlan, plan_image
@@ -79,6 +80,11 @@ class Family:
         """Raise the reader's own error (with its hint) when ``path`` is not there."""
         if not path.exists():
             self.load(path, "first")
+
+    def random_weights(self, parts: Any, seed: int) -> LoadedWeights:
+        """Random weights of this family's layout for ``parts`` (``models.synthetic``'s
+        random base model): the self-test, the bench and the tests."""
+        raise NotImplementedError(f"{self.name}: no random weights")
 
     def weight_files(self, path: Path) -> list[Path]:
         """The files the weights consist of (their digests key caches and the manifest)."""

@@ -50,7 +50,9 @@ def plan_hypir(
     free_bytes: int,
 ) -> ImagePlan:
     """The plan of a HYPIR pass over an input of ``size`` (width, height): its windows,
-    windows per UNet call (auto: as many as fit) and an estimate of its working memory."""
+    windows per UNet call (auto: as many as fit), VAE tiles (the window, or the smaller
+    --vae-encoder-tile / --vae-decoder-tile: each window in bands) and an estimate of its
+    working memory."""
     settings = HypirSettings.from_options(options)
     width, height = size
     work_h, work_w = enlarged_size(height * options.scale, width * options.scale, settings.patch)
@@ -79,8 +81,8 @@ def plan_hypir(
         latent_overlap=window - stride,
         tile_batch=batch,
         tiling=TILING,
-        encoder_tile=settings.patch,
-        decoder_tile=window,
+        encoder_tile=min(settings.patch, options.tiles.vae_encoder_tile or settings.patch),
+        decoder_tile=min(window, options.tiles.vae_decoder_tile or window),
         store="ram",
         peak_bytes=peak,
         free_bytes=free_bytes,

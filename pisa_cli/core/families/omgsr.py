@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pisa_cli.core.families.base import Family, LoadedWeights
 from pisa_cli.core.families.omgsr_folder import (
+    AdapterFolder,
     load_adapter_folder,
     planned_timestep,
     resolve_timestep,
@@ -38,12 +39,25 @@ class Omgsr(Family):
         return bool(str(path)) and is_adapter_folder(path)
 
     def load(self, path: Path, role: Role) -> LoadedWeights:
-        folder = load_adapter_folder(path)
+        return self._weights(load_adapter_folder(path), role)
+
+    def _weights(self, folder: AdapterFolder, role: Role) -> LoadedWeights:
         unet = {role: UnetAdapter(folder.unet, folder.unet_source)}
         encoder = UnetAdapter(folder.encoder, folder.encoder_source)
         return LoadedWeights(
             self, folder.source, unet, encoder, folder.timestep, folder.describe(), folder
         )
+
+    def random_weights(self, parts, seed: int) -> LoadedWeights:
+        from pisa_cli.models.synthetic import random_lora_layers
+
+        folder = AdapterFolder(
+            unet=tuple(random_lora_layers(parts.unet, 8, seed=seed)),
+            encoder=tuple(random_lora_layers(parts.vae.encoder, 4, seed=seed + 1)),
+            timestep=273,
+            source="random OMGSR-style folder",
+        )
+        return self._weights(folder, "first")
 
     def timestep(self, flag, recorded, steps, source, role) -> tuple[int, str]:
         return resolve_timestep(flag, recorded, steps, source, FLAGS[role])

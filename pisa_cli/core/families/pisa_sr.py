@@ -37,6 +37,11 @@ class PisaSR(Family):
     def load(self, path: Path, role: Role) -> LoadedWeights:
         return self.from_checkpoint(load_checkpoint(path), str(path))
 
+    def random_weights(self, parts, seed: int) -> LoadedWeights:
+        from pisa_cli.models.synthetic import random_checkpoint
+
+        return self.from_checkpoint(random_checkpoint(parts.unet, seed=seed), "random LoRA")
+
     def from_checkpoint(self, checkpoint: PisaCheckpoint, source: str = "") -> LoadedWeights:
         """Weights from a checkpoint read (or made) already."""
         layers = sum(len(names) for names in checkpoint.modules.values())
