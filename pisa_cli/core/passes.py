@@ -38,7 +38,7 @@ class PassPlan:
     """"" for the first pass, "second" for the x2 pass (prefix of its timings)."""
     family: str
     """The name of the family whose weights run (``core.families``)."""
-    variants: tuple[str, ...]
+    variants: tuple[Variant, ...]
     """UNet weight sets the pass needs."""
     timestep: int
     rule: Rule

@@ -34,6 +34,7 @@ from pisa_cli.core.recovery import StageGuard
 from pisa_cli.engine import color, memory, vae
 from pisa_cli.engine.denoise import combine_eps, predict_eps, x0_from_eps
 from pisa_cli.engine.tiles import TilePlan, Tiling
+from pisa_cli.engine.vae import Store
 from pisa_cli.imaging.deep import DEEP_MAX, DeepImage
 from pisa_cli.imaging.resize import restore_size, upsample_input
 from pisa_cli.models.device import free_memory, host_free_memory
@@ -140,7 +141,7 @@ class PisaPipeline:
         upsampled: Image.Image,
         options: UpscaleOptions,
         tile: int | None = None,
-        store: str = "ram",
+        store: Store = "ram",
         encoder: str = "first",
     ) -> Encoded:
         """z_L of the bicubic upsampled image, padded (replicate) to a multiple of 8, by the
@@ -195,7 +196,7 @@ class PisaPipeline:
         latents: torch.Tensor,
         size: tuple[int, int],
         tile: int | None = None,
-        store: str = "ram",
+        store: Store = "ram",
     ) -> torch.Tensor:
         """The decoded image in [0, 1], cropped to ``size`` (undoing the padding)."""
         image = vae.decode(self.vae, latents, tile=tile, store=store)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pisa_cli.engine import memory
 from pisa_cli.engine.denoise import variants_needed
 from pisa_cli.engine.tiles import TilePlan, Tiling, plan_tiles
+from pisa_cli.engine.vae import Store
 from pisa_cli.errors import ImageError
 from pisa_cli.imaging.resize import ResizePlan, plan_resize
 from pisa_cli.options import UpscaleOptions
@@ -36,7 +37,7 @@ class ImagePlan:
     """Encoder tile side in image pixels, None when the image is encoded whole."""
     decoder_tile: int | None
     """Decoder tile side in latent pixels, None when the latent is decoded whole."""
-    store: str
+    store: Store
     """Where a tiled VAE keeps whole-image activations: ram, disk, or - (not tiled)."""
     peak_bytes: int
     """Estimated working memory at the busiest stage (weights not included)."""
@@ -141,7 +142,7 @@ def plan_image(
 
     enc_bytes = vae_bytes(encoder, enc_untiled)
     dec_bytes = vae_bytes(None if decoder is None else decoder * factor, dec_untiled)
-    store = "-"
+    store: Store = "-"
     if encoder is not None or decoder is not None:
         ram = memory.ram_store_bytes(height, width, widths, dtype_bytes)
         if host_free_bytes is not None:  # the planes are in host RAM, the bands on the device
