@@ -1,46 +1,46 @@
-"""How `pisa upscale` is launched: alone, as one rank of torchrun / accelerate launch /
-srun (``launch_of``), or with ``--devices``, which starts those ranks itself as worker
-processes on this machine (``run_devices``)."""
+"""How `pisa upscale` is launched: alone; as one process of torchrun / accelerate launch /
+srun, which runs ``--shard RANK/WORLD_SIZE`` on cuda:LOCAL_RANK (``launch_of``); or with
+``--devices``, which starts one worker process per device, each its own share
+(``run_devices``)."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import typer
 
-from pisa_cli.batch.distributed import RankEnv, parse_devices, rank_environment
-from pisa_cli.cli import common
+from pisa_cli.batch.distributed import parse_devices, rank_device, rank_environment
+from pisa_cli.batch.shard import Shard
+from pisa_cli.cli import common, spec
 from pisa_cli.cli.signals import handling
 from pisa_cli.errors import LaunchError, OptionsError
 
 
-def launch_of(devices: str, model, dry_run: bool) -> RankEnv | list[str] | None:
-    """None for a plain run; the devices to start workers on (--devices); or this process's
-    RankEnv under torchrun, accelerate launch or srun. A dry run is never distributed."""
+def launch_of(run: spec.UpscaleSpec, cuda_available) -> spec.UpscaleSpec:
+    """``run`` as this process runs it: under torchrun, accelerate launch or srun, the
+    launcher's rank becomes ``--shard RANK/WORLD_SIZE`` on the rank's device (an explicit
+    --shard is kept). ``cuda_available`` is called only then. Raises OptionsError or
+    LaunchError for combinations that cannot work."""
     env = rank_environment()
-    if devices:
-        if env.distributed:
-            raise LaunchError(
-                f"--devices starts its own processes: leave it out under {env.launcher}"
-            )
-        if model.device != "auto":
-            raise OptionsError("--device and --devices: give one or the other")
-        listed = parse_devices(devices)
-        if dry_run or len(listed) == 1:
-            return None
-        return listed
+    if run.devices and run.model.device != "auto":
+        raise OptionsError("--device and --devices: give one or the other")
+    if run.devices:
+        parse_devices(run.devices)  # checked before anything runs
+    if run.devices and not run.shard.whole:
+        raise OptionsError("--devices and --shard: give one or the other")
     if not env.distributed:
-        return None
-    if dry_run:
-        if env.rank != 0:
-            raise typer.Exit(0)  # rank 0 prints the plans
-        return None
-    return env
+        return run
+    if run.devices:
+        raise LaunchError(f"--devices starts its own processes: leave it out under {env.launcher}")
+    if run.shard.whole:
+        run = replace(run, shard=Shard(env.rank, env.world_size))
+    device = rank_device(run.model.device, env, cuda_available())
+    return replace(run, model=replace(run.model, device=device))
 
 
 def worker_arguments(context: typer.Context) -> list[str]:
@@ -49,7 +49,7 @@ def worker_arguments(context: typer.Context) -> list[str]:
     options, inputs = [], []
     for param in context.command.params:
         value = context.params.get(param.name)
-        if param.name in ("devices", "device") or value is None:
+        if param.name in ("devices", "device", "shard") or value is None or value == "":
             continue
         if param.param_type_name == "argument":
             inputs = [str(item) for item in value]
@@ -61,28 +61,28 @@ def worker_arguments(context: typer.Context) -> list[str]:
 
 
 def run_devices(devices: list[str], context: typer.Context) -> None:
-    """--devices: one worker process per device, ranks of one run on this machine; exit
-    with rank 0's code. A worker that dies stops the others (as torchrun does): finished
-    images are kept, and the same command run again does the rest."""
+    """--devices: one worker process per device, each running its share (--shard K/N);
+    exit with the worst code. A worker that dies stops the others: finished images are
+    kept, and the same command run again does the rest."""
     arguments = worker_arguments(context)
-    port = _free_port()
     workers = []
-    for rank, device in enumerate(devices):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(devices)))
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        command = [sys.executable, "-m", "pisa_cli", "upscale", "--device", device, *arguments]
+    for index, device in enumerate(devices):
+        shard = f"{index}/{len(devices)}"
+        command = [sys.executable, "-m", "pisa_cli", "upscale", "--device", device]
+        command += ["--shard", shard, *arguments]
         # their own session: a terminal's Ctrl-C reaches them once, forwarded by us
-        workers.append(subprocess.Popen(command, env=env, start_new_session=True))
+        workers.append(subprocess.Popen(command, start_new_session=True, env=dict(os.environ)))
     codes = _wait_all(workers)
-    if codes[0] < 0:
-        common.say(
-            f"error: rank 0 ({devices[0]}) ended by signal {-codes[0]}: no summary; the "
-            "images finished are kept, run the same command again to do the rest",
-            err=True,
-        )
-        raise typer.Exit(1)
-    if codes[0]:
-        raise typer.Exit(codes[0])
+    for device, code in zip(devices, codes, strict=True):
+        if code < 0:
+            common.say(
+                f"error: the worker on {device} ended by signal {-code}; the images finished "
+                "are kept, run the same command again to do the rest",
+                err=True,
+            )
+    worst = max((1 if code < 0 else code for code in codes), default=0)
+    if worst:
+        raise typer.Exit(worst)
 
 
 def _wait_all(workers: list[subprocess.Popen]) -> list[int]:
@@ -102,10 +102,3 @@ def _wait_all(workers: list[subprocess.Popen]) -> list[int]:
                 forward(signal.SIGTERM, None)
             time.sleep(0.1)
     return [worker.returncode for worker in workers]
-
-
-def _free_port() -> int:
-    """A TCP port free on this machine now, for rank 0's store."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -72,12 +72,12 @@ def plan(run: spec.UpscaleSpec) -> tuple[RunPlan, Outcome] | None:
     from pisa_cli.batch.plan import decide, find_jobs
     from pisa_cli.batch.run import Outcome
 
-    planned = find_jobs(list(run.inputs), run.output, run.batch)
+    planned = find_jobs(list(run.inputs), run.output, run.batch, run.shard)
     found = planned.found
     say_discovery(found)
     for conflict in planned.conflicts:
         common.say(f"error: {conflict.error}", err=True)
-    if not found.jobs:
+    if not planned.listed:
         common.say("error: no images to upscale in the given inputs", err=True)
         raise typer.Exit(1)
     if run.dry_run:  # exits as the run would: 1 when any input would fail
@@ -93,6 +93,7 @@ def plan(run: spec.UpscaleSpec) -> tuple[RunPlan, Outcome] | None:
     outcome = Outcome(failed_early=planned.failed_early, settings=planned.settings)
     outcome.results += planned.conflicts + planned.skipped
     outcome.extra = _extra(found)
+    outcome.shard = "" if run.shard.whole else str(run.shard)
     return planned, outcome
 
 
@@ -112,7 +113,7 @@ def prepare_output(run: spec.UpscaleSpec, outcome: Outcome) -> None:
         raise common.fail(error) from None
 
 
-def execute(run, planned: RunPlan, jobs, outcome: Outcome, load, stop, watch=None) -> None:
+def execute(run, planned: RunPlan, jobs, outcome: Outcome, load, stop) -> None:
     """Build the pipeline (exit on failure) and stream ``jobs`` with a display, Ctrl-C
     setting ``stop``."""
     from pisa_cli.batch.plan import remove_empty_folder
@@ -127,7 +128,7 @@ def execute(run, planned: RunPlan, jobs, outcome: Outcome, load, stop, watch=Non
     with display(len(jobs), run.quiet) as shown, stop_on_signals(stop, shown.warn):
         stream(
             prepared, jobs, planned.reasons, run.options, run.batch, planned.manifest, outcome,
-            display=shown, stop=stop, watch=watch,
+            display=shown, stop=stop,
         )  # fmt: skip
 
 
@@ -172,7 +173,7 @@ def finish(outcome: Outcome, run: spec.UpscaleSpec) -> None:
     common.say(line, err=True)
     code = result.exit_code
     if run.report is not None:
-        error = write_report(run.report, outcome, result.counts)
+        error = write_report(run.shard.report_path(run.report), outcome, result.counts)
         if error is not None:
             common.say(f"error: {error}", err=True)
             code = code or 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import typer
@@ -30,30 +31,35 @@ def upscale_command(context: typer.Context, **values) -> None:
     made with the same settings are skipped, so an interrupted run resumes (Ctrl-C stops
     after the current image; twice abandons it). Exit code 0 when every image worked, 1
     when some failed, 2 for bad options, 3 when the model or weights cannot be loaded, 130
-    when interrupted. Under torchrun, accelerate launch or srun (or with --devices) each
-    process runs its share of the inputs and rank 0 prints the summary.
+    when interrupted. Under torchrun, accelerate launch or srun each process runs its
+    share (--shard RANK/WORLD_SIZE) and sums up its own part.
     """
     common.setup_logging(values["quiet"], values["verbose"])
     from pisa_cli.cli.launch import launch_of
 
     try:
-        run = spec.UpscaleSpec.parse(values)
-        launch = launch_of(run.devices, run.model, run.dry_run)
+        run = launch_of(spec.UpscaleSpec.parse(values), _cuda_available)
     except PisaError as error:
         raise common.fail(error) from None
-    if launch is None or (not isinstance(launch, list) and launch.rank == 0):
-        steps.warn_unusual(run.options)  # once per run: by rank 0, not by --devices' parent
+    if run.shard.index == 0:
+        steps.warn_unusual(run.options)  # once per run: by the first share
     load = steps.pipeline_factory(context)
-    if isinstance(launch, list):
+    if run.devices and not run.dry_run:
+        from pisa_cli.batch.distributed import parse_devices
         from pisa_cli.cli.launch import run_devices
 
-        run_devices(launch, context)
-    elif launch is not None:
-        from pisa_cli.cli.ranks import upscale_as_rank
+        devices = parse_devices(run.devices)
+        if len(devices) > 1:
+            run_devices(devices, context)
+            return
+        run = replace(run, model=replace(run.model, device=devices[0]))
+    upscale(run, load)
 
-        upscale_as_rank(launch, run, load)
-    else:
-        upscale(run, load)
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def upscale(run: spec.UpscaleSpec, load: PipelineFactory) -> None:
