@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import typer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -169,27 +168,12 @@ def test_each_rank_appends_to_its_own_manifest_read_together(tmp_path):
     assert all(again.decide(source, o).reason == "up to date" for o in outputs.values())
 
 
-def test_worker_arguments_rebuild_the_command_without_devices():
-    from pisa_cli.cli.launch import worker_arguments
-
-    command = typer.main.get_command(app).commands["upscale"]  # type: ignore[attr-defined]
-    given_args = ["a.png", "-o", "out", "--devices", "cpu,cpu", "--scale", "2", "--quiet"]
-    given_args += ["--lambda-sem", "0.5", "--report", "r.json", "--recursive", "--", "-dir"]
-    context = command.make_context("upscale", given_args)
-    rebuilt = worker_arguments(context)
-    assert "--devices" not in rebuilt and "--device" not in rebuilt
-    again = command.make_context("upscale", rebuilt).params
-    for name, value in context.params.items():
-        if name not in ("devices", "device"):
-            assert again[name] == value, name
-
-
 @pytest.mark.parametrize(
     ("args", "environ", "code", "message"),
     [
         (["--devices", "cpu,cpu", "--device", "cpu"], {}, 2, "give one or the other"),
         (["--devices", "gpu"], {}, 1, "is not a device"),
-        (["--devices", "0,1"], TORCHRUN | {"RANK": "0"}, 1, "leave it out under torchrun"),
+        (["--devices", "0,1"], TORCHRUN | {"RANK": "0"}, 1, "run it once, not under torchrun"),
         (["--devices", "cpu,cpu", "--shard", "0/2"], {}, 2, "give one or the other"),
         (["--shard", "2/2"], {}, 2, "0 <= K < N"),
     ],

@@ -109,7 +109,7 @@ def accelerate(*args: object) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["torchrun", "devices", "accelerate"])
+@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
 def test_two_ranks_write_what_one_process_writes(launch, mixed, model, reference, tmp_path):
     out, report = tmp_path / "out", tmp_path / "report.json"
     args = (mixed, "-o", out, *model, "--report", report)
@@ -117,7 +117,6 @@ def test_two_ranks_write_what_one_process_writes(launch, mixed, model, reference
         pytest.importorskip("accelerate")  # installed with peft; not a dependency of ours
     command = {
         "torchrun": lambda: torchrun(*args),
-        "devices": lambda: pisa(*args, "--devices", "cpu,cpu"),
         "accelerate": lambda: accelerate(*args),
     }[launch]()
     run = subprocess.run(
@@ -125,6 +124,22 @@ def test_two_ranks_write_what_one_process_writes(launch, mixed, model, reference
     )
     assert run.returncode == 0, run.stderr
     check_complete_run(out, report, run.stderr, reference, mixed)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_devices_on_ray_write_what_one_process_writes(mixed, model, reference, tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed (pisa-cli[ray])")
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    command = pisa(mixed, "-o", out, *model, "--report", report, "--devices", "cpu,cpu")
+    run = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert visible_bytes(out) == reference and not temporaries(out)
+    summaries = [line for line in run.stderr.splitlines() if re.match(r"\d+ done, \d+", line)]
+    assert summaries == [summaries[0]] and f"{IMAGES} done, 0 skipped" in summaries[0]
+    rows = json.loads(report.read_text())["images"]
+    assert sorted(row["input"] for row in rows) == sorted(str(p) for p in mixed.iterdir())
+    assert "Ray" not in run.stderr or "warning" not in run.stderr, run.stderr
 
 
 def descendants(pid: int) -> list[int]:

@@ -132,6 +132,29 @@ def execute(run, planned: RunPlan, jobs, outcome: Outcome, load, stop) -> None:
         )  # fmt: skip
 
 
+def execute_on_ray(run, planned: RunPlan, outcome: Outcome, load, stop) -> None:
+    """``execute`` on Ray (--ray, --devices): the same display, fed by the workers'
+    results; no Ray at all when no image header passes the screen."""
+    from pisa_cli.batch.distributed import parse_devices
+    from pisa_cli.batch.plan import screen
+    from pisa_cli.batch.ray_run import RayTarget, run_on_ray
+
+    jobs = planned.to_run
+    if not screen(jobs, run.options, run.batch.max_pixels)[0]:
+        execute(run, planned, jobs, outcome, load, stop)  # every image fails, no model
+        return
+    devices = tuple(parse_devices(run.devices)) if run.devices else ()
+    target = RayTarget(run.ray or "local", devices)
+    plan_ = (run.model, run.options, run.batch, planned.settings, run.output)
+    with display(len(jobs), run.quiet) as shown, stop_on_signals(stop, shown.warn):
+        try:
+            run_on_ray(
+                jobs, planned.reasons, plan_, load, target, outcome, display=shown, stop=stop
+            )
+        except PisaError as error:
+            raise common.fail(error) from None
+
+
 def _say_skipped(planned: RunPlan, quiet: bool) -> None:
     if quiet:
         return

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from pisa_cli.batch.distributed import parse_devices
 from pisa_cli.cli import common, spec, steps
 from pisa_cli.cli.steps import execute, finish, plan, prepare_output
 from pisa_cli.errors import PisaError
@@ -44,15 +45,8 @@ def upscale_command(context: typer.Context, **values) -> None:
     if run.shard.index == 0:
         steps.warn_unusual(run.options)  # once per run: by the first share
     load = steps.pipeline_factory(context)
-    if run.devices and not run.dry_run:
-        from pisa_cli.batch.distributed import parse_devices
-        from pisa_cli.cli.launch import run_devices
-
-        devices = parse_devices(run.devices)
-        if len(devices) > 1:
-            run_devices(devices, context)
-            return
-        run = replace(run, model=replace(run.model, device=devices[0]))
+    if run.devices and len(devices := parse_devices(run.devices)) == 1:  # no engine for one
+        run = replace(run, devices="", model=replace(run.model, device=devices[0]))
     upscale(run, load)
 
 
@@ -72,6 +66,9 @@ def upscale(run: spec.UpscaleSpec, load: PipelineFactory) -> None:
     if plan_.to_run:
         prepare_output(run, outcome)
         stop = threading.Event()
-        execute(run, plan_, plan_.to_run, outcome, load, stop)
+        if run.ray or run.devices:
+            steps.execute_on_ray(run, plan_, outcome, load, stop)
+        else:
+            execute(run, plan_, plan_.to_run, outcome, load, stop)
     outcome.seconds = time.perf_counter() - start
     finish(outcome, run)

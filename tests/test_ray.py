@@ -1,0 +1,238 @@
+"""--ray and --devices on Ray Data: the worker class called directly on batch dicts (no Ray),
+then a few runs on a real local Ray instance (marked ``ray``, skipped without the extra): a
+mixed folder byte for byte as one process writes it, resume, a worker killed mid-run, a
+poison image that kills its worker every time."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pisa_cli.batch.ray_worker import (
+    ATTEMPTS,
+    Ledger,
+    UpscaleWorker,
+    job_rows,
+    result_from_json,
+)
+from pisa_cli.errors import WeightsError
+from pisa_cli.imaging.discover import Job
+from pisa_cli.imaging.manifest import Manifest
+from pisa_cli.options import BatchOptions, ModelOptions, UpscaleOptions
+from tests.helpers import FakePipeline, noise_image, ramp16, run_on, visible_bytes
+
+OPTIONS = UpscaleOptions(scale=2)
+
+
+def _worker(tmp_path: Path, pipeline=None, ledger=None, load=None) -> UpscaleWorker:
+    pipeline = pipeline or FakePipeline()
+    load = load or (lambda model, options: pipeline)
+    return UpscaleWorker(
+        ModelOptions(device="cpu"), OPTIONS, BatchOptions(), {"a": 1}, str(tmp_path / "out"),
+        load, ledger,
+    )  # fmt: skip
+
+
+def _batch(jobs: list[Job]) -> dict:
+    rows = job_rows(jobs)
+    return {name: [row[name] for row in rows] for name in ("index", "source", "output")}
+
+
+def _jobs(tmp_path: Path, count: int = 3) -> list[Job]:
+    (tmp_path / "out").mkdir(exist_ok=True)
+    jobs = []
+    for index in range(count):
+        source = tmp_path / f"p{index}.png"
+        noise_image(6 + index, 5, index).save(source)
+        jobs.append(Job(source, tmp_path / "out" / f"p{index}.png"))
+    return jobs
+
+
+def test_the_worker_upscales_a_batch_and_returns_small_result_rows(tmp_path):
+    jobs = _jobs(tmp_path)
+    (tmp_path / "p1.png").write_bytes(b"not a png")  # one bad image fails alone
+    returned = _worker(tmp_path)(_batch(jobs))
+    assert returned["index"] == [0, 1, 2]
+    results = [
+        result_from_json(job, text)[0] for job, text in zip(jobs, returned["result"], strict=True)
+    ]
+    assert [r.status for r in results] == ["done", "failed", "done"]
+    assert "p1.png" in results[1].error
+    assert Image.open(jobs[0].output).size == (12, 10)
+    assert all(len(text) < 2000 for text in returned["result"])  # results, never pixels
+    (part,) = Manifest(tmp_path / "out").files()  # a manifest part of its own
+    assert part.name.startswith(".pisa-manifest.rank")
+
+
+def test_a_retry_reuses_finished_results_and_fails_an_image_that_killed_its_worker(tmp_path):
+    jobs = _jobs(tmp_path)
+    ledger = Ledger()
+    ledger.finished(0, _worker(tmp_path)(_batch(jobs[:1]))["result"][0])
+    for _ in range(ATTEMPTS):
+        ledger.started(1)  # in the model twice when its worker died
+    ledger.started(2)  # once, beside it
+    pipeline = FakePipeline()
+    returned = _worker(tmp_path, pipeline, ledger)(_batch(jobs))
+    results = [
+        result_from_json(job, text)[0] for job, text in zip(jobs, returned["result"], strict=True)
+    ]
+    assert [r.status for r in results] == ["done", "failed", "done"]
+    assert f"its worker died {ATTEMPTS} times" in results[1].error
+    assert pipeline.calls == 1  # only image 2 ran: 0 was known, 1 is not tried again
+    assert max(pipeline.batches, default=1) == 1  # after a death, one at a time
+    assert ledger.starts == {1: ATTEMPTS, 2: 2}
+
+
+def test_a_worker_whose_model_fails_to_load_stops_the_run_with_its_code(tmp_path):
+    def load(model, options):
+        raise WeightsError("weights.pkl: not a checkpoint")
+
+    jobs = _jobs(tmp_path, 1)
+    text = _worker(tmp_path, load=load)(_batch(jobs))["result"][0]
+    result, code = result_from_json(jobs[0], text)
+    assert code == WeightsError.exit_code and "weights.pkl" in result.error
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ray", "photos"], "expected local, auto or a cluster address"),
+        (["--ray", "local", "--shard", "0/2"], "give one or the other"),
+        (["--devices", "cpu,cpu", "--ray", "auto"], "leave out --ray"),
+    ],
+)
+def test_ray_option_errors(tmp_path, args, message):
+    noise_image(8, 8).save(tmp_path / "a.png")
+    result = run_on(None, "upscale", tmp_path / "a.png", "-o", tmp_path / "o", *args)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_without_ray_the_option_says_how_to_install_it(tmp_path, monkeypatch, tiny_base, pisa_pkl):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    noise_image(8, 8).save(tmp_path / "a.png")
+    model = ["--base-model", tiny_base, "--weights", pisa_pkl, "--device", "cpu"]
+    args = ["upscale", tmp_path / "a.png", "-o", tmp_path / "o", *model[:4], "--ray", "local"]
+    result = run_on(None, *args)
+    assert result.exit_code == 1
+    assert "pip install 'pisa-cli[ray]'" in result.output
+
+
+# --- on a real local Ray instance -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pisa-cli[ray])")
+    root = str(Path(__file__).parents[1])
+    # the workers import pisa_cli and tests.helpers (the fakes) from this checkout
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        part for part in (root, os.environ.get("PYTHONPATH", "")) if part
+    )
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    ray.init(
+        num_cpus=2, num_gpus=0, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
+        log_to_driver=False, logging_level="ERROR", _temp_dir=None,
+    )  # fmt: skip
+    yield ray
+    ray.shutdown()
+
+
+class DyingPipeline(FakePipeline):
+    """Kills its worker process (os._exit) on 13x9 images: every time, or only the first
+    time when ``once`` names a marker file."""
+
+    def __init__(self, once: str = ""):
+        super().__init__()
+        self.once = once
+
+    def upscale_with_info(self, image, options):
+        size = getattr(image, "size", None)
+        if size == (13, 9) and not (self.once and os.path.exists(self.once)):
+            if self.once:
+                Path(self.once).touch()
+            os._exit(1)
+        return super().upscale_with_info(image, options)
+
+
+@pytest.fixture
+def mixed(tmp_path) -> Path:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for index in range(6):
+        noise_image(8 + index, 6, index).save(folder / f"p{index}.png")
+    rgba = noise_image(10, 8, 7).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    rgba.save(folder / "alpha.png")
+    noise_image(9, 7, 8).convert("L").save(folder / "grey.png")
+    Image.fromarray(ramp16(12, 9, 1)[..., 0]).save(folder / "deep16.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    noise_image(64, 64, 9).save(folder / "huge.png")
+    noise_image(13, 9, 10).save(folder / "victim.png")  # 13x9: DyingPipeline's
+    return folder
+
+
+@pytest.fixture
+def weights(tiny_base, pisa_pkl) -> list:
+    return ["--base-model", tiny_base, "--weights", pisa_pkl]
+
+
+def _run(pipeline, mixed: Path, out: Path, weights: list, *extra):
+    args = ["upscale", mixed, "-o", out, "--scale", "2", "--process-size", "16"]
+    args += ["--max-pixels", "3000", *extra]
+    return run_on(pipeline, *args, *weights)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_writes_what_one_process_writes_and_resumes(ray_instance, mixed, tmp_path, weights):
+    single = _run(FakePipeline(), mixed, tmp_path / "single", weights)
+    assert single.exit_code == 1, single.output  # the corrupt and the huge image fail
+    report = tmp_path / "r.json"
+    on_ray = _run(
+        FakePipeline(), mixed, tmp_path / "ray", weights, "--ray", "local", "--report", report
+    )
+    assert on_ray.exit_code == 1, on_ray.output
+    assert visible_bytes(tmp_path / "ray") == visible_bytes(tmp_path / "single")
+    counts = re.search(r"(\d+) done, 0 skipped, (\d+) failed", single.output)
+    # the corrupt and the huge image fail, and the 16-bit one (the fake takes 8 bits only)
+    assert counts and counts.groups() == ("9", "3"), single.output
+    assert counts[0] in on_ray.output  # the same summary
+    rows = json.loads(report.read_text())["images"]
+    assert sorted(r["input"] for r in rows) == sorted(str(p) for p in mixed.iterdir())
+    devices = _run(FakePipeline(), mixed, tmp_path / "devices", weights, "--devices", "cpu,cpu")
+    assert visible_bytes(tmp_path / "devices") == visible_bytes(tmp_path / "single")
+    assert counts[0] in devices.output
+    again = _run(None, mixed, tmp_path / "ray", weights, "--ray", "local")  # nothing left: no model
+    assert f"0 done, {counts[1]} skipped, {counts[2]} failed" in again.output, again.output
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_worker_costs_a_rerun_and_a_poison_image_fails_alone(
+    ray_instance, mixed, tmp_path, weights
+):
+    for name in ("corrupt.png", "huge.png", "deep16.png"):  # failures of their own
+        (mixed / name).unlink()
+    once = _run(
+        DyingPipeline(str(tmp_path / "died")), mixed, tmp_path / "once", weights, "--ray", "local"
+    )
+    assert once.exit_code == 0, once.output  # killed once: its images ran again elsewhere
+    assert (tmp_path / "died").exists() and "9 done, 0 skipped, 0 failed" in once.output
+    poison = _run(DyingPipeline(), mixed, tmp_path / "poison", weights, "--ray", "local")
+    assert poison.exit_code == 1, poison.output
+    assert "8 done, 0 skipped, 1 failed" in poison.output
+    assert f"victim.png: its worker died {ATTEMPTS} times" in poison.output
