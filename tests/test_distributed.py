@@ -230,6 +230,15 @@ def test_shards_together_write_what_one_process_writes(tmp_path, monkeypatch, mo
     assert sorted(done) == sorted(str(path) for path in folder.iterdir())  # each once
     assert visible_bytes(out) == visible_bytes(tmp_path / "whole")
     assert [p.name for p in Manifest(out).files()] == [manifest_name(k) for k in range(3)]
+    parts = [tmp_path / f"r.shard{index}of3.json" for index in range(3)]
+    merged = run_fake("merge-reports", *parts, "-o", report)
+    assert merged.exit_code == 0 and "10 done, 0 skipped, 0 failed in 3 parts" in merged.output
+    payload = json.loads(report.read_text())
+    assert payload["summary"]["shards"] == ["0/3", "1/3", "2/3"]
+    assert sorted(row["input"] for row in payload["images"]) == sorted(done)
+    (tmp_path / "r.shard1of3.json").write_text("{}")
+    bad = run_fake("merge-reports", *parts, "-o", tmp_path / "m.csv")
+    assert bad.exit_code == 2 and "r.shard1of3.json: not a JSON report of pisa" in bad.output
     again = run_fake("upscale", folder, "-o", out, *models)  # any process resumes
     assert "10 outputs up to date" in again.output and "0 done, 10 skipped" in again.output
 

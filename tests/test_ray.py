@@ -98,6 +98,40 @@ def test_a_worker_whose_model_fails_to_load_stops_the_run_with_its_code(tmp_path
     assert code == WeightsError.exit_code and "weights.pkl" in result.error
 
 
+def test_no_result_for_the_timeout_fails_the_rest_with_one_line_each(tmp_path):
+    import threading
+
+    from pisa_cli.batch.ray_run import _results
+
+    class Stuck:
+        def iter_rows(self):
+            yield {"index": 0, "result": _worker(tmp_path)(_batch(jobs[:1]))["result"][0]}
+            threading.Event().wait(30)  # a cluster that stopped answering
+            yield {}
+
+    jobs = _jobs(tmp_path)
+    results = list(_results(Stuck(), jobs, threading.Event(), timeout=1.0))
+    assert [r.status for r in results] == ["done", "failed", "failed"]
+    assert "not run: no result from Ray in 1 s (PISA_RAY_TIMEOUT)" in results[2].error
+
+
+def test_a_failed_dataset_fails_what_did_not_come_back(tmp_path):
+    import threading
+
+    from pisa_cli.batch.ray_run import _results
+
+    class Broken:
+        def iter_rows(self):
+            raise RuntimeError("ActorDiedError: the actor died unexpectedly\ntraceback ...")
+            yield
+
+    jobs = _jobs(tmp_path, 2)
+    results = list(_results(Broken(), jobs, threading.Event(), timeout=5.0))
+    assert [r.error.split(": ", 1)[1] for r in results] == [
+        "not run: Ray stopped: ActorDiedError: the actor died unexpectedly"
+    ] * 2
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

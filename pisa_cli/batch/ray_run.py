@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -84,6 +85,7 @@ def connect(ray, target: RayTarget) -> bool:
         logging.getLogger(name).setLevel(logging.ERROR)
     if ray.is_initialized():
         return False
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # its C++ warnings, every actor
     quiet: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": False,
@@ -136,7 +138,9 @@ def run_on_ray(
     try:
         rows = _dataset(ray, jobs, plan, load, target)
         results = _results(rows, jobs, stop, timeout)
+        begun = time.perf_counter()  # Ray's start and the models' loading included
         collect(results, reasons, outcome, len(jobs), display=display, stop=stop)
+        outcome.run_seconds = time.perf_counter() - begun
     finally:
         if started:
             ray.shutdown()
