@@ -85,7 +85,9 @@ def connect(ray, target: RayTarget) -> bool:
         logging.getLogger(name).setLevel(logging.ERROR)
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # its C++ warnings, every actor
+    # Ray's C++ core warns on stderr for every actor whose constructor arguments are in
+    # the object store (map_batches puts them there) and may restart: that is our design
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     quiet: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": False,
