@@ -270,3 +270,63 @@ def test_a_killed_worker_costs_a_rerun_and_a_poison_image_fails_alone(
     assert poison.exit_code == 1, poison.output
     assert "8 done, 0 skipped, 1 failed" in poison.output
     assert f"victim.png: its worker died {ATTEMPTS} times" in poison.output
+
+
+class NodeRecorder(FakePipeline):
+    """Writes, for each image, the id of the Ray node that upscaled it into ``folder``."""
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def upscale_with_info(self, image, options):
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        Path(self.folder, f"{image.size[0]}x{image.size[1]}-{os.getpid()}").write_text(node)
+        return super().upscale_with_info(image, options)
+
+
+TWO_NODES = """
+import sys
+from pathlib import Path
+from ray.cluster_utils import Cluster
+from tests.helpers import run_on
+from tests.test_ray import NodeRecorder
+folder, out, nodes, *weights = sys.argv[1:]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+cluster.add_node(num_cpus=2)
+cluster.wait_for_nodes()
+try:
+    result = run_on(NodeRecorder(nodes), "upscale", folder, "-o", out, "--ray", cluster.address,
+                    "--scale", "2", *weights)
+    print(result.output)
+    sys.exit(result.exit_code)
+finally:
+    cluster.shutdown()
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_ray_nodes_on_this_machine_share_the_work(tmp_path, weights):
+    """Two nodes of 2 CPUs each: three workers (one CPU is left to Ray), so both nodes hold
+    at least one; the images land on both, each once."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray", reason="the ray extra is not installed (pisa-cli[ray])")
+    folder, out, nodes = tmp_path / "in", tmp_path / "out", tmp_path / "nodes"
+    folder.mkdir()
+    nodes.mkdir()
+    for index in range(48):
+        noise_image(8 + index, 6, index).save(folder / f"p{index:02d}.png")
+    root = str(Path(__file__).parents[1])
+    env = dict(os.environ, PYTHONPATH=root, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    args = [sys.executable, "-c", TWO_NODES, folder, out, nodes, *map(str, weights)]
+    done = subprocess.run(args, env=env, cwd=root, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "48 done, 0 skipped, 0 failed" in done.stdout
+    seen = {path.read_text() for path in nodes.iterdir()}
+    assert len(seen) == 2, seen  # both nodes worked
+    assert len(list(out.glob("*.png"))) == 48

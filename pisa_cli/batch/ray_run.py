@@ -175,11 +175,12 @@ def _map(dataset, arguments: dict, ray, size: int, gpus: int):
         fn_constructor_kwargs=arguments,
         batch_size=ROWS_PER_CALL,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
+        compute=ray.data.ActorPoolStrategy(size=size),  # every GPU from the start
         num_cpus=1,
         num_gpus=gpus,
         max_restarts=RETRIES,
         max_task_retries=RETRIES,
+        scheduling_strategy="SPREAD",  # over the nodes, not packed onto the first
     )
 
 
