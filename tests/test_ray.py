@@ -115,6 +115,40 @@ def test_no_result_for_the_timeout_fails_the_rest_with_one_line_each(tmp_path):
     assert "not run: no result from Ray in 1 s (PISA_RAY_TIMEOUT)" in results[2].error
 
 
+def test_ctrl_c_stops_taking_results_and_the_rest_is_not_done(tmp_path):
+    import threading
+
+    from pisa_cli.batch.ray_run import _results
+    from pisa_cli.batch.run import Outcome, collect
+
+    jobs = _jobs(tmp_path)
+    text = _worker(tmp_path)(_batch(jobs[:1]))["result"][0]
+
+    class Interrupted:
+        def iter_rows(self):
+            yield {"index": 0, "result": text}
+            threading.Event().wait(30)
+            yield {}
+
+    class Display:
+        def finished(self, result):
+            raise KeyboardInterrupt  # Ctrl-C while showing the first result
+
+    stop, outcome = threading.Event(), Outcome()
+    results = _results(Interrupted(), jobs, stop, timeout=60.0)
+    collect(results, {}, outcome, len(jobs), display=Display(), stop=stop)
+    assert outcome.interrupted and outcome.not_done == 3 and outcome.results == []
+
+
+def test_the_largest_images_go_first(tmp_path):
+    from pisa_cli.batch.ray_run import largest_first
+
+    jobs = _jobs(tmp_path)  # 6x5, 7x5, 8x5
+    (tmp_path / "p0.png").write_bytes(b"not an image")  # weighs 1: last
+    assert largest_first(jobs, BatchOptions()) == [2, 1, 0]
+    assert [row["index"] for row in job_rows(jobs, [2, 1, 0])] == [2, 1, 0]
+
+
 def test_a_failed_dataset_fails_what_did_not_come_back(tmp_path):
     import threading
 
@@ -233,7 +267,8 @@ def _run(pipeline, mixed: Path, out: Path, weights: list, *extra):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_writes_what_one_process_writes_and_resumes(ray_instance, mixed, tmp_path, weights):
-    single = _run(FakePipeline(), mixed, tmp_path / "single", weights)
+    single_report = tmp_path / "single.json"
+    single = _run(FakePipeline(), mixed, tmp_path / "single", weights, "--report", single_report)
     assert single.exit_code == 1, single.output  # the corrupt and the huge image fail
     report = tmp_path / "r.json"
     on_ray = _run(
@@ -246,7 +281,9 @@ def test_ray_writes_what_one_process_writes_and_resumes(ray_instance, mixed, tmp
     assert counts and counts.groups() == ("9", "3"), single.output
     assert counts[0] in on_ray.output  # the same summary
     rows = json.loads(report.read_text())["images"]
-    assert sorted(r["input"] for r in rows) == sorted(str(p) for p in mixed.iterdir())
+    expected = json.loads(single_report.read_text())["images"]
+    assert [r["input"] for r in rows] == [r["input"] for r in expected]  # each once, in order
+    assert [r["status"] for r in rows] == [r["status"] for r in expected]
     devices = _run(FakePipeline(), mixed, tmp_path / "devices", weights, "--devices", "cpu,cpu")
     assert visible_bytes(tmp_path / "devices") == visible_bytes(tmp_path / "single")
     assert counts[0] in devices.output

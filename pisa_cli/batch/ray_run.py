@@ -1,7 +1,8 @@
 """`--ray` and `--devices`: the batch on Ray Data, with our display, summary and report.
 
 The driver (this process) plans as one process does (lists the inputs, skips what is up
-to date, screens headers) and makes a dataset of job rows (``ray_worker.job_rows``: paths,
+to date, screens headers), orders the jobs by header pixel count, largest first, and makes
+a dataset of job rows (``ray_worker.job_rows``: paths,
 never pixels). ``map_batches`` runs ``UpscaleWorker`` on an actor pool (one actor per GPU,
 ``num_gpus=1``; on CPUs, one per CPU but one), each loading the pipeline once and writing
 its own outputs; the result rows stream back into ``run.collect`` like one process's.
@@ -23,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pisa_cli.batch.distributed import pixel_weights
 from pisa_cli.batch.ray_worker import ATTEMPTS, Ledger, UpscaleWorker, job_rows, result_from_json
 from pisa_cli.batch.run import Display, Outcome, PipelineFactory, collect
 from pisa_cli.batch.runner import FAILED, JobResult
@@ -140,9 +142,11 @@ def run_on_ray(
     try:
         rows = _dataset(ray, jobs, plan, load, target)
         results = _results(rows, jobs, stop, timeout)
-        begun = time.perf_counter()  # Ray's start and the models' loading included
+        begun, first = time.perf_counter(), len(outcome.results)  # the models' loading in
         collect(results, reasons, outcome, len(jobs), display=display, stop=stop)
         outcome.run_seconds = time.perf_counter() - begun
+        place = {job: index for index, job in enumerate(jobs)}  # the report: input order
+        outcome.results[first:] = sorted(outcome.results[first:], key=lambda r: place[r.job])
     finally:
         if started:
             ray.shutdown()
@@ -161,7 +165,9 @@ def _dataset(ray, jobs: Sequence[Job], plan: tuple, load: PipelineFactory, targe
         load=load, ledger=ledger,
     )  # fmt: skip
     blocks = max(1, min(len(jobs), size * 4))
-    dataset = ray.data.from_items(job_rows(jobs), override_num_blocks=blocks)
+    dataset = ray.data.from_items(
+        job_rows(jobs, largest_first(jobs, batch)), override_num_blocks=blocks
+    )
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for the two caps yet (deprecated in 2.64: the
         # extra's pin keeps this working; revisit when raising it)
@@ -182,6 +188,13 @@ def _map(dataset, arguments: dict, ray, size: int, gpus: int):
         max_task_retries=RETRIES,
         scheduling_strategy="SPREAD",  # over the nodes, not packed onto the first
     )
+
+
+def largest_first(jobs: Sequence[Job], batch: BatchOptions) -> list[int]:
+    """Job indices by pixel count (from the headers), largest first: the long images start
+    early and small ones fill the end, and images of one size sit together for batching."""
+    weights = pixel_weights([job.source for job in jobs], batch.max_pixels)
+    return sorted(range(len(jobs)), key=lambda index: (-weights[index], index))
 
 
 def _results(dataset, jobs: Sequence[Job], stop: threading.Event, timeout: float):

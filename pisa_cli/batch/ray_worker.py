@@ -38,11 +38,13 @@ ATTEMPTS = 2
 """Times an image may be in the model of a worker that dies before it is failed."""
 
 
-def job_rows(jobs: Sequence[Job]) -> list[dict[str, object]]:
-    """The dataset's rows: the job's place in the run and its paths (no pixels)."""
+def job_rows(jobs: Sequence[Job], order: Sequence[int] | None = None) -> list[dict[str, object]]:
+    """The dataset's rows, in ``order`` (indices into ``jobs``; default: as given): each
+    job's place in the run and its paths (no pixels)."""
+    order = range(len(jobs)) if order is None else order
     return [
-        {"index": index, "source": str(job.source), "output": str(job.output)}
-        for index, job in enumerate(jobs)
+        {"index": index, "source": str(jobs[index].source), "output": str(jobs[index].output)}
+        for index in order
     ]
 
 
