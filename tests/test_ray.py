@@ -86,6 +86,8 @@ def test_a_retry_reuses_finished_results_and_fails_an_image_that_killed_its_work
     assert pipeline.calls == 1  # only image 2 ran: 0 was known, 1 is not tried again
     assert max(pipeline.batches, default=1) == 1  # after a death, one at a time
     assert ledger.starts == {1: ATTEMPTS, 2: 2}
+    ledger.forget([0, 1, 2])  # once the driver has them
+    assert ledger.state([0, 1, 2]) == ([0, 0, 0], [None, None, None])
 
 
 def test_a_worker_whose_model_fails_to_load_stops_the_run_with_its_code(tmp_path):
@@ -98,10 +100,14 @@ def test_a_worker_whose_model_fails_to_load_stops_the_run_with_its_code(tmp_path
     assert code == WeightsError.exit_code and "weights.pkl" in result.error
 
 
-def test_no_result_for_the_timeout_fails_the_rest_with_one_line_each(tmp_path):
+def test_no_result_for_the_timeout_fails_the_rest_with_one_line_each(tmp_path, monkeypatch):
     import threading
 
+    from pisa_cli.batch import ray_run
     from pisa_cli.batch.ray_run import _results
+
+    monkeypatch.setattr(ray_run, "FORGET_EVERY", 1)
+    forgotten: list = []
 
     class Stuck:
         def iter_rows(self):
@@ -110,7 +116,8 @@ def test_no_result_for_the_timeout_fails_the_rest_with_one_line_each(tmp_path):
             yield {}
 
     jobs = _jobs(tmp_path)
-    results = list(_results(Stuck(), jobs, threading.Event(), timeout=1.0))
+    results = list(_results(Stuck(), jobs, threading.Event(), 1.0, forgotten.append))
+    assert forgotten == [[0]]  # the ledger lets go of what the driver has
     assert [r.status for r in results] == ["done", "failed", "failed"]
     assert "not run: no result from Ray in 1 s (PISA_RAY_TIMEOUT)" in results[2].error
 

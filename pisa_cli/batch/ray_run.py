@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -140,8 +140,8 @@ def run_on_ray(
     timeout = no_progress_timeout()
     started = connect(ray, target)
     try:
-        rows = _dataset(ray, jobs, plan, load, target)
-        results = _results(rows, jobs, stop, timeout)
+        rows, ledger = _dataset(ray, jobs, plan, load, target)
+        results = _results(rows, jobs, stop, timeout, ledger.forget.remote)
         begun, first = time.perf_counter(), len(outcome.results)  # the models' loading in
         collect(results, reasons, outcome, len(jobs), display=display, stop=stop)
         outcome.run_seconds = time.perf_counter() - begun
@@ -172,7 +172,7 @@ def _dataset(ray, jobs: Sequence[Job], plan: tuple, load: PipelineFactory, targe
         # Ray 2.60 has no named parameter for the two caps yet (deprecated in 2.64: the
         # extra's pin keeps this working; revisit when raising it)
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
-        return _map(dataset, arguments, ray, size, gpus)
+        return _map(dataset, arguments, ray, size, gpus), ledger
 
 
 def _map(dataset, arguments: dict, ray, size: int, gpus: int):
@@ -197,9 +197,21 @@ def largest_first(jobs: Sequence[Job], batch: BatchOptions) -> list[int]:
     return sorted(range(len(jobs)), key=lambda index: (-weights[index], index))
 
 
-def _results(dataset, jobs: Sequence[Job], stop: threading.Event, timeout: float):
+FORGET_EVERY = 256
+"""Results taken before the ledger is told to let go of them (it holds only what a retry
+may still need, not the whole run)."""
+
+
+def _results(
+    dataset,
+    jobs: Sequence[Job],
+    stop: threading.Event,
+    timeout: float,
+    forget: Callable[[list[int]], object] = lambda indices: None,
+):
     """The results as they come back; when Ray fails, stops for ``timeout`` seconds, or
-    ``stop`` is set, what is left: failed with the line (Ray) or not done (stopped)."""
+    ``stop`` is set, what is left: failed with the line (Ray) or not done (stopped).
+    ``forget(indices)`` is called (without waiting) for results taken."""
     arrived: queue.Queue = queue.Queue(maxsize=64)
     done = object()
 
@@ -213,6 +225,7 @@ def _results(dataset, jobs: Sequence[Job], stop: threading.Event, timeout: float
 
     threading.Thread(target=produce, name="pisa-ray", daemon=True).start()
     seen: set[int] = set()
+    taken: list[int] = []
     waited = 0.0
     why = ""
     while not stop.is_set():
@@ -235,6 +248,10 @@ def _results(dataset, jobs: Sequence[Job], stop: threading.Event, timeout: float
         if load_error:
             raise RunStopped(result.error, load_error)
         seen.add(index)
+        taken.append(index)
+        if len(taken) >= FORGET_EVERY:
+            forget(taken)
+            taken = []
         yield result
     if stop.is_set():
         return

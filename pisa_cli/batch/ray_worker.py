@@ -95,6 +95,12 @@ class Ledger:
     def finished(self, index: int, result: str) -> None:
         self.results[index] = result
 
+    def forget(self, indices: list[int]) -> None:
+        """The driver has these results: their tasks are over, no retry needs them."""
+        for index in indices:
+            self.starts.pop(index, None)
+            self.results.pop(index, None)
+
     def state(self, indices: list[int]) -> tuple[list[int], list[str | None]]:
         """(times each entered a model, its result or None)."""
         starts = [self.starts.get(index, 0) for index in indices]
