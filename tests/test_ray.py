@@ -211,19 +211,25 @@ def test_without_ray_the_option_says_how_to_install_it(tmp_path, monkeypatch, ti
 
 @pytest.fixture(scope="session")
 def ray_instance():
+    """One local Ray instance for the session: 2 CPUs, no GPU, 256 MiB of object store, no
+    dashboard, quiet; a run with no result for 60 s stops (PISA_RAY_TIMEOUT), so a stuck
+    Ray fails a test instead of hanging the suite."""
     ray = pytest.importorskip("ray", reason="the ray extra is not installed (pisa-cli[ray])")
+    saved = dict(os.environ)
     root = str(Path(__file__).parents[1])
     # the workers import pisa_cli and tests.helpers (the fakes) from this checkout
     os.environ["PYTHONPATH"] = os.pathsep.join(
         part for part in (root, os.environ.get("PYTHONPATH", "")) if part
     )
-    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ.update(PISA_RAY_TIMEOUT="60", RAY_BACKEND_LOG_LEVEL="fatal")
     ray.init(
         num_cpus=2, num_gpus=0, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
-        log_to_driver=False, logging_level="ERROR", _temp_dir=None,
+        log_to_driver=False, logging_level="ERROR",
     )  # fmt: skip
     yield ray
     ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 class DyingPipeline(FakePipeline):
