@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -323,7 +324,8 @@ def test_a_killed_worker_costs_a_rerun_and_a_poison_image_fails_alone(
 
 
 class NodeRecorder(FakePipeline):
-    """Writes, for each image, the id of the Ray node that upscaled it into ``folder``."""
+    """Writes, for each image, the id of the Ray node that upscaled it into ``folder``;
+    takes 0.2 s an image, as a model would (a worker that starts late still gets work)."""
 
     def __init__(self, folder: str):
         super().__init__()
@@ -332,6 +334,7 @@ class NodeRecorder(FakePipeline):
     def upscale_with_info(self, image, options):
         import ray
 
+        time.sleep(0.2)
         node = ray.get_runtime_context().get_node_id()
         Path(self.folder, f"{image.size[0]}x{image.size[1]}-{os.getpid()}").write_text(node)
         return super().upscale_with_info(image, options)
