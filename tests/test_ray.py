@@ -148,6 +148,23 @@ def test_ctrl_c_stops_taking_results_and_the_rest_is_not_done(tmp_path):
     assert outcome.interrupted and outcome.not_done == 3 and outcome.results == []
 
 
+def test_no_cluster_at_the_address_is_one_line():
+    from pisa_cli.batch.ray_run import RayTarget, connect
+    from pisa_cli.errors import LaunchError
+
+    class NoCluster:
+        def is_initialized(self):
+            return False
+
+        def init(self, **kwargs):
+            raise ConnectionError("Could not find any running Ray instance.\nPlease ...")
+
+    with pytest.raises(LaunchError) as error:
+        connect(NoCluster(), RayTarget("auto"))
+    assert str(error.value).startswith("--ray auto: cannot join the Ray cluster (Could not find")
+    assert "\n" not in str(error.value)
+
+
 def test_the_largest_images_go_first(tmp_path):
     from pisa_cli.batch.ray_run import largest_first
 

@@ -96,7 +96,13 @@ def connect(ray, target: RayTarget) -> bool:
         "logging_level": logging.ERROR,
     }
     if target.address != "local":
-        ray.init(address=target.address, **quiet)
+        try:
+            ray.init(address=target.address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise LaunchError(
+                f"--ray {target.address}: cannot join the Ray cluster ({_first_line(error)}); "
+                "start one with `ray start --head`, set RAY_ADDRESS, or use --ray local"
+            ) from None
         return True
     gpus = [device.removeprefix("cuda:") for device in target.devices if device != "cpu"]
     if gpus:
