@@ -165,6 +165,24 @@ def test_no_cluster_at_the_address_is_one_line():
     assert "\n" not in str(error.value)
 
 
+def test_a_ray_that_cannot_start_leaves_no_output_folder(tmp_path, monkeypatch, weights):
+    from pisa_cli.batch import ray_run
+
+    class NoCluster:
+        def is_initialized(self):
+            return False
+
+        def init(self, **kwargs):
+            raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray_run, "import_ray", NoCluster)
+    noise_image(8, 8).save(tmp_path / "a.png")
+    out = tmp_path / "new" / "out"
+    result = run_on(None, "upscale", tmp_path / "a.png", "-o", out, *weights, "--ray", "auto")
+    assert result.exit_code == 1 and "cannot join the Ray cluster" in result.output
+    assert not (tmp_path / "new").exists()
+
+
 def test_the_largest_images_go_first(tmp_path):
     from pisa_cli.batch.ray_run import largest_first
 

@@ -152,6 +152,10 @@ def execute_on_ray(run, planned: RunPlan, outcome: Outcome, load, stop) -> None:
                 jobs, planned.reasons, plan_, load, target, outcome, display=shown, stop=stop
             )
         except PisaError as error:
+            from pisa_cli.batch.plan import remove_empty_folder
+
+            if outcome.made_folder is not None:  # no cluster, no model: no folder left
+                remove_empty_folder(outcome.made_folder)
             raise common.fail(error) from None
 
 
