@@ -144,11 +144,19 @@ def installed(tmp_path, monkeypatch):
     families.plugins.cache_clear()
 
 
-def test_a_family_from_an_entry_point_is_found_and_listed_by_doctor(
-    installed, fake_weights, tiny_base
+def test_a_family_from_an_entry_point_runs_and_is_listed_by_doctor(
+    installed, fake_weights, tiny_base, tmp_path
 ):
     installed("fake_pisa_family:FakeFamily")
     assert families.family_of(fake_weights).name == "fake"
+    source = tmp_path / "photo.png"
+    noise_image(24, 20, 3).save(source)
+    args = ["--base-model", tiny_base, "--weights", fake_weights, "--device", "cpu"]
+    out = tmp_path / "out"
+    result = run("upscale", source, "-o", out, *args, "--process-size", "64")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / MANIFEST_NAME).read_text().splitlines()[-1])
+    assert record["settings"]["model"]["family"] == "fake"
     result = run("doctor", "--base-model", tiny_base, "--weights", fake_weights, "--device", "cpu")
     families_line = next(line for line in result.output.splitlines() if "families" in line)
     assert "fake (plug-in)" in families_line and "pisa-sr" in families_line
