@@ -280,7 +280,7 @@ class PisaPipeline:
         deep = isinstance(image, DeepImage)
         with timed(timings, prefix + "preprocess"):
             rgb = as_rgb(image)
-            plan = self.plan(rgb.size, options, stage.variants, stage.tiling)
+            plan = self.plan(rgb.size, options, stage.variants, stage.tiling, stage.planner)
             upsampled = upsample_input(rgb, plan.resize)
         with timed(timings, prefix + "text"):
             cond = self.embed(options.prompt)

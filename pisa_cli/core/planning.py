@@ -6,6 +6,7 @@ folder without loading anything, and the pipeline follows the same plan when it 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pisa_cli.engine import memory
@@ -15,6 +16,10 @@ from pisa_cli.engine.vae import Store
 from pisa_cli.errors import ImageError
 from pisa_cli.imaging.resize import ResizePlan, plan_resize
 from pisa_cli.options import UpscaleOptions
+
+TileDefaults = Callable[[UpscaleOptions, int], tuple[int, int]]
+"""A family's (tile, overlap) in latent pixels from the options and the largest tile the
+free memory allows (``Family.default_tiles``)."""
 
 
 @dataclass(frozen=True)
@@ -91,11 +96,13 @@ def plan_image(
     variants: tuple[str, ...] | None = None,
     tiling: Tiling = "stablesr",
     host_free_bytes: int | None = None,
+    tile_defaults: TileDefaults | None = None,
 ) -> ImagePlan:
     """The plan for an input of ``size`` (width, height) under ``free_bytes`` of memory.
 
     ``variants`` are the UNet weight sets the pass needs (default: those of the lambdas);
-    ``tiling`` the family's tile grid and defaults (REFERENCE sections 5 and 9).
+    ``tiling`` the family's tile grid (REFERENCE sections 5 and 9), ``tile_defaults`` its
+    (tile, overlap) when the options leave them to it (None: ``stablesr_tiles``).
     ``host_free_bytes``: the RAM free for the tiled VAE's planes, which live on the host,
     when the model runs on an accelerator (None: on the CPU, where the two are one)."""
     factor = widths.vae_factor
@@ -106,7 +113,8 @@ def plan_image(
     variants = variants or variants_needed(options.lambda_pix, options.lambda_sem)
     tiles = options.tiles
 
-    latent_tile, overlap = _latent_tile(options, widths, dtype_bytes, free_bytes, variants, tiling)
+    auto = memory.auto_latent_tile(free_bytes, widths, dtype_bytes, len(variants))
+    latent_tile, overlap = (tile_defaults or stablesr_tiles)(options, auto)
     unet = plan_tiles(latent_h, latent_w, latent_tile, overlap, tiling)
     per_sample = memory.unet_tile_bytes(*unet.tile_size, widths.unet, dtype_bytes)
     batch = tiles.tile_batch or memory.auto_tile_batch(
@@ -217,23 +225,11 @@ PISA_OVERLAP = 32
 """PiSA-SR's script's latent tile overlap."""
 
 
-def _latent_tile(
-    options: UpscaleOptions,
-    widths: memory.Widths,
-    dtype_bytes: int,
-    free_bytes: int,
-    variants: tuple[str, ...],
-    tiling: Tiling,
-) -> tuple[int, int]:
-    """(tile, overlap) in latent pixels: the options', else the family's default, which
-    shrinks when memory is short. PiSA-SR: 96 and 32 (at most a third of an automatic tile);
-    the square grid: its script's process_size // 8 and half the tile."""
+def stablesr_tiles(options: UpscaleOptions, auto: int) -> tuple[int, int]:
+    """(tile, overlap) in latent pixels on StableSR's grid: the options', else 96 or what
+    the memory allows (``auto``) and 32, at most a third of an automatic tile (PiSA-SR's
+    script, REFERENCE section 5)."""
     tiles = options.tiles
-    auto = memory.auto_latent_tile(free_bytes, widths, dtype_bytes, len(variants))
-    if tiling == "square":
-        tile = tiles.latent_tile or min(max(1, options.process_size // 8), auto)
-        overlap = tile // 2 if tiles.latent_overlap is None else tiles.latent_overlap
-        return tile, overlap
     tile = tiles.latent_tile or auto
     overlap = PISA_OVERLAP if tiles.latent_overlap is None else tiles.latent_overlap
     if tiles.latent_tile is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pisa_cli.core.passes import PassPlan, PassWeights, Role
-from pisa_cli.core.planning import ImagePlan, plan_image
+from pisa_cli.core.planning import ImagePlan, plan_image, stablesr_tiles
 from pisa_cli.engine.memory import Widths
 from pisa_cli.engine.tiles import Tiling
 from pisa_cli.errors import OptionsError
@@ -110,8 +110,21 @@ class Family:
     ) -> ImagePlan:
         """How an input of ``size`` goes through its pass: tiles, batches, memory."""
         return plan_image(
-            size, options, widths, dtype_bytes, free_bytes, variants, self.tiling, host_free_bytes
+            size,
+            options,
+            widths,
+            dtype_bytes,
+            free_bytes,
+            variants,
+            self.tiling,
+            host_free_bytes,
+            self.default_tiles,
         )
+
+    def default_tiles(self, options: UpscaleOptions, auto: int) -> tuple[int, int]:
+        """(tile, overlap) in latent pixels when the options leave them to the family;
+        ``auto``: the largest tile the free memory allows."""
+        return stablesr_tiles(options, auto)
 
     def timestep(
         self, flag: int | None, recorded: int | None, steps: int | None, source: str, role: Role
@@ -145,6 +158,7 @@ class Family:
             rule="x0",
             options=options,
             tiling=self.tiling,
+            planner=self.plan_image,
         )
 
     def second_pass(
@@ -160,6 +174,7 @@ class Family:
             options=options,
             tiling=self.tiling,
             encoder="second",
+            planner=self.plan_image,
         )
 
     def repeat_pass(

@@ -65,6 +65,13 @@ class Omgsr(Family):
     def planned_timestep(self, path: Path, flag: int | None, role: Role) -> tuple[int, str]:
         return planned_timestep(path, flag, FLAGS[role])
 
+    def default_tiles(self, options: UpscaleOptions, auto: int) -> tuple[int, int]:
+        """Its script's: process_size // 8 (or what memory allows) and half the tile."""
+        tiles = options.tiles
+        tile = tiles.latent_tile or min(max(1, options.process_size // 8), auto)
+        overlap = tile // 2 if tiles.latent_overlap is None else tiles.latent_overlap
+        return tile, overlap
+
     def check_options(self, options: UpscaleOptions) -> None:
         pass  # it has no lambdas; as before, they are left unused
 

@@ -80,6 +80,7 @@ class PisaSR(Family):
             timestep=TIMESTEP,
             rule="lambdas",
             options=options,
+            planner=self.plan_image,
         )
 
     def repeat_pass(
@@ -92,6 +93,7 @@ class PisaSR(Family):
             timestep=TIMESTEP,
             rule="lambdas",
             options=options,
+            planner=self.plan_image,
         )
 
     def describe_loaded(self, weights: PassWeights, options: UpscaleOptions, role: Role) -> str:
