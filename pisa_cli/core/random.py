@@ -33,6 +33,7 @@ def random_pipeline(
     from transformers import CLIPTokenizer
 
     from pisa_cli.core.families import family_of, named
+    from pisa_cli.core.families.unet_lora import UnetLora
     from pisa_cli.models.second_lora import SecondLora
     from pisa_cli.models.synthetic import (
         build_random_base,
@@ -53,7 +54,7 @@ def random_pipeline(
     if second_rank:
         layers = tuple(random_lora_layers(parts.unet, second_rank, seed=2))
         lora = SecondLora(layers, SECOND_PASS_TIMESTEP, "random second-pass LoRA")
-        second = family_of("", "second").from_lora(lora)  # type: ignore[attr-defined]
+        second = UnetLora().from_lora(lora)
     merged = merged or first_family.merged_variant(None)
     return build_pipeline(
         parts.unet, parts.vae, prompts, parts.scheduler, weights, device, dtype, merged, second

@@ -10,7 +10,7 @@ outside ``core/families/`` asks a ``Family``; see CONTRIBUTING.md "Adding a fami
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,6 @@ class LoadedWeights:
     """The timestep the weights record, if they do."""
     detail: str = ""
     """One line for the log and `pisa doctor` (layers, ranks)."""
-    extra: object = field(default=None, compare=False)
-    """The family's own reading of the file (a checkpoint object), for its tools."""
 
     def pass_weights(self) -> PassWeights:
         return PassWeights(self.family, self.source, self.timestep)

@@ -44,7 +44,7 @@ class Hypir(Family):
             )
         weights = load_hypir_weights(path)
         unet = {"first": UnetAdapter(weights.layers, weights.source)}
-        return LoadedWeights(self, weights.source, unet, detail=weights.describe(), extra=weights)
+        return LoadedWeights(self, weights.source, unet, detail=weights.describe())
 
     def timestep(self, flag, recorded, steps, source, role) -> tuple[int, str]:
         origin = "--timestep" if flag is not None else f"default {TIMESTEP}"

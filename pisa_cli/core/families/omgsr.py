@@ -44,9 +44,7 @@ class Omgsr(Family):
     def _weights(self, folder: AdapterFolder, role: Role) -> LoadedWeights:
         unet = {role: UnetAdapter(folder.unet, folder.unet_source)}
         encoder = UnetAdapter(folder.encoder, folder.encoder_source)
-        return LoadedWeights(
-            self, folder.source, unet, encoder, folder.timestep, folder.describe(), folder
-        )
+        return LoadedWeights(self, folder.source, unet, encoder, folder.timestep, folder.describe())
 
     def random_weights(self, parts, seed: int) -> LoadedWeights:
         from pisa_cli.models.synthetic import random_lora_layers

@@ -47,7 +47,7 @@ class PisaSR(Family):
         layers = sum(len(names) for names in checkpoint.modules.values())
         detail = f"{layers} LoRA layers, ranks {dict(checkpoint.ranks)}"
         adapters = checkpoint_adapters(checkpoint)
-        return LoadedWeights(self, source, adapters, detail=detail, extra=checkpoint)
+        return LoadedWeights(self, source, adapters, detail=detail)
 
     def check_present(self, path: Path) -> None:
         if not path.is_file():  # missing, or a folder: its reader says which

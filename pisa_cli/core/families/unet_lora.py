@@ -35,7 +35,7 @@ class UnetLora(Family):
         ranks = "/".join(str(r) for r in sorted({layer.down.shape[0] for layer in lora.layers}))
         unet = {"second": UnetAdapter(lora.layers, lora.source)}
         detail = f"UNet LoRA {len(lora.layers)} layers rank {ranks}"
-        return LoadedWeights(self, lora.source, unet, None, lora.timestep, detail, lora)
+        return LoadedWeights(self, lora.source, unet, None, lora.timestep, detail)
 
     def timestep(self, flag, recorded, steps, source, role) -> tuple[int, str]:
         timestep = flag if flag is not None else recorded
