@@ -159,7 +159,8 @@ def test_a_family_from_an_entry_point_runs_and_is_listed_by_doctor(
     assert record["settings"]["model"]["family"] == "fake"
     result = run("doctor", "--base-model", tiny_base, "--weights", fake_weights, "--device", "cpu")
     families_line = next(line for line in result.output.splitlines() if "families" in line)
-    assert "fake (plug-in)" in families_line and "pisa-sr" in families_line
+    assert "fake (first pass, plug-in)" in families_line
+    assert "pisa-sr (first pass)" in families_line and "lora (second pass)" in families_line
     assert "Fake (plain UNet, one x0 step)" in result.output  # its own weights line
 
 

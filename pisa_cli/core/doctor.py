@@ -113,7 +113,10 @@ def _families_check() -> Check:
     ``pisa_cli.families`` entry-point group (a plug-in that failed to load is BROKEN)."""
     from pisa_cli.core.families import BUILT_IN, families, plugins
 
-    names = [f"{f.name}{'' if f in BUILT_IN else ' (plug-in)'}" for f in families()]
+    names = [
+        f"{f.name} ({'/'.join(f.roles)} pass{'' if f in BUILT_IN else ', plug-in'})"
+        for f in families()
+    ]
     problems = plugins()[1]
     if problems:
         return Check("families", BROKEN, "; ".join(problems))
