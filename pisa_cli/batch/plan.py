@@ -229,7 +229,7 @@ def dry_run(
 
     Channel widths come from the base model's configs when it is on disk, else from SD
     2.1-base's; the free memory is that of the device the run would use. The families (and
-    so the tile grids) follow the weights' names.
+    so the tile grids) follow the weights (their layout, headers or keys).
     """
     from pisa_cli.core.families import family_of
     from pisa_cli.core.planning import model_widths

@@ -10,7 +10,8 @@ at may be recorded as ``timestep`` or ``mid_timestep`` in either adapter config 
 safetensors header, or as ``mid_timestep:`` in a ``cfg.yml`` (the training config
 OMGSR's trainer writes) in the folder; else it is OMGSR-S's 273.
 
-Detection is by names only (no file is read), so the CLI can tell the family cheaply.
+Detection is by the layout (the two peft adapter folders), so the CLI can tell the family
+cheaply; the configs and tensors are checked when read.
 """
 
 from __future__ import annotations
