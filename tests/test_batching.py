@@ -400,3 +400,23 @@ def test_the_last_batches_report_as_they_finish(tmp_path):
         ("start", "img03.png"),
         ("done", "img03.png"),
     ]
+
+
+def test_a_pipeline_and_its_batcher_do_not_hold_each_other():
+    """A pipeline let go is freed at once (no cycle through its batcher for gc to find),
+    while what its batches learned stays with it."""
+    import gc
+    import weakref
+
+    pipe = random_pipeline("tiny", torch.device("cpu"), torch.bfloat16)
+    pipe.upscale_many([noise_image(24, 20, seed) for seed in range(2)], OPTIONS, 2)
+    pipe.batcher.limits[(96, 80)] = 1
+    assert pipe.batcher.limits == {(96, 80): 1}  # a new batcher, the pipeline's memory
+    ref = weakref.ref(pipe)
+    gc.collect()
+    gc.disable()
+    try:
+        del pipe
+        assert ref() is None, "the pipeline is kept alive by a reference cycle"
+    finally:
+        gc.enable()
