@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pisa_cli.batch.display import Display
 from pisa_cli.batch.distributed import Group, RankLost, RankProgress
 from pisa_cli.batch.messages import RankReport, Share
 from pisa_cli.batch.plan import RunPlan
-from pisa_cli.batch.run import Display, Outcome, PipelineFactory, prepare, stream
+from pisa_cli.batch.run import Outcome, PipelineFactory, prepare, stream
 from pisa_cli.errors import PisaError
 from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.manifest import Manifest

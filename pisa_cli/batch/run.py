@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from pisa_cli.batch.display import Display
 from pisa_cli.batch.plan import screen
 from pisa_cli.batch.runner import FAILED, JobResult, run_jobs
 from pisa_cli.imaging.discover import Job
@@ -29,18 +30,6 @@ log = logging.getLogger(__name__)
 
 INTERRUPTED_EXIT = 130
 """Exit code after Ctrl-C, as shells expect (128 + SIGINT)."""
-
-
-class Display(Protocol):
-    """What the batch tells as it goes (the CLI's progress bar, plain lines, or nothing)."""
-
-    def started(self, job: Job) -> None: ...
-
-    def finished(self, result: JobResult) -> None: ...
-
-    def warn(self, text: str) -> None: ...
-
-    def ranks(self, progress: list) -> None: ...
 
 
 PipelineFactory = Callable[[ModelOptions, UpscaleOptions], Any]

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape as escape_markup
@@ -26,7 +26,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from pisa_cli.batch.display import Display, Result
 from pisa_cli.imaging.names import shown
+
+if TYPE_CHECKING:
+    from pisa_cli.batch.distributed import RankProgress
 
 
 def escape(text: object) -> str:
@@ -41,38 +45,8 @@ RANKS_EVERY = 10.0
 """Seconds between two lines on all ranks' progress in plain-line mode."""
 
 
-class Result(Protocol):
-    status: str
-    error: str
-    seconds: float
-
-    @property
-    def job(self) -> object: ...
-
-
 def _warnings(result: Result) -> list[str]:
     return list(getattr(result, "warnings", ()))
-
-
-class RankProgress(Protocol):
-    rank: int
-    done: int
-    total: int
-
-    @property
-    def rate(self) -> float: ...
-
-
-class Display(Protocol):
-    def started(self, job: object) -> None: ...
-
-    def show(self, name: str) -> None: ...
-
-    def finished(self, result: Result) -> None: ...
-
-    def warn(self, text: str) -> None: ...
-
-    def ranks(self, progress: list[RankProgress]) -> None: ...
 
 
 def rank_rates(progress: list[RankProgress]) -> str:
