@@ -17,7 +17,8 @@ from pisa_cli.core.random import random_pipeline
 from pisa_cli.engine import vae
 from pisa_cli.imaging.discover import discover
 from pisa_cli.options import BatchOptions, SecondPassOptions, TileOptions, UpscaleOptions
-from tests.helpers import FakePipeline, noise_image, ramp16, run_on, save_png16
+from tests.builders import noise_image, ramp16, save_png16
+from tests.fakes import FakePipeline, run_on
 
 OPTIONS = UpscaleOptions(process_size=64)
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"

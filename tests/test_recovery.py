@@ -15,7 +15,8 @@ from pisa_cli.engine import vae as vae_module
 from pisa_cli.errors import OutOfMemoryError
 from pisa_cli.models.device import is_out_of_memory
 from pisa_cli.options import TileOptions, UpscaleOptions
-from tests.helpers import assert_close, noise_image
+from tests.builders import noise_image
+from tests.helpers import assert_close
 
 OPTIONS = UpscaleOptions(process_size=64)
 

@@ -14,7 +14,9 @@ from pisa_cli.core.batching import AUTO_IMAGE_BATCH, BatchMemory
 from pisa_cli.core.loading import merged_variant
 from pisa_cli.sweep.core import BASIS, Sweeper, blend_basis
 from pisa_cli.sweep.grid import GridPoint, parse_grid, plan_options
-from tests.helpers import assert_close, noise_image, run_on
+from tests.builders import noise_image
+from tests.fakes import run_on
+from tests.helpers import assert_close
 
 
 def load_as_sweep(tiny_base, pisa_pkl, dtype: str):
