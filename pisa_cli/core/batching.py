@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -72,6 +72,7 @@ class Member:
         )
 
 
+@runtime_checkable
 class BatchedPipeline(Protocol):
     """What the batcher asks of a pipeline (a ``PisaPipeline``; this module is below it)."""
 
@@ -148,9 +149,6 @@ class Batcher:
     def limits(self) -> dict[tuple[int, int], int]:
         """``BatchMemory.limits``."""
         return self.memory.limits
-
-    def shrink(self, plan: ImagePlan, failed: int, unit: str, stage: str = "") -> tuple[str, int]:
-        return self.memory.shrink(plan, failed, unit, stage)
 
     def plan(self, image: Any, stage: Stage) -> ImagePlan:
         return self.pipeline.plan(image.size, stage.options, stage.variants, stage.tiling)
@@ -230,7 +228,7 @@ class Batcher:
         in halves (and so on for the rest); on any other error each image alone."""
 
         def halve(chunk: list[tuple[Member, ImagePlan]]) -> list[tuple[Member, ImagePlan]] | None:
-            note, half = self.shrink(chunk[0][1], len(chunk), "images")
+            note, half = self.memory.shrink(chunk[0][1], len(chunk), "images")
             for member, _plan in chunk:
                 member.notes.append(note)
             return chunk[:half] if half > 1 else None  # one image: alone, with its retries
