@@ -345,8 +345,12 @@ def test_an_fp32_redo_out_of_memory_is_let_go_before_converting_back_and_halves(
 # --- the one halving-retry loop (issue 21.3) ------------------------------------------------
 
 
-def test_retry_halving_halves_on_memory_and_hands_back_other_failures():
+def test_retry_halving_halves_on_memory_and_hands_back_other_failures(monkeypatch):
+    import pisa_cli.core.recovery as recovery
     from pisa_cli.core.recovery import Failure, NotFinite, retry_halving
+
+    released: list[int] = []
+    monkeypatch.setattr(recovery, "release_memory", lambda: released.append(1))
 
     tried: list[int] = []
 
@@ -363,7 +367,7 @@ def test_retry_halving_halves_on_memory_and_hands_back_other_failures():
         return size // 2
 
     assert retry_halving(run, 8, halve) == ("held at 2", 2)
-    assert tried == [8, 4, 2] and halved == [8, 4]
+    assert tried == [8, 4, 2] and halved == [8, 4] and len(released) == 2
     assert retry_halving(run, 8, lambda size: None) == (Failure.MEMORY, 8)  # nothing smaller
 
     def overflow(_size):
