@@ -79,7 +79,7 @@ class BatchedPipeline(Protocol):
     device: torch.device
     widths: memory.Widths
     vae_factor: int
-    batch_memory: BatchMemory
+    batch_state: BatchState
 
     def stages(self, options: UpscaleOptions) -> list[Stage]: ...
     def plan(
@@ -116,7 +116,7 @@ class BatchedPipeline(Protocol):
 
 
 @dataclass
-class BatchMemory:
+class BatchState:
     """What a pipeline's batches learned, kept between its calls (held by the pipeline;
     a ``Batcher`` lives for one call)."""
 
@@ -139,16 +139,16 @@ class BatchMemory:
 
 class Batcher:
     """Groups images for a pipeline and runs groups through its passes, for one call: what
-    outlives it is in ``memory`` (the pipeline's)."""
+    outlives it is in ``state`` (the pipeline's)."""
 
-    def __init__(self, pipeline: BatchedPipeline, memory: BatchMemory | None = None):
+    def __init__(self, pipeline: BatchedPipeline, state: BatchState | None = None):
         self.pipeline = pipeline
-        self.memory = memory if memory is not None else BatchMemory()
+        self.state = state if state is not None else BatchState()
 
     @property
     def limits(self) -> dict[tuple[int, int], int]:
-        """``BatchMemory.limits``."""
-        return self.memory.limits
+        """``BatchState.limits``."""
+        return self.state.limits
 
     def plan(self, image: Any, stage: Stage) -> ImagePlan:
         return self.pipeline.plan(image.size, stage.options, stage.variants, stage.tiling)
@@ -228,7 +228,7 @@ class Batcher:
         in halves (and so on for the rest); on any other error each image alone."""
 
         def halve(chunk: list[tuple[Member, ImagePlan]]) -> list[tuple[Member, ImagePlan]] | None:
-            note, half = self.memory.shrink(chunk[0][1], len(chunk), "images")
+            note, half = self.state.shrink(chunk[0][1], len(chunk), "images")
             for member, _plan in chunk:
                 member.notes.append(note)
             return chunk[:half] if half > 1 else None  # one image: alone, with its retries
@@ -254,13 +254,13 @@ class Batcher:
     def warn(self, error: Exception, chunk: list[tuple[Member, ImagePlan]]) -> None:
         """Said once per run: a batch failed (not for lack of memory) and its images run
         alone."""
-        if not self.memory.warned:
+        if not self.state.warned:
             log.warning(
                 "a batch of %d images failed (%s); its images run alone (said once per run)",
                 len(chunk),
                 str(error),  # the text: a record kept by a handler keeps no tensors
             )
-            self.memory.warned = True
+            self.state.warned = True
 
     def alone(self, member: Member, stage: Stage) -> None:
         """One image through the pass, with the single image's recoveries."""
@@ -369,10 +369,10 @@ def decode_points(
     grid points), like ``Batcher.run``: together; in halves when memory runs out (and so
     on for the image's size); one by one with the single image's recoveries when a low
     precision overflows; (images, the fewest latents that went through one call)."""
-    limits, plan = pipe.batch_memory, latents.plan
+    state, plan = pipe.batch_state, latents.plan
 
     def halve(chunk: torch.Tensor) -> torch.Tensor | None:
-        note, half = limits.shrink(plan, chunk.shape[0], "points", "VAE decoder ")
+        note, half = state.shrink(plan, chunk.shape[0], "points", "VAE decoder ")
         notes.append(note)
         return chunk[:half] if half > 1 else None  # one latent: alone, with its retries
 
@@ -382,7 +382,7 @@ def decode_points(
     images: list[torch.Tensor] = []
     held, rest = z_high.shape[0], z_high
     while rest.shape[0]:
-        size = min(rest.shape[0], limits.limits.get(plan.model_size, rest.shape[0]))
+        size = min(rest.shape[0], state.limits.get(plan.model_size, rest.shape[0]))
         chunk, outcome = rest[:size], None
         if size > 1:
             outcome, chunk = retry_halving(together, chunk, halve, NOT_ERRORS)

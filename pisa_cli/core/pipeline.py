@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pisa_cli.core.batching import Batcher, BatchMemory
+from pisa_cli.core.batching import Batcher, BatchState
 from pisa_cli.core.latents import (
     Encoded,
     Latents,
@@ -73,7 +73,7 @@ class PisaPipeline:
             vae_factor=self.vae_factor,
         )
         self.guard = StageGuard(self.vae, dtype, unet)
-        self.batch_memory = BatchMemory()
+        self.batch_state = BatchState()
         """What batches of this pipeline learned (images per call that fit), for the next."""
         steps = len(scheduler.alphas_cumprod)  # type: ignore[attr-defined]
         self.passes = passes or Passes(timesteps=steps, has_second="second" in unet.variants)
@@ -253,8 +253,8 @@ class PisaPipeline:
     @property
     def batcher(self) -> Batcher:
         """A batcher for one call (it holds this pipeline; this pipeline holds only its
-        ``batch_memory``: no reference cycle)."""
-        return Batcher(self, self.batch_memory)
+        ``batch_state``: no reference cycle)."""
+        return Batcher(self, self.batch_state)
 
     def batching(self, image: Image.Image, options: UpscaleOptions, requested: int | None):
         """(key, size): images of equal keys may share model calls, ``size`` at a time (a
