@@ -132,17 +132,12 @@ def test_each_protocol_is_declared_once():
     assert twice == {}
 
 
-TWICE_LEFT = {"decode"}
-"""engine.vae.decode and batch.store.decode (a store value's JSON): left to the Ray Data
-work on batch/ (issue 21), which rewrites the store."""
-
-
 def test_each_public_function_name_is_declared_once():
     """A name says what its function does: two module-level functions of one name (two
     ``write_report``, two ``random_pipeline``...) are two things a reader confuses."""
     twice = {
         name: modules
         for name, modules in _declared(ast.FunctionDef).items()
-        if len(modules) > 1 and not name.startswith("_") and name not in TWICE_LEFT
+        if len(modules) > 1 and not name.startswith("_")
     }
     assert twice == {}

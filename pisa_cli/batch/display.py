@@ -4,10 +4,7 @@ progress bar, plain lines, quiet; a test's fake) and the one ``Result`` protocol
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from pisa_cli.batch.distributed import RankProgress
+from typing import Protocol
 
 
 class Result(Protocol):
@@ -36,6 +33,3 @@ class Display(Protocol):
         """An input's outcome (failures said as they happen)."""
 
     def warn(self, text: str) -> None: ...
-
-    def ranks(self, progress: list[RankProgress]) -> None:
-        """Every rank's progress, on rank 0 of a run of several."""

@@ -53,8 +53,8 @@ Weights = Annotated[
         "--weights",
         envvar=WEIGHTS_ENV,
         help="The model's weights, which pick its family: PiSA-SR's pisa_sr.pkl or a "
-        ".safetensors from `pisa convert`, or an OMGSR-style folder holding "
-        "unet_lora_adapter/ and vae_encoder_lora_adapter/ (OMGSR-S, TUDSR's LoRA-1) "
+        ".safetensors from `pisa convert`, an OMGSR-style folder holding unet_lora_adapter/ "
+        "and vae_encoder_lora_adapter/ (OMGSR-S, TUDSR's LoRA-1), or HYPIR_sd2.pth "
         "(default: pisa_sr.safetensors or pisa_sr.pkl in ~/.cache/pisa-cli/).",
         show_default=False,
         rich_help_panel=MODEL,
@@ -82,9 +82,32 @@ Devices = Annotated[
     str,
     typer.Option(
         "--devices",
-        help="Run on several devices at once, one worker process each, the inputs shared by "
-        "pixel count: GPU numbers (0,1,2,3), cuda:N, or cpu,cpu for CPU workers. Under "
-        "torchrun, accelerate launch or srun leave it out: each process is one rank.",
+        help="Run on several devices of this machine at once, one worker each, on a local Ray "
+        "instance (pip install 'pisa-cli[ray]'): GPU numbers (0,1,2,3), cuda:N, or cpu,cpu "
+        "for CPU workers.",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
+Shard = Annotated[
+    str,
+    typer.Option(
+        "--shard",
+        help="Run only share K of N (0-based K/N, e.g. 3/8) of the inputs, decided from the "
+        "output names alone: for Slurm job arrays and indexed jobs. torchrun, accelerate "
+        "launch and srun ranks take --shard RANK/WORLD_SIZE by themselves.",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
+Ray = Annotated[
+    str,
+    typer.Option(
+        "--ray",
+        help="Run on Ray Data (pip install 'pisa-cli[ray]'): --ray local starts an instance "
+        "on this machine and its GPUs; --ray auto joins the cluster of RAY_ADDRESS or `ray "
+        "job submit`; --ray ADDRESS (ray://host:10001, host:6379) joins that one.",
+        metavar="local|auto|ADDRESS",
         show_default=False,
         rich_help_panel=MODEL,
     ),
@@ -109,7 +132,8 @@ ProcessSize = Annotated[
     typer.Option(
         "--process-size",
         help="Inputs whose short side is below process-size/scale are enlarged to it first "
-        "and the result is shrunk back to exactly scale times the input.",
+        "and the result is shrunk back to exactly scale times the input. HYPIR-SD2: its "
+        "window side in pixels (a multiple of 8; latent windows of process-size/8).",
         rich_help_panel=QUALITY,
     ),
 ]
@@ -131,11 +155,12 @@ LambdaSem = Annotated[
     ),
 ]
 ColorFix = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--color-fix",
         help="Colour correction against the bicubic input: adain (mean and spread per "
-        "channel), wavelet (low frequencies of the input), none.",
+        "channel), wavelet (low frequencies of the input), none (default adain; HYPIR-SD2 "
+        "wavelet, in float).",
         rich_help_panel=QUALITY,
     ),
 ]
@@ -165,8 +190,8 @@ Timestep = Annotated[
     int | None,
     typer.Option(
         "--timestep",
-        help="UNet timestep of an OMGSR-style model (default: the one its folder records, "
-        "else 273, OMGSR-S's); PiSA-SR runs at t = 1.",
+        help="UNet timestep: OMGSR-style (default: its folder's, else 273, OMGSR-S's), "
+        "HYPIR-SD2 (model_t = coeff_t, default 200); PiSA-SR runs at t = 1.",
         rich_help_panel=QUALITY,
         show_default=False,
     ),
@@ -186,7 +211,7 @@ LatentOverlap = Annotated[
     typer.Option(
         "--latent-overlap",
         help="Overlap of UNet tiles in latent pixels, blended with Gaussian weights. auto: "
-        "the reference's (PiSA-SR 32; OMGSR-style half the tile).",
+        "the reference's (PiSA-SR 32; OMGSR-style and HYPIR-SD2 half the tile).",
         rich_help_panel=TILES,
     ),
 ]

@@ -18,6 +18,7 @@ from typing import Any
 
 import typer
 
+from pisa_cli.batch.shard import Shard
 from pisa_cli.cli import common
 from pisa_cli.options import (
     DEFAULT_MAX_PIXELS,
@@ -52,7 +53,7 @@ LAMBDAS = [
     option("lambda_sem", common.LambdaSem, 1.0),
 ]
 LOOK = [
-    option("color_fix", common.ColorFix, "adain"),
+    option("color_fix", common.ColorFix, None),
     option("prompt", common.Prompt, ""),
     option("seed", common.Seed, None),
     option("vae_sample", common.VaeSample, False),
@@ -88,7 +89,11 @@ OUTPUTS = [
     option("overwrite", common.Overwrite, False),
     option("report", common.Report, None),
 ]
-RANKS = [option("devices", common.Devices, "")]
+RANKS = [
+    option("devices", common.Devices, ""),
+    option("shard", common.Shard, ""),
+    option("ray", common.Ray, ""),
+]
 RUN = [
     option("dry_run", common.DryRun, False),
     option("quiet", common.Quiet, False),
@@ -140,7 +145,7 @@ def upscale_options(values: Mapping[str, Any]) -> UpscaleOptions:
         process_size=values["process_size"],
         lambda_pix=values.get("lambda_pix", 1.0),
         lambda_sem=values.get("lambda_sem", 1.0),
-        color_fix=values["color_fix"],
+        color_fix=values["color_fix"] or default_color_fix(values["weights"]),
         prompt=values["prompt"],
         seed=values["seed"],
         vae_sample=values["vae_sample"],
@@ -148,6 +153,18 @@ def upscale_options(values: Mapping[str, Any]) -> UpscaleOptions:
         tiles=tiles,
         second_pass=second,
     )
+
+
+def default_color_fix(weights: str) -> str:
+    """The colour fix of the weights' family when --color-fix is not given: HYPIR-SD2's
+    wavelet (done in float, as its code), adain for the others (their scripts')."""
+    import os
+
+    from pisa_cli.models.adapters import HYPIR, family_of
+    from pisa_cli.options import WEIGHTS_ENV
+
+    path = weights or os.environ.get(WEIGHTS_ENV, "")
+    return "wavelet" if path and family_of(path) == HYPIR else "adain"
 
 
 def batch_options(values: Mapping[str, Any]) -> BatchOptions:
@@ -174,6 +191,9 @@ class UpscaleSpec:
     batch: BatchOptions
     report: Path | None = None
     devices: str = ""
+    shard: Shard = field(default_factory=Shard)
+    ray: str = ""
+    """Where to run on Ray: local (this machine), auto, or a cluster's address; "" for no Ray."""
     dry_run: bool = False
     quiet: bool = False
     verbose: bool = False
@@ -194,6 +214,8 @@ class UpscaleSpec:
             batch=batch_options(values),
             report=report,
             devices=values["devices"],
+            shard=Shard.parse(values["shard"]) if values["shard"] else Shard(),
+            ray=values["ray"],
             dry_run=values["dry_run"],
             quiet=values["quiet"],
             verbose=values["verbose"],
