@@ -24,7 +24,7 @@ from pisa_cli.errors import OptionsError, WeightsError
 from pisa_cli.imaging.manifest import MANIFEST_NAME
 from pisa_cli.models.lora import UnetAdapter
 from pisa_cli.options import UpscaleOptions
-from tests.helpers import noise_image
+from tests.builders import noise_image
 
 PACKAGE = Path(__file__).parents[1] / "pisa_cli"
 FAMILIES = PACKAGE / "core" / "families"

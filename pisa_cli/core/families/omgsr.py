@@ -5,7 +5,7 @@ colour fix on the 8-bit output. TUDSR's two serial LoRAs have this layout too, s
 also serves as the x2 second pass.
 
 Recognised from the folder's layout (its two peft adapter folders); read as JSON configs
-and safetensors, never unpickled (``models.adapters``).
+and safetensors, never unpickled (``omgsr_folder``).
 """
 
 from __future__ import annotations
