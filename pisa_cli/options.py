@@ -195,10 +195,6 @@ class UpscaleOptions:
     second_pass: SecondPassOptions = field(default_factory=SecondPassOptions)
     """An optional x2 pass after this one: the output is then 2 x scale times the input."""
 
-    @property
-    def total_scale(self) -> int:
-        return self.scale * (1 if self.second_pass.kind == "none" else 2)
-
     def __post_init__(self) -> None:
         _check(1 <= self.scale <= 16, f"--scale {self.scale} must be a whole number from 1 to 16")
         _check(

@@ -308,8 +308,3 @@ def describe_error(job: Job, error: BaseException) -> str:
     """One line naming the job's file and what went wrong (``errors.describe_error``)."""
     return describe(job.source, error)
 
-
-def run_job(pipeline, job: Job, options: UpscaleOptions) -> JobResult:
-    """One job, start to end, in this thread."""
-    batch = BatchOptions(read_ahead=0, write_behind=0)
-    return next(run_jobs(pipeline, [job], options, batch))
