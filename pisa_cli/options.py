@@ -211,10 +211,39 @@ class UpscaleOptions:
         _check(self.seed is None or self.seed >= 0, f"--seed {self.seed} must be 0 or more")
 
 
-OUTPUT_FORMATS = ("png", "jpg", "webp", "tiff", "same")
+OUTPUT_EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tif"}
+"""The output formats: --format value -> the extension of its outputs (the writer's formats
+table, ``imaging.formats``, reads it; it lives here so that options stay free of Pillow)."""
+SAME_FORMAT = "same"
+"""--format value that keeps each input's format (png when Pillow cannot write it)."""
+OUTPUT_FORMATS = (*OUTPUT_EXTENSIONS, SAME_FORMAT)
 DEFAULT_MAX_PIXELS = 100_000_000
 """Largest input (width x height) read by default: above this an image is refused before its
 pixels are decoded, which also stops decompression bombs."""
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How outputs are named and encoded: what the namer and the writer need."""
+
+    format: str = "png"
+    """Output format: png, jpg, webp, tiff, or same (the input's, png when Pillow cannot
+    write it)."""
+    quality: int = 95
+    """JPEG and WebP quality, 1 to 100 (WebP at 100 is lossless); other formats are lossless."""
+    suffix: str = ""
+    """Added to the output name before the extension (``photo_x4.png`` with ``_x4``)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.format in OUTPUT_FORMATS,
+            f"--format {self.format!r} is not one of {', '.join(OUTPUT_FORMATS)}",
+        )
+        _check(1 <= self.quality <= 100, f"--quality {self.quality} must be from 1 to 100")
+        _check(
+            not any(char in self.suffix for char in "/\\\0"),
+            f"--suffix {self.suffix!r} must not hold a path separator",
+        )
 
 
 MAX_IMAGE_BATCH = 64
@@ -226,13 +255,8 @@ of a few batches, and that window must stay a handful of images, not a folder.""
 class BatchOptions:
     """How a batch finds its inputs, writes its outputs and streams between them."""
 
-    format: str = "png"
-    """Output format: png, jpg, webp, tiff, or same (the input's, png when Pillow cannot
-    write it)."""
-    quality: int = 95
-    """JPEG and WebP quality, 1 to 100 (WebP at 100 is lossless); other formats are lossless."""
-    suffix: str = ""
-    """Added to the output name before the extension (``photo_x4.png`` with ``_x4``)."""
+    write: WriteOptions = field(default_factory=WriteOptions)
+    """How outputs are named and encoded (format, quality, suffix)."""
     recursive: bool = False
     """Search folders' sub-folders too and mirror their tree in the output folder."""
     overwrite: bool = False
@@ -248,15 +272,6 @@ class BatchOptions:
     the measured best on a CPU). Outputs do not depend on it (``core.batching``)."""
 
     def __post_init__(self) -> None:
-        _check(
-            self.format in OUTPUT_FORMATS,
-            f"--format {self.format!r} is not one of {', '.join(OUTPUT_FORMATS)}",
-        )
-        _check(1 <= self.quality <= 100, f"--quality {self.quality} must be from 1 to 100")
-        _check(
-            not any(char in self.suffix for char in "/\\\0"),
-            f"--suffix {self.suffix!r} must not hold a path separator",
-        )
         _check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels} must be at least 1")
         _check(
             self.image_batch is None or 1 <= self.image_batch <= MAX_IMAGE_BATCH,

@@ -26,6 +26,7 @@ from pisa_cli.options import (
     SecondPassOptions,
     TileOptions,
     UpscaleOptions,
+    WriteOptions,
     parse_tile,
 )
 
@@ -152,10 +153,11 @@ def upscale_options(values: Mapping[str, Any]) -> UpscaleOptions:
 
 def batch_options(values: Mapping[str, Any]) -> BatchOptions:
     """How the batch finds inputs and writes outputs (raises OptionsError)."""
+    write = WriteOptions(
+        format=values["format"], quality=values["quality"], suffix=values["suffix"]
+    )
     return BatchOptions(
-        format=values["format"],
-        quality=values["quality"],
-        suffix=values["suffix"],
+        write=write,
         recursive=values["recursive"],
         overwrite=values["overwrite"],
         max_pixels=values["max_pixels"],
