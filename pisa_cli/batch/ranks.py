@@ -20,7 +20,7 @@ from pathlib import Path
 from pisa_cli.batch.distributed import Group, RankLost, RankProgress
 from pisa_cli.batch.messages import RankReport, Share
 from pisa_cli.batch.plan import RunPlan
-from pisa_cli.batch.run import Display, Outcome, PipelineFactory, prepare, stream
+from pisa_cli.batch.run import Display, Outcome, PipelineFactory, StreamSpec, prepare, stream
 from pisa_cli.errors import PisaError
 from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.manifest import Manifest
@@ -94,10 +94,12 @@ def run_share(
     except PisaError as error:
         return RankReport(not_done=len(jobs), failed_to_start=True), str(error)
     with how.display(len(jobs)) as shown:
-        stream(
-            prepared, jobs, reasons, how.options, how.batch, manifest, outcome,
-            display=shown, stop=how.stop, watch=watch_ranks(group, len(jobs)),
+        spec = StreamSpec(
+            jobs=tuple(jobs), reasons=reasons, options=how.options, batch=how.batch,
+            manifest=manifest,
         )  # fmt: skip
+        watch = watch_ranks(group, len(jobs))
+        stream(spec, prepared, outcome, display=shown, stop=how.stop, watch=watch)
     done, seconds = len(outcome.results), outcome.run_seconds
     group.progress = (done, len(jobs), seconds)
     report = RankReport(outcome.results, outcome.not_done, outcome.interrupted, seconds)

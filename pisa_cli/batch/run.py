@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,22 +115,35 @@ Watch = Callable[[Display, Callable[[], tuple[int, float]]], AbstractContextMana
 finished, seconds since the first started), publishes and shows every rank's progress."""
 
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """What a batch streams: its jobs, why each runs, what is done to each image, how
+    outputs are written, and the manifest that records them."""
+
+    jobs: tuple[Job, ...]
+    """The jobs to run, in order."""
+    reasons: Mapping[Job, str]
+    """Why each job runs (new, settings changed, input changed, --overwrite)."""
+    options: UpscaleOptions
+    batch: BatchOptions
+    manifest: Manifest | None = None
+    """Records every output written (None: nothing recorded)."""
+
+
 def stream(
+    spec: StreamSpec,
     prepared: Prepared,
-    jobs: list[Job],
-    reasons: dict[Job, str],
-    options: UpscaleOptions,
-    batch: BatchOptions,
-    manifest: Manifest | None,
     outcome: Outcome,
     *,
     display: Display,
     stop: threading.Event,
     watch: Watch | None = None,
 ) -> None:
-    """Run ``jobs`` (all failed at once when there is no pipeline), showing each result
-    and collecting it into ``outcome``. Setting ``stop`` ends the run after the current
-    image; a KeyboardInterrupt abandons it; what finished is written and kept either way."""
+    """Run ``spec``'s jobs (all failed at once when there is no pipeline), showing each
+    result and collecting it into ``outcome``. Setting ``stop`` ends the run after the
+    current image; a KeyboardInterrupt abandons it; what finished is written and kept
+    either way."""
+    jobs, reasons = spec.jobs, spec.reasons
     processed, start = 0, time.perf_counter()
 
     def progress() -> tuple[int, float]:
@@ -141,7 +154,7 @@ def stream(
             results: Iterator[JobResult] = _refused(prepared.refused)
         else:
             results = run_jobs(
-                prepared.pipeline, jobs, options, batch, manifest=manifest,
+                prepared.pipeline, jobs, spec.options, spec.batch, manifest=spec.manifest,
                 on_start=display.started, stop=stop,
             )  # fmt: skip
         while True:
