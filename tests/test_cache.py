@@ -30,14 +30,22 @@ def load(tiny_base, weights, dtype="fp32", **kw):
 
 
 def count_merges(monkeypatch) -> list[int]:
+    """Counts LoRA merges into the UNet: while it loads (the first run), or after."""
+    from pisa_cli.core import loading
+
     calls = []
-    original = PisaUNet._merge
+    original, while_loading = PisaUNet._merge, loading.merge_while_loading
 
     def counted(self, layers, modules):
         calls.append(len(layers))
         return original(self, layers, modules)
 
+    def counted_while_loading(layers):
+        calls.append(len(layers))
+        return while_loading(layers)
+
     monkeypatch.setattr(PisaUNet, "_merge", counted)
+    monkeypatch.setattr(loading, "merge_while_loading", counted_while_loading)
     return calls
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,6 +16,20 @@ from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.imaging.discover import discover
 from pisa_cli.options import BatchOptions, SecondPassOptions, UpscaleOptions
 
+_SHARED: dict[tuple, PisaPipeline] | None = None
+
+
+@contextmanager
+def shared_pipelines() -> Iterator[None]:
+    """Within: scenarios asking for the same random pipeline get the one already built
+    (the GPU proof runs several; each full-size build costs seconds and memory)."""
+    global _SHARED
+    _SHARED = {}
+    try:
+        yield
+    finally:
+        _SHARED = None
+
 
 def random_pipeline(
     device: torch.device, dtype: torch.dtype, merged: str = "pisa", second_rank: int = 0
@@ -22,7 +38,13 @@ def random_pipeline(
     a random second-pass LoRA of ``second_rank``, TUDSR-S uses 32)."""
     from pisa_cli.core.random import random_pipeline as build
 
-    return build("sd21-base", device, dtype, merged=merged, second_rank=second_rank)
+    key = (str(device), dtype, merged, second_rank)
+    if _SHARED is not None and key in _SHARED:
+        return _SHARED[key]
+    pipeline = build("sd21-base", device, dtype, merged=merged, second_rank=second_rank)
+    if _SHARED is not None:
+        _SHARED[key] = pipeline
+    return pipeline
 
 
 def noise_photo(size: int, seed: int = 0) -> Image.Image:

@@ -39,6 +39,14 @@ def bench_command(
         Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")
     ] = None,
     list_only: Annotated[bool, typer.Option("--list", help="List the scenarios and exit.")] = False,
+    official: Annotated[
+        Path | None,
+        typer.Option(
+            "--official",
+            help="bench gpu: a checkout of the official PiSA-SR code (csslc/PiSA-SR) to time "
+            "side by side; skipped without.",
+        ),
+    ] = None,
 ) -> None:
     """Benchmark scenarios on the full-size SD 2.1-base architecture with random weights.
 
@@ -47,6 +55,7 @@ def bench_command(
     """
     common.setup_logging()
     import pisa_cli.bench.coldstart
+    import pisa_cli.bench.gpu
     import pisa_cli.bench.perf
     import pisa_cli.bench.streaming
     import pisa_cli.bench.sweep
@@ -72,6 +81,11 @@ def bench_command(
     if unknown:
         typer.echo(f"error: unknown scenario {unknown[0]!r}; see pisa bench --list", err=True)
         raise typer.Exit(2)
+    if "gpu" in chosen:
+        if len(chosen) > 1:
+            typer.echo("error: the gpu scenario runs alone: pisa bench gpu", err=True)
+            raise typer.Exit(2)
+        raise typer.Exit(_gpu(json_path, official))
     try:
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
@@ -85,3 +99,27 @@ def bench_command(
     if json_path is not None:
         write_json(rows, json_path)
         typer.echo(f"wrote {json_path}")
+
+
+def _gpu(json_path: Path | None, official: Path | None) -> int:
+    """`pisa bench gpu`: exit 2 without CUDA, 1 when a check fails, else 0."""
+    import json
+
+    import torch
+
+    from pisa_cli.bench import format_table
+    from pisa_cli.bench.gpu import NO_CUDA, prove
+
+    if not torch.cuda.is_available():
+        typer.echo(NO_CUDA, err=True)
+        return 2
+    report = prove(
+        torch.device("cuda"), official, lambda step: typer.echo(f"running {step} ...", err=True)
+    )
+    for check in report.checks:
+        typer.echo(f"{check.word:<5} {check.name}: {check.detail}")
+    typer.echo(format_table(report.rows))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.as_json(), indent=2, default=str))
+        typer.echo(f"wrote {json_path}")
+    return 1 if report.failed else 0

@@ -27,8 +27,17 @@ from pisa_cli.models.adapters import (
 from pisa_cli.models.base import unet_from_state, unet_state_spec
 from pisa_cli.models.checkpoint import PisaCheckpoint, load_checkpoint, resolve_weights_path
 from pisa_cli.models.device import keep_freed_memory, resolve_device, resolve_dtype
-from pisa_cli.models.lora import PisaUNet, merge_layers
+from pisa_cli.models.lora import (
+    VARIANT_ADAPTERS,
+    PisaUNet,
+    check_adapters,
+    merge_layers,
+    merge_while_loading,
+    merged_layers,
+    named_adapters,
+)
 from pisa_cli.models.second_lora import SecondLora, load_second_lora
+from pisa_cli.models.streamed import give_back_heap
 from pisa_cli.models.text import PromptEncoder
 from pisa_cli.options import ModelOptions, UpscaleOptions
 
@@ -69,16 +78,22 @@ class PipelineSpec:
     """The UNet weight set merged into the weights (the others are side paths)."""
     second_weights: str = ""
     """The x2 second pass's LoRA (a tudsr second pass), or none."""
+    prompts: tuple[str, ...] = ()
+    """Prompts the run will embed: encoded before the UNet loads, so that the float32 text
+    encoder (1.4 GB) and the UNet are never in memory together."""
 
     @classmethod
     def for_run(cls, model: ModelOptions, options: UpscaleOptions | None = None) -> PipelineSpec:
         """The spec for runs of ``options``: the weight set they need most merged, their
         second pass's LoRA loaded."""
         family = family_of(resolve_weights_path(model.resolved_weights()))
-        second = ""
-        if options is not None and options.second_pass.kind == "tudsr":
-            second = options.second_pass.weights
-        return cls(model, merged_variant(options, family), second)
+        second, prompts = "", ()
+        if options is not None:
+            prompts = (options.prompt,)
+            if options.second_pass.kind == "tudsr":
+                second = options.second_pass.weights
+                prompts = tuple(dict.fromkeys((options.prompt, options.second_pass.prompt)))
+        return cls(model, merged_variant(options, family), second, prompts)
 
 
 def load_pipeline(
@@ -107,7 +122,7 @@ def load_pipeline(
 def build(spec: PipelineSpec) -> PisaPipeline:
     """Load everything ``spec`` names and assemble the pipeline on its device (the one way
     a pipeline is built from files; ``build_pipeline`` assembles one from parts)."""
-    from pisa_cli.models.base import check_base_folder, load_part, resolve_base_model
+    from pisa_cli.models.base import check_base_folder, load_part, load_part_in, resolve_base_model
 
     model = spec.model
     torch_device = resolve_device(model.device)
@@ -126,18 +141,31 @@ def build(spec: PipelineSpec) -> PisaPipeline:
     log.info("base model %s, weights %s", folder, weights_path)
     merged = spec.merged
     key = _merged_key(folder, weights_path, merged, torch_dtype, second)
-    state = cache.load_tensors(
-        "merged", key, lambda found: cache.mismatch(found, unet_state_spec(folder, torch_dtype))
-    )
-    unet = load_part(folder, "unet") if state is None else unet_from_state(folder, state)
     prompts = PromptEncoder(
         lambda: load_part(folder, "tokenizer"),
         lambda: load_part(folder, "text_encoder"),
         cache_key=_text_key(folder),
     )
+    for prompt in spec.prompts:
+        prompts(prompt)  # the text encoder comes and goes before the UNet loads
+    if spec.prompts:
+        give_back_heap()
+    state = cache.load_tensors(
+        "merged", key, lambda found: cache.mismatch(found, unet_state_spec(folder, torch_dtype))
+    )
+    premerged, unet = state is not None, None
+    if state is not None:
+        unet = unet_from_state(folder, state)
+    else:  # merged while loading, straight into the compute dtype
+        unet = _stream_unet(folder, torch_dtype, checkpoint, merged, first, second)
+        premerged = unet is not None
+    if unet is None:  # an older layout: diffusers' loader, in float32, merged after
+        unet = load_part(folder, "unet")
+    vae_dtype = torch.float32 if _vae_loras(first, second) else torch_dtype
+    vae_model = load_part_in(folder, "vae", vae_dtype) or load_part(folder, "vae")
     pipeline = build_pipeline(
         unet=unet,
-        vae_model=load_part(folder, "vae"),
+        vae_model=vae_model,
         prompts=prompts,
         scheduler=load_part(folder, "scheduler"),
         checkpoint=checkpoint,
@@ -145,7 +173,7 @@ def build(spec: PipelineSpec) -> PisaPipeline:
         dtype=torch_dtype,
         merged=merged,
         second=second,
-        premerged=state is not None,
+        premerged=premerged,
         first=first,
     )
     if state is None:
@@ -153,6 +181,40 @@ def build(spec: PipelineSpec) -> PisaPipeline:
     if model.compile:
         pipeline.compile()
     return pipeline
+
+
+def _stream_unet(
+    folder: Path,
+    dtype: torch.dtype,
+    checkpoint: PisaCheckpoint | None,
+    merged: str,
+    first: AdapterFolder | None,
+    second: SecondWeights | None,
+) -> torch.nn.Module | None:
+    """The UNet in ``dtype`` with the ``merged`` weight set's LoRAs merged while each tensor
+    loads (float32 one tensor at a time: the load never holds a float32 UNet); None when it
+    cannot be loaded that way (then PisaUNet merges into diffusers' float32 UNet)."""
+    from pisa_cli.models.base import load_part_in, part_skeleton
+
+    skeleton = part_skeleton(folder, "unet")
+    adapters, sources = named_adapters(
+        checkpoint,
+        list(first.unet) if first else None,
+        first.unet_source if first else "",
+        _unet_layers(second),
+        second.source if second else "",
+    )
+    if any(adapter not in adapters for adapter in VARIANT_ADAPTERS.get(merged, ("?",))):
+        return None  # PisaUNet names the problem
+    check_adapters(dict(skeleton.named_modules()), adapters, sources)
+    adjust = merge_while_loading(merged_layers(adapters, merged))
+    return load_part_in(folder, "unet", dtype, adjust, skeleton)
+
+
+def _vae_loras(first: AdapterFolder | None, second: SecondWeights | None) -> bool:
+    """Whether a VAE-encoder LoRA will be merged (then the VAE loads in float32 and is cast
+    after the merge, as the UNet's LoRAs round once)."""
+    return first is not None or (isinstance(second, AdapterFolder) and bool(second.encoder))
 
 
 def _merged_key(
@@ -278,9 +340,9 @@ def _second_vae(
 
 
 def _vae_to(vae_model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    vae_model.to(device=device)
     if vae_model.dtype != dtype:  # type: ignore[attr-defined]
-        vae_model.to(dtype=dtype)
+        vae_model.to(dtype=dtype)  # cast, then move: never on the device in float32
+    vae_model.to(device=device)
     if device.type == "cpu" and dtype == torch.bfloat16:
         # Measured on a 2-core AMX CPU: the VAE in bf16 runs ~2x faster channels-last.
         vae_model.to(memory_format=torch.channels_last)

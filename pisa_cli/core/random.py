@@ -23,10 +23,12 @@ def random_pipeline(
     merged: str = "pisa",
     second_rank: int = 0,
     checkpoint_seed: int = 1,
+    omgsr: bool = False,
 ) -> PisaPipeline:
     """``architecture`` (``tiny`` or ``sd21-base``, configs shipped in the package) with
     random weights (seed 0), a random PiSA-SR LoRA (``checkpoint_seed``) and, with
-    ``second_rank``, a random second-pass LoRA of that rank (TUDSR-S uses 32)."""
+    ``second_rank``, a random second-pass LoRA of that rank (TUDSR-S uses 32). ``omgsr``:
+    an OMGSR-style first pass instead (random UNet and VAE-encoder LoRAs, timestep 273)."""
     from transformers import CLIPTokenizer
 
     from pisa_cli.models.second_lora import SecondLora
@@ -44,6 +46,27 @@ def random_pipeline(
         write_tokenizer(Path(folder), config_dir(architecture))
         tokenizer = CLIPTokenizer.from_pretrained(folder)
     prompts = PromptEncoder(lambda: tokenizer, lambda: parts.text_encoder)  # type: ignore[arg-type,return-value]
+    if omgsr:
+        from pisa_cli.models.adapters import AdapterFolder
+
+        first = AdapterFolder(
+            unet=tuple(random_lora_layers(parts.unet, 8, seed=checkpoint_seed)),
+            encoder=tuple(random_lora_layers(parts.vae.encoder, 4, seed=checkpoint_seed + 1)),
+            timestep=273,
+            source="random OMGSR-style folder",
+        )
+        return build_pipeline(
+            parts.unet,
+            parts.vae,
+            prompts,
+            parts.scheduler,
+            None,
+            device,
+            dtype,
+            "first",
+            None,
+            first=first,
+        )
     checkpoint = random_checkpoint(parts.unet, seed=checkpoint_seed)
     second = None
     if second_rank:

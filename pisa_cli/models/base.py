@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,3 +255,29 @@ def unet_from_state(folder: Path, state: dict) -> object:
         unet = UNet2DConditionModel.from_config(read_part_config(folder, "unet"))
     unet.load_state_dict(state, assign=True, strict=True)
     return unet.eval()
+
+
+def part_skeleton(folder: Path, part: str) -> torch.nn.Module:
+    """The unet or vae of ``folder``'s config on the meta device (no memory, no weights)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    kind = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[part]
+    with torch.device("meta"):
+        return kind.from_config(read_part_config(folder, part))
+
+
+def load_part_in(
+    folder: Path,
+    part: str,
+    dtype: torch.dtype,
+    adjust: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    skeleton: torch.nn.Module | None = None,
+) -> torch.nn.Module | None:
+    """The unet or vae of ``folder`` read straight into ``dtype``, one tensor at a time
+    (models/streamed.py; into ``skeleton`` when given, see part_skeleton), ``adjust``
+    applied to each float tensor first; None when the weights are in a layout only
+    diffusers' own loader converts (then use load_part)."""
+    from pisa_cli.models.streamed import load_streamed
+
+    model = skeleton if skeleton is not None else part_skeleton(folder, part)
+    return load_streamed(model, weights_file(folder, part), dtype, adjust)

@@ -187,6 +187,28 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     page cache can drop them again. A tensor whose offset does not suit its dtype's
     alignment is copied. ValueError for a malformed file, whatever is wrong in it.
     """
+    size, spans = safetensors_spans(path)
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+    tensors = {}
+    for name, (dtype, start, end, shape) in spans.items():
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if start % itemsize:  # misaligned for a view: copy this one
+            tensor = raw[start:end].clone().view(dtype)
+        else:
+            count = (end - start) // itemsize
+            tensor = torch.empty(0, dtype=dtype).set_(storage, start // itemsize, (count,))
+        tensors[name] = tensor.view(shape)
+    return tensors
+
+
+Span = tuple[torch.dtype, int, int, list[int]]
+"""(dtype, start, end, shape) of one tensor in a safetensors file (byte offsets in the file)."""
+
+
+def safetensors_spans(path: Path) -> tuple[int, dict[str, Span]]:
+    """The file's size and where each of its tensors lies, from the header alone; ValueError
+    for a malformed file, whatever is wrong in it."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         length = int.from_bytes(handle.read(8), "little")
@@ -204,23 +226,10 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
         for name, info in header.items()
         if name != "__metadata__"
     }
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    raw = torch.empty(0, dtype=torch.uint8).set_(storage)
-    tensors = {}
-    for name, (dtype, start, end, shape) in spans.items():
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if start % itemsize:  # misaligned for a view: copy this one
-            tensor = raw[start:end].clone().view(dtype)
-        else:
-            count = (end - start) // itemsize
-            tensor = torch.empty(0, dtype=dtype).set_(storage, start // itemsize, (count,))
-        tensors[name] = tensor.view(shape)
-    return tensors
+    return size, spans
 
 
-def _span(
-    path: Path, name: str, info: object, data: int, size: int
-) -> tuple[torch.dtype, int, int, list[int]]:
+def _span(path: Path, name: str, info: object, data: int, size: int) -> Span:
     """(dtype, start, end, shape) of one header entry, checked against the file's size;
     ValueError when any of it is missing or does not add up."""
     malformed = ValueError(f"{path}: tensor {name[:80]!r} is malformed")
