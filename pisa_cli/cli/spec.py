@@ -5,9 +5,9 @@ command's values become.
 options: each group is a list of parameters (the declarations in ``common``) that a
 command's signature is built from (``takes``), so no option is written twice. An option
 that is an options field takes its default from the field (``declared``) and its help
-from the field's metadata (``options.described``): the CLI cannot drift from the API. A command
-is called with its values as keyword arguments and turns them into a spec once, reading
-each value by name (``model_options`` ...): no dict is popped in a hidden order.
+from the field's metadata (``options.described``): the CLI cannot drift from the API.
+A command is called with its values as keyword arguments and turns them into a spec once,
+reading each value by name (``model_options`` ...): no dict is popped in a hidden order.
 """
 
 from __future__ import annotations
