@@ -54,8 +54,8 @@ class ModelOptions:
     weights: str = described(
         "",
         "The model's weights, which pick its family: PiSA-SR's pisa_sr.pkl or a "
-        ".safetensors from `pisa convert`, or an OMGSR-style folder holding "
-        "unet_lora_adapter/ and vae_encoder_lora_adapter/ (OMGSR-S, TUDSR's LoRA-1) "
+        ".safetensors from `pisa convert`, an OMGSR-style folder holding unet_lora_adapter/ "
+        "and vae_encoder_lora_adapter/ (OMGSR-S, TUDSR's LoRA-1), or HYPIR_sd2.pth "
         "(default: pisa_sr.safetensors or pisa_sr.pkl in ~/.cache/pisa-cli/).",
     )
     """Empty: $PISA_WEIGHTS, else the default place."""
@@ -121,7 +121,7 @@ class TileOptions:
     latent_overlap: int | None = described(
         AUTO,
         "Overlap of UNet tiles in latent pixels, blended with Gaussian weights. auto: "
-        "the reference's (PiSA-SR 32; OMGSR-style half the tile).",
+        "the reference's (PiSA-SR 32; OMGSR-style and HYPIR-SD2 half the tile).",
         auto=True,
     )
     """Must be smaller than the tile. Auto: PiSA-SR's 32 is cut to a third of an automatic
@@ -230,7 +230,8 @@ class UpscaleOptions:
     process_size: int = described(
         512,
         "Inputs whose short side is below process-size/scale are enlarged to it first "
-        "and the result is shrunk back to exactly scale times the input.",
+        "and the result is shrunk back to exactly scale times the input. HYPIR-SD2: its "
+        "window side in pixels (a multiple of 8; latent windows of process-size/8).",
     )
     lambda_pix: float = described(
         1.0, "Strength of the pixel-level LoRA (fidelity, noise removal)."
@@ -243,7 +244,8 @@ class UpscaleOptions:
     color_fix: str = described(
         "adain",
         "Colour correction against the bicubic input: adain (mean and spread per "
-        "channel), wavelet (low frequencies of the input), none.",
+        "channel), wavelet (low frequencies of the input), none (default adain; HYPIR-SD2 "
+        "wavelet, in float).",
     )
     prompt: str = described(
         "", "Text prompt for the UNet; the model was trained with the empty prompt."
@@ -256,8 +258,8 @@ class UpscaleOptions:
     """None draws a fresh one."""
     timestep: int | None = described(
         None,
-        "UNet timestep of an OMGSR-style model (default: the one its folder records, "
-        "else 273, OMGSR-S's); PiSA-SR runs at t = 1.",
+        "UNet timestep: OMGSR-style (default: its folder's, else 273, OMGSR-S's), "
+        "HYPIR-SD2 (model_t = coeff_t, default 200); PiSA-SR runs at t = 1.",
     )
     """None: the one an OMGSR-style folder records, else 273; PiSA-SR takes none."""
     tiles: TileOptions = field(default_factory=TileOptions)

@@ -90,3 +90,19 @@ def adapter_folder_2(tiny_base, tmp_path_factory) -> Path:
     """Another one, as TUDSR's LoRA-2 (different weights and ranks)."""
     folder = tmp_path_factory.mktemp("omgsr") / "lora-2"
     return write_adapter_folder(tiny_base, folder, seed=6, unet_rank=4, vae_rank=2, vae_alpha=2)
+
+
+@pytest.fixture(scope="session")
+def hypir_pth(tiny_base, tmp_path_factory) -> Path:
+    """A HYPIR_sd2.pth in the release's exact format (tests/hypir_reference.py)."""
+    from tests.hypir_reference import write_hypir_weights
+
+    return write_hypir_weights(tiny_base, tmp_path_factory.mktemp("hypir") / "HYPIR_sd2.pth")
+
+
+@pytest.fixture(scope="session")
+def hypir_oracle(tiny_base, hypir_pth):
+    """The plain re-implementation of HYPIR's official code on those weights."""
+    from tests.hypir_reference import load_hypir_reference
+
+    return load_hypir_reference(tiny_base, hypir_pth)

@@ -13,12 +13,15 @@ from pathlib import Path
 from pisa_cli.errors import WeightsError
 from pisa_cli.options import ModelOptions, UpscaleOptions
 
+HYPIR_TIMESTEP = 200
+"""HYPIR-SD2's model_t and coeff_t (as ``core.passes``)."""
+
 
 def model_identity(model: ModelOptions, options: UpscaleOptions) -> dict:
     """What the outputs' pixels depend on besides the options: the family, digests of the
     weights' files, the base model, the precision and, for OMGSR-style folders, the
     timestep that runs. Raises WeightsError when the weights cannot be found or read."""
-    from pisa_cli.models.adapters import OMGSR, family_of, planned_timestep, weight_files
+    from pisa_cli.models.adapters import HYPIR, OMGSR, family_of, planned_timestep, weight_files
     from pisa_cli.models.checkpoint import load_checkpoint, resolve_weights_path
     from pisa_cli.models.device import resolve_device, resolve_dtype
 
@@ -37,6 +40,8 @@ def model_identity(model: ModelOptions, options: UpscaleOptions) -> dict:
     }
     if family == OMGSR:
         identity["timestep"] = planned_timestep(weights, options.timestep)[0]
+    elif family == HYPIR:
+        identity["timestep"] = HYPIR_TIMESTEP if options.timestep is None else options.timestep
     second = Path(options.second_pass.weights)
     if options.second_pass.kind == "tudsr" and second.exists():
         identity["second_pass_sha256"] = _digests(weight_files(second))
@@ -63,10 +68,23 @@ def _digests(files: list[Path]) -> list[str]:
 
 def describe_families(options: UpscaleOptions, model: ModelOptions) -> list[str]:
     """Which model family each pass runs, for --dry-run (names and headers only)."""
-    from pisa_cli.models.adapters import FAMILY_NAMES, OMGSR, PISA, family_of, planned_timestep
+    from pisa_cli.models.adapters import (
+        FAMILY_NAMES,
+        HYPIR,
+        OMGSR,
+        PISA,
+        family_of,
+        planned_timestep,
+    )
 
     weights = model.resolved_weights()
-    if family_of(weights) == OMGSR:
+    if family_of(weights) == HYPIR:
+        timestep = HYPIR_TIMESTEP if options.timestep is None else options.timestep
+        lines = [
+            f"model: {FAMILY_NAMES[HYPIR]} {weights}, model_t = coeff_t = {timestep} "
+            "(weights for non-commercial use only)"
+        ]
+    elif family_of(weights) == OMGSR:
         timestep, origin = planned_timestep(weights, options.timestep)
         lines = [f"model: {FAMILY_NAMES[OMGSR]} {weights}, timestep {timestep} ({origin})"]
     else:

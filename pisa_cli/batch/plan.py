@@ -220,9 +220,10 @@ def dry_run(
     2.1-base's; the free memory is that of the device the run would use. The families (and
     so the tile grids) follow the weights' names.
     """
+    from pisa_cli.core.hypir_pass import plan_hypir
     from pisa_cli.core.planning import model_widths, plan_image
     from pisa_cli.imaging.io import read_size
-    from pisa_cli.models.adapters import OMGSR, family_of
+    from pisa_cli.models.adapters import HYPIR, OMGSR, family_of
     from pisa_cli.models.device import (
         free_memory,
         host_free_memory,
@@ -245,7 +246,9 @@ def dry_run(
             continue
         free, host = free_memory(device), host_free_memory(device)
         itemsize = dtype.itemsize
-        if first == OMGSR:
+        if first == HYPIR:
+            plans = [plan_hypir(size, options, widths, itemsize, free)]
+        elif first == OMGSR:
             plans = [plan_image(size, options, widths, itemsize, free, ("first",), OMGSR, host)]
         else:
             plans = [plan_image(size, options, widths, itemsize, free, host_free_bytes=host)]

@@ -126,7 +126,7 @@ LambdaSem = Annotated[
     ),
 ]
 ColorFix = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--color-fix",
         help=help_of(UpscaleOptions, "color_fix"),

@@ -69,7 +69,7 @@ LAMBDAS = [
     declared("lambda_sem", common.LambdaSem, UpscaleOptions),
 ]
 LOOK = [
-    declared("color_fix", common.ColorFix, UpscaleOptions),
+    option("color_fix", common.ColorFix, None),  # the weights' family's: default_color_fix
     declared("prompt", common.Prompt, UpscaleOptions),
     declared("seed", common.Seed, UpscaleOptions),
     declared("vae_sample", common.VaeSample, UpscaleOptions),
@@ -161,13 +161,27 @@ def upscale_options(values: Mapping[str, Any]) -> UpscaleOptions:
     return UpscaleOptions(
         scale=values["scale"],
         process_size=values["process_size"],
-        color_fix=values["color_fix"],
+        color_fix=values["color_fix"] or default_color_fix(values["weights"]),
         prompt=values["prompt"],
         seed=values["seed"],
         vae_sample=values["vae_sample"],
         tiles=tiles,
         second_pass=second,
         **optional,
+    )
+
+
+def default_color_fix(weights: str) -> str:
+    """The colour fix of the weights' family when --color-fix is not given: HYPIR-SD2's
+    wavelet (done in float, as its code), adain for the others (their scripts')."""
+    import os
+
+    from pisa_cli.models.adapters import HYPIR, family_of
+    from pisa_cli.options import WEIGHTS_ENV
+
+    path = weights or os.environ.get(WEIGHTS_ENV, "")
+    return (
+        "wavelet" if path and family_of(path) == HYPIR else default_of(UpscaleOptions, "color_fix")
     )
 
 

@@ -96,9 +96,10 @@ def _base_model_check(model: ModelOptions) -> Check:
 
 
 def _weights_check(model: ModelOptions) -> Check:
-    """The weights and the model family they make (PiSA-SR or OMGSR-style)."""
+    """The weights and the model family they make (PiSA-SR, OMGSR-style or HYPIR-SD2)."""
     from pisa_cli.models.adapters import (
         FAMILY_NAMES,
+        HYPIR,
         OMGSR,
         PISA,
         family_of,
@@ -114,6 +115,11 @@ def _weights_check(model: ModelOptions) -> Check:
             timestep, origin = resolve_timestep(None, folder.timestep, None, str(path))
             detail = f"{folder.describe()}, timestep {timestep} ({origin})"
             return Check("weights", OK, f"{FAMILY_NAMES[OMGSR]}: {path} ({detail})")
+        if family_of(path) == HYPIR:
+            from pisa_cli.models.hypir import LICENCE, load_hypir_weights
+
+            detail = f"{load_hypir_weights(path).describe()}; {LICENCE}"
+            return Check("weights", OK, f"{FAMILY_NAMES[HYPIR]}: {path} ({detail})")
         checkpoint = load_checkpoint(path)
     except PisaError as error:
         return Check("weights", MISSING, str(error))

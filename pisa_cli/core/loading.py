@@ -15,8 +15,10 @@ from pisa_cli.core.passes import Passes
 from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.engine.denoise import variants_needed
 from pisa_cli.engine.lean import use_lean_resnets
+from pisa_cli.errors import WeightsError
 from pisa_cli.models import cache
 from pisa_cli.models.adapters import (
+    HYPIR,
     OMGSR,
     PISA,
     AdapterFolder,
@@ -27,6 +29,7 @@ from pisa_cli.models.adapters import (
 from pisa_cli.models.base import unet_from_state, unet_state_spec
 from pisa_cli.models.checkpoint import PisaCheckpoint, load_checkpoint, resolve_weights_path
 from pisa_cli.models.device import keep_freed_memory, resolve_device, resolve_dtype
+from pisa_cli.models.hypir import HypirWeights, load_hypir_weights
 from pisa_cli.models.lora import (
     VARIANT_ADAPTERS,
     PisaUNet,
@@ -50,7 +53,7 @@ def merged_variant(options: UpscaleOptions | None, family: str = PISA) -> str:
     (``family`` omgsr), else PiSA's for equal lambdas, else the pixel set."""
     if options is not None and options.second_pass.kind == "tudsr":
         return "second"
-    if family == OMGSR:
+    if family in (OMGSR, HYPIR):
         return "first"
     if options is None:
         return "pisa"
@@ -63,8 +66,13 @@ SecondWeights = SecondLora | AdapterFolder
 
 def load_second(path: str | Path) -> SecondWeights:
     """The second pass's weights: an OMGSR-style folder, else a UNet LoRA file or folder."""
-    if family_of(path) == OMGSR:
+    family = family_of(path)
+    if family == OMGSR:
         return load_adapter_folder(path)
+    if family == HYPIR:
+        raise WeightsError(
+            f"{path}: HYPIR-SD2 weights run as the first pass only (pass them as --weights)"
+        )
     return load_second_lora(path)
 
 
@@ -130,8 +138,8 @@ def build(spec: PipelineSpec) -> PisaPipeline:
     weights_path = resolve_weights_path(model.resolved_weights())
     family = family_of(weights_path)
     checkpoint, first = None, None
-    if family == OMGSR:
-        first = load_adapter_folder(weights_path)
+    if family in (OMGSR, HYPIR):
+        first = (load_adapter_folder if family == OMGSR else load_hypir_weights)(weights_path)
         log.info("%s: %s", first.source, first.describe())
     else:
         checkpoint = load_checkpoint(weights_path)
@@ -257,7 +265,7 @@ def build_pipeline(
     merged: str = "pisa",
     second: SecondWeights | None = None,
     premerged: bool = False,
-    first: AdapterFolder | None = None,
+    first: AdapterFolder | HypirWeights | None = None,
 ) -> PisaPipeline:
     """Assemble a pipeline from CPU parts: merge the LoRAs (unless ``premerged``: the UNet's
     weights come merged from the cache), then move everything to the device.
@@ -292,12 +300,15 @@ def build_pipeline(
     return PisaPipeline(pisa_unet, vae_model, prompts, scheduler, device, dtype, passes, second_vae)
 
 
-def _passes(scheduler, first: AdapterFolder | None, second: SecondWeights | None) -> Passes:
+def _passes(
+    scheduler, first: AdapterFolder | HypirWeights | None, second: SecondWeights | None
+) -> Passes:
     """What each pass of the pipeline will run, from the weights loaded for it."""
     passes = Passes(timesteps=len(scheduler.alphas_cumprod), has_second=second is not None)
     if first is not None:
+        family = HYPIR if isinstance(first, HypirWeights) else OMGSR
         passes = replace(
-            passes, family=OMGSR, first_timestep=first.timestep, first_source=first.source
+            passes, family=family, first_timestep=first.timestep, first_source=first.source
         )
     if second is not None:
         family = OMGSR if isinstance(second, AdapterFolder) else "lora"
@@ -317,7 +328,9 @@ def _unet_layers(second: SecondWeights | None) -> list | None:
 
 
 def _second_vae(
-    vae_model: torch.nn.Module, first: AdapterFolder | None, second: SecondWeights | None
+    vae_model: torch.nn.Module,
+    first: AdapterFolder | HypirWeights | None,
+    second: SecondWeights | None,
 ) -> torch.nn.Module | None:
     """The VAE of the second pass when its encoder differs from the first pass's, else None.
 

@@ -7,11 +7,13 @@ from dataclasses import dataclass, replace
 
 from pisa_cli.engine.denoise import variants_needed
 from pisa_cli.errors import OptionsError
-from pisa_cli.models.adapters import FAMILY_NAMES, OMGSR, PISA, resolve_timestep
+from pisa_cli.models.adapters import FAMILY_NAMES, HYPIR, OMGSR, PISA, resolve_timestep
 from pisa_cli.options import SecondPassOptions, UpscaleOptions
 
 TIMESTEP = 1
 """PiSA-SR's fixed UNet timestep."""
+HYPIR_TIMESTEP = 200
+"""HYPIR-SD2's model_t and coeff_t (--timestep sets both)."""
 
 
 @dataclass(frozen=True)
@@ -24,11 +26,13 @@ class Stage:
     """UNet weight sets the pass needs."""
     timestep: int
     rule: str
-    """pisa: z_H = z_L - eps (lambdas combined); x0: the DDPM one-step formula."""
+    """pisa: z_H = z_L - eps (lambdas combined); x0: the DDPM one-step formula; hypir:
+    HYPIR's whole path (``core.hypir``), x0 per latent window."""
     options: UpscaleOptions
     """Scale, prompt, colour fix, tiles and lambdas of this pass."""
     tiling: str = "stablesr"
-    """The UNet tile grid: stablesr (PiSA-SR's script) or omgsr (OMGSR-S's script)."""
+    """The UNet tile grid: stablesr (PiSA-SR's script), omgsr (OMGSR-S's script) or hypir
+    (HYPIR's windows, for the VAE too)."""
     encoder: str = "first"
     """Whose VAE encoder encodes: the first pass's or the second pass's."""
 
@@ -59,6 +63,11 @@ class Passes:
         second = options.second_pass
         if second.kind == "none":
             return [first]
+        if self.family == HYPIR:
+            raise OptionsError(
+                f"--second-pass {second.kind}: HYPIR-SD2 runs as a single pass (it takes "
+                "--scale up to 16 itself)"
+            )
         plain = replace(options, scale=2, timestep=None, second_pass=SecondPassOptions())
         if second.kind == "pisa":
             if self.family != PISA:
@@ -88,6 +97,14 @@ class Passes:
         return [first, Stage("second", ("second",), timestep, "x0", tudsr, encoder="second")]
 
     def _first_stage(self, options: UpscaleOptions) -> Stage:
+        if self.family == HYPIR:
+            lambdas = (options.lambda_pix, options.lambda_sem)
+            if lambdas != (1.0, 1.0):
+                raise OptionsError(
+                    "--lambda-pix/--lambda-sem: only PiSA-SR has lambdas; HYPIR-SD2 has none"
+                )
+            timestep, _ = self.first_pass_timestep(options.timestep)
+            return Stage("", ("first",), timestep, HYPIR, options, HYPIR)
         if self.family == PISA:
             if options.timestep is not None:
                 raise OptionsError(
@@ -100,8 +117,14 @@ class Passes:
         return Stage("", ("first",), timestep, "x0", options, OMGSR)
 
     def first_pass_timestep(self, flag: int | None) -> tuple[int, str]:
-        """(timestep, where it came from) of an OMGSR-style first pass; WeightsError when
-        it is outside the scheduler's range."""
+        """(timestep, where it came from) of an OMGSR-style or HYPIR first pass; WeightsError
+        when it is outside the scheduler's range."""
+        if self.family == HYPIR:
+            origin = "--timestep" if flag is not None else f"default {HYPIR_TIMESTEP}"
+            timestep = HYPIR_TIMESTEP if flag is None else flag
+            if not 0 <= timestep < self.timesteps:
+                raise OptionsError(f"--timestep {timestep} must be from 0 to {self.timesteps - 1}")
+            return timestep, origin
         return resolve_timestep(flag, self.first_timestep, self.timesteps, self.first_source)
 
     def second_pass_timestep(self, flag: int | None) -> tuple[int, str]:
@@ -113,7 +136,13 @@ class Passes:
     def describe(self, options: UpscaleOptions) -> list[str]:
         """What runs, for the log: each pass's family, weights and timestep."""
         lines = []
-        if self.family == OMGSR:
+        if self.family == HYPIR:
+            timestep, origin = self.first_pass_timestep(options.timestep)
+            lines.append(
+                f"{FAMILY_NAMES[HYPIR]} {self.first_source}, model_t = coeff_t = {timestep} "
+                f"({origin}); weights for non-commercial use only"
+            )
+        elif self.family == OMGSR:
             timestep, origin = self.first_pass_timestep(options.timestep)
             lines.append(
                 f"{FAMILY_NAMES[OMGSR]} {self.first_source}, timestep {timestep} ({origin})"

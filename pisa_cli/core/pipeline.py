@@ -123,6 +123,10 @@ class PisaPipeline:
         """The plan for an input of ``size`` (width, height) in the memory free right now."""
         free, host = free_memory(self.device), host_free_memory(self.device)
         itemsize = self.dtype.itemsize
+        if tiling == "hypir":
+            from pisa_cli.core.hypir_pass import plan_hypir
+
+            return plan_hypir(size, options, self.widths, itemsize, free)
         return plan_image(size, options, self.widths, itemsize, free, variants, tiling, host)
 
     @torch.inference_mode()
@@ -235,6 +239,10 @@ class PisaPipeline:
         self, image: Image.Image, stage: Stage, timings: dict[str, float], notes: list[str]
     ) -> tuple[Image.Image, ImagePlan]:
         """One pass of ``stage`` over ``image``: the finished image and the plan as run."""
+        if stage.rule == "hypir":  # HYPIR's own path: all three stages in its windows
+            from pisa_cli.core.hypir_pass import run_hypir
+
+            return run_hypir(self, image, stage, timings, notes)
         prefix = f"{stage.name}_" if stage.name else ""
         latents = self.prepare_latents(image, stage, timings, notes)
         eps = self.predict_eps(latents, stage, timings, notes)

@@ -96,6 +96,8 @@ class StageGuard:
         def shrink(current: ImagePlan) -> ImagePlan | None:
             if current.tile_batch > 1:
                 return replace(current, tile_batch=current.tile_batch // 2)
+            if current.tiling == "hypir":
+                return None  # its window is the model's patch_size: never shrunk
             tile = min(current.latent_tile, max(current.unet.tile_size)) // 2
             if tile < MIN_LATENT_TILE:
                 return None

@@ -100,10 +100,15 @@ def _noise(mean: torch.Tensor, generator: Generators) -> torch.Tensor:
 
 
 def decode(
-    vae: nn.Module, latents: torch.Tensor, tile: int | None = None, store: str = "ram"
+    vae: nn.Module,
+    latents: torch.Tensor,
+    tile: int | None = None,
+    store: str = "ram",
+    clamp: bool = True,
 ) -> torch.Tensor:
-    """Images in [-1, 1] of scaled (N, 4, h, w) ``latents`` (clamped, as the reference does;
-    an overflow, inf, comes out NaN, never clamped into range).
+    """Images in [-1, 1] of scaled (N, 4, h, w) ``latents`` (clamped, as the reference does,
+    unless ``clamp`` is False, as HYPIR's; an overflow, inf, comes out NaN, never clamped
+    into range).
 
     ``tile`` (latent pixels) decodes one latent in bands holding at most the activations of
     a tile x tile latent; None decodes the whole latents at once. Both give the same image.
@@ -119,7 +124,8 @@ def decode(
         factor = 2 ** (len(vae.config.block_out_channels) - 1)  # type: ignore[union-attr]
         side = tile * factor
         image = decode_tiled(vae, latents, _runner(vae, side * side, store, latents.device))
-    return _overflow_kept(image).clamp_(-1, 1)
+    image = _overflow_kept(image)
+    return image.clamp_(-1, 1) if clamp else image
 
 
 def _overflow_kept(x: torch.Tensor) -> torch.Tensor:

@@ -30,15 +30,25 @@ from pisa_cli.models.second_lora import read_peft_folder, whole_timestep
 
 DEFAULT_TIMESTEP = 273
 """OMGSR-S's mid timestep (its script's default and its README's value)."""
-PISA, OMGSR = "pisa-sr", "omgsr"
-"""Model families: PiSA-SR (``pisa_sr.pkl``) and OMGSR-style adapter folders."""
-FAMILY_NAMES = {PISA: "PiSA-SR", OMGSR: "OMGSR-style (UNet + VAE-encoder LoRA, mid timestep)"}
+PISA, OMGSR, HYPIR = "pisa-sr", "omgsr", "hypir"
+"""Model families: PiSA-SR (``pisa_sr.pkl``), OMGSR-style adapter folders, HYPIR-SD2
+(``HYPIR_sd2.pth``, recognised from its keys: ``models.hypir``)."""
+FAMILY_NAMES = {
+    PISA: "PiSA-SR",
+    OMGSR: "OMGSR-style (UNet + VAE-encoder LoRA, mid timestep)",
+    HYPIR: "HYPIR-SD2 (UNet LoRA, all-stage tiles)",
+}
 TRAINING_CONFIG = "cfg.yml"
 
 
 def family_of(weights: str | Path) -> str:
-    """The model family of a ``--weights`` path: OMGSR for an adapter folder, else PiSA-SR."""
-    return OMGSR if weights and is_adapter_folder(weights) else PISA
+    """The model family of a ``--weights`` path: OMGSR for an adapter folder, HYPIR for a
+    torch file of HYPIR's LoRA keys, else PiSA-SR."""
+    from pisa_cli.models.hypir import is_hypir_weights
+
+    if weights and is_adapter_folder(weights):
+        return OMGSR
+    return HYPIR if weights and is_hypir_weights(weights) else PISA
 
 
 @dataclass(frozen=True)
