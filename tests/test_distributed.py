@@ -1,10 +1,12 @@
-"""Ranks from launcher variables, pixel-balanced shares, per-rank manifests, the --devices
-command line, and the one-line errors of a launch that cannot work."""
+"""Ranks from launcher variables (they become --shard RANK/WORLD_SIZE), --shard's shares,
+per-share manifests and reports, the --devices command line, and the one-line errors of a
+launch that cannot work."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-import typer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -12,18 +14,14 @@ from typer.testing import CliRunner
 
 from pisa_cli.batch.distributed import (
     RankEnv,
-    RankProgress,
-    join,
     parse_devices,
     pixel_weights,
     rank_device,
     rank_environment,
-    rank_timeout,
-    shard_by_weight,
 )
+from pisa_cli.batch.shard import Shard
 from pisa_cli.cli import app
-from pisa_cli.cli.progress import ranks_line
-from pisa_cli.errors import LaunchError
+from pisa_cli.errors import LaunchError, OptionsError
 from pisa_cli.imaging.manifest import MANIFEST_NAME, Manifest, manifest_name
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node0"}
@@ -83,14 +81,6 @@ def test_bad_rank_variables_are_one_clear_error(environ, message):
         rank_environment(environ)
 
 
-def test_rank_timeout():
-    assert rank_timeout({}) == 300
-    assert rank_timeout({"PISA_RANK_TIMEOUT": "12.5"}) == 12.5
-    for bad in ("0", "-3", "soon"):
-        with pytest.raises(LaunchError, match="PISA_RANK_TIMEOUT"):
-            rank_timeout({"PISA_RANK_TIMEOUT": bad})
-
-
 @pytest.mark.parametrize(
     ("requested", "gpus", "expected"),
     [
@@ -117,26 +107,38 @@ def test_parse_devices():
             parse_devices(bad)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
-    st.lists(st.integers(min_value=0, max_value=10_000_000), max_size=60),
+    st.lists(st.text(min_size=1, max_size=12).filter(lambda t: "/" not in t), max_size=40),
     st.integers(min_value=1, max_value=9),
 )
-def test_shards_hold_every_item_once_balanced_by_weight(weights, parts):
-    shares = shard_by_weight(weights, parts)
-    assert len(shares) == parts
-    assert sorted(i for share in shares for i in share) == list(range(len(weights)))
-    assert all(share == sorted(share) for share in shares)  # each rank keeps input order
-    assert shard_by_weight(list(weights), parts) == shares  # every rank computes the same
-    loads = [sum(weights[i] for i in share) for share in shares]
-    assert max(loads) - min(loads) <= max(weights, default=0)
+def test_every_output_belongs_to_exactly_one_share(names, count):
+    root = Path("/out")
+    for name in names:
+        owners = [k for k in range(count) if Shard(k, count).holds(root / name, root)]
+        assert len(owners) == 1  # decided from the name alone: every process agrees
 
 
-def test_shards_balance_pixels_not_file_counts():
-    # one 4-megapixel image weighs as much as the sixteen quarter-megapixel ones together
-    weights = [4_000_000] + [250_000] * 16
-    shares = shard_by_weight(weights, 2)
-    assert shares[0] == [0] and shares[1] == list(range(1, 17))
+def test_shards_are_even_in_count_over_many_names():
+    root = Path("/out")
+    counts = [0] * 4
+    for index in range(4000):
+        counts[next(k for k in range(4) if Shard(k, 4).holds(root / f"p{index}.png", root))] += 1
+    assert min(counts) > 900  # 1000 each on average
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("3/8", Shard(3, 8)), (" 0/1 ", Shard()), ("8/8", None), ("1/0", None), ("a/2", None)],
+)
+def test_shard_parse(text, expected):
+    if expected is None:
+        with pytest.raises(OptionsError, match="--shard"):
+            Shard.parse(text)
+    else:
+        assert Shard.parse(text) == expected
+    assert Shard(3, 8).report_path(Path("r/u.json")) == Path("r/u.shard3of8.json")
+    assert Shard().report_path(Path("u.csv")) == Path("u.csv")
 
 
 def test_pixel_weights_read_headers(tmp_path):
@@ -169,58 +171,14 @@ def test_each_rank_appends_to_its_own_manifest_read_together(tmp_path):
     assert all(again.decide(source, o).reason == "up to date" for o in outputs.values())
 
 
-def test_ranks_line_adds_up_the_ranks():
-    progress = [RankProgress(0, 6, 10, 3.0), RankProgress(1, 2, 10, 2.0)]
-    line = ranks_line(progress)
-    assert "8/20 done" in line and "3.00 img/s" in line
-    assert "rank 0 2.00, rank 1 1.00 img/s" in line
-    assert "4 s left" in line  # 12 images at 3 per second
-
-
-def test_worker_arguments_rebuild_the_command_without_devices():
-    from pisa_cli.cli.launch import worker_arguments
-
-    command = typer.main.get_command(app).commands["upscale"]  # type: ignore[attr-defined]
-    given_args = ["a.png", "-o", "out", "--devices", "cpu,cpu", "--scale", "2", "--quiet"]
-    given_args += ["--lambda-sem", "0.5", "--report", "r.json", "--recursive", "--", "-dir"]
-    context = command.make_context("upscale", given_args)
-    rebuilt = worker_arguments(context)
-    assert "--devices" not in rebuilt and "--device" not in rebuilt
-    again = command.make_context("upscale", rebuilt).params
-    for name, value in context.params.items():
-        if name not in ("devices", "device"):
-            assert again[name] == value, name
-
-
-def test_join_without_a_rendezvous_address_is_one_line(monkeypatch):
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    with pytest.raises(LaunchError, match="MASTER_ADDR and MASTER_PORT not set") as error:
-        join(RankEnv(1, 2, 1, "slurm"), "cpu", timeout=1)
-    assert "\n" not in str(error.value)
-
-
-@pytest.mark.slow
-def test_join_fails_cleanly_when_the_other_ranks_never_come(monkeypatch):
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    with pytest.raises(LaunchError, match="cannot set up the process group") as error:
-        join(RankEnv(1, 2, 0, "torchrun"), "cpu", timeout=2)  # rank 0 never starts its store
-    assert "\n" not in str(error.value)
-
-
 @pytest.mark.parametrize(
     ("args", "environ", "code", "message"),
     [
         (["--devices", "cpu,cpu", "--device", "cpu"], {}, 2, "give one or the other"),
         (["--devices", "gpu"], {}, 1, "is not a device"),
-        (["--devices", "0,1"], TORCHRUN | {"RANK": "0"}, 1, "leave it out under torchrun"),
-        ([], {"RANK": "0", "WORLD_SIZE": "2"}, 1, "MASTER_ADDR and MASTER_PORT not set"),
+        (["--devices", "0,1"], TORCHRUN | {"RANK": "0"}, 1, "run it once, not under torchrun"),
+        (["--devices", "cpu,cpu", "--shard", "0/2"], {}, 2, "give one or the other"),
+        (["--shard", "2/2"], {}, 2, "0 <= K < N"),
     ],
 )
 def test_launch_errors_from_the_command(tmp_path, monkeypatch, args, environ, code, message):
@@ -228,10 +186,74 @@ def test_launch_errors_from_the_command(tmp_path, monkeypatch, args, environ, co
         monkeypatch.delenv(name, raising=False)
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
-    if "MASTER_ADDR" in environ and args == []:
-        monkeypatch.delenv("MASTER_ADDR")
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     result = CliRunner().invoke(app, ["upscale", str(tmp_path), "-o", str(tmp_path / "o"), *args])
     assert result.exit_code == code, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.output
+
+
+def _folder(tmp_path: Path, count: int = 10) -> Path:
+    from tests.helpers import noise_image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index in range(count):
+        noise_image(8 + index, 6, index).save(folder / f"p{index}.png")
+    return folder
+
+
+@pytest.fixture
+def models(tiny_base, pisa_pkl):
+    from tests.helpers import model_args
+
+    return [*model_args(tiny_base, pisa_pkl), "--process-size", "32"]
+
+
+def test_shards_together_write_what_one_process_writes(tmp_path, monkeypatch, models):
+    import json
+
+    from tests.helpers import run_fake, visible_bytes
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_ID", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    folder = _folder(tmp_path)
+    whole = run_fake("upscale", folder, "-o", tmp_path / "whole", *models)
+    assert whole.exit_code == 0, whole.output
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    done = []
+    for index in range(3):
+        args = (folder, "-o", out, *models, "--report", report, "--shard", f"{index}/3")
+        result = run_fake("upscale", *args)
+        assert result.exit_code == 0, result.output
+        part = json.loads((tmp_path / f"r.shard{index}of3.json").read_text())
+        assert part["summary"]["shard"] == f"{index}/3"
+        done += [row["input"] for row in part["images"] if row["status"] == "done"]
+    assert not report.exists()
+    assert sorted(done) == sorted(str(path) for path in folder.iterdir())  # each once
+    assert visible_bytes(out) == visible_bytes(tmp_path / "whole")
+    assert [p.name for p in Manifest(out).files()] == [manifest_name(k) for k in range(3)]
+    parts = [tmp_path / f"r.shard{index}of3.json" for index in range(3)]
+    merged = run_fake("merge-reports", *parts, "-o", report)
+    assert merged.exit_code == 0 and "10 done, 0 skipped, 0 failed in 3 parts" in merged.output
+    payload = json.loads(report.read_text())
+    assert payload["summary"]["shards"] == ["0/3", "1/3", "2/3"]
+    assert sorted(row["input"] for row in payload["images"]) == sorted(done)
+    (tmp_path / "r.shard1of3.json").write_text("{}")
+    bad = run_fake("merge-reports", *parts, "-o", tmp_path / "m.csv")
+    assert bad.exit_code == 2 and "r.shard1of3.json: not a JSON report of pisa" in bad.output
+    again = run_fake("upscale", folder, "-o", out, *models)  # any process resumes
+    assert "10 outputs up to date" in again.output and "0 done, 10 skipped" in again.output
+
+
+def test_a_launcher_rank_runs_its_share_on_its_own(tmp_path, monkeypatch, models):
+    from tests.helpers import run_fake
+
+    for name, value in TORCHRUN.items():
+        monkeypatch.setenv(name, value)  # rank 3 of 4; no MASTER_PORT: nothing to join
+    folder, out = _folder(tmp_path), tmp_path / "out"
+    result = run_fake("upscale", folder, "-o", out, *models)
+    assert result.exit_code == 0, result.output
+    mine = [path for path in folder.iterdir() if Shard(3, 4).holds(out / path.name, out)]
+    assert f"{len(mine)} done, 0 skipped, 0 failed" in result.output
+    assert [path.name for path in Manifest(out).files()] == [manifest_name(3)]

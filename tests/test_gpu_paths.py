@@ -8,13 +8,13 @@ from __future__ import annotations
 import copy
 import logging
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pisa_cli.batch import distributed
-from pisa_cli.batch.distributed import RankEnv, join, rank_device
+from pisa_cli.batch.distributed import RankEnv, rank_device
 from pisa_cli.core import doctor
 from pisa_cli.core.latents import timed
 from pisa_cli.core.planning import plan_image
@@ -22,10 +22,9 @@ from pisa_cli.core.recovery import release_memory
 from pisa_cli.engine import color, memory, vae
 from pisa_cli.engine.denoise import predict_eps
 from pisa_cli.engine.tiles import plan_tiles
-from pisa_cli.errors import LaunchError
 from pisa_cli.models import device as devices
 from pisa_cli.models.compiled import CompiledOrEager
-from pisa_cli.options import ModelOptions, UpscaleOptions
+from pisa_cli.options import BatchOptions, ModelOptions, UpscaleOptions
 
 GIB = 2**30
 
@@ -113,20 +112,25 @@ def test_a_rank_seeing_every_gpu_takes_its_local_rank(monkeypatch):
     assert len(calls) == 1
 
 
-# --- 11. gloo for the process group, GPUs or not ----------------------------------------
-def test_the_process_group_is_gloo_on_gpus(monkeypatch):
-    backends = []
+# --- 11. no process group at all: a launcher's ranks each run their own --shard --------
+def test_a_launcher_rank_starts_no_process_group_and_makes_its_gpu_current(monkeypatch):
+    import torch.distributed as dist
 
-    def init(env, backend, host, port, wait):
-        backends.append(backend)
-        raise RuntimeError("stop here")
+    from pisa_cli.cli import launch, spec
 
-    monkeypatch.setattr(distributed, "_init_group", init)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29500")
-    with pytest.raises(LaunchError, match=r"\(gloo at 127.0.0.1:29500\)"):
-        join(RankEnv(0, 2, 0, "torchrun"), "cuda", timeout=1)
-    assert backends == ["gloo"]
+    calls = fake_gpus(monkeypatch, [(9, 0)] * 2)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a rank joined a process group")
+
+    monkeypatch.setattr(dist, "init_process_group", refuse)
+    for name, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    run = spec.UpscaleSpec((), Path("out"), ModelOptions(), UpscaleOptions(), BatchOptions())
+    run = launch.launch_of(run, torch.cuda.device_count)
+    assert (run.shard.index, run.shard.count, run.model.device) == (3, 4, "cuda:1")
+    assert calls == [("set_device", torch.device("cuda:1"))]
 
 
 # --- 5. MPS: its own free-memory figure, its queue synchronised and its cache emptied ---

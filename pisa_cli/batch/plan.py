@@ -15,6 +15,7 @@ from pathlib import Path
 from pisa_cli.batch.families import model_identity
 from pisa_cli.batch.runner import FAILED, SKIPPED, JobResult
 from pisa_cli.batch.settings import run_settings
+from pisa_cli.batch.shard import Shard
 from pisa_cli.core.planning import ImagePlan, check_pixels
 from pisa_cli.errors import ImageError, PisaError
 from pisa_cli.imaging.discover import Discovery, Job, discover
@@ -47,6 +48,8 @@ class RunPlan:
     """Why each job runs: new, settings changed, input changed, --overwrite."""
     skipped: list[JobResult] = field(default_factory=list)
     """Up-to-date outputs, and files pisa did not write (kept)."""
+    listed: int = 0
+    """Jobs the inputs hold, every share's (``found`` holds this share's only)."""
 
     @property
     def conflicts(self) -> list[JobResult]:
@@ -59,12 +62,20 @@ class RunPlan:
         return len(self.found.missing) + len(self.found.unreadable)
 
 
-def find_jobs(inputs: Sequence[Path], output: Path, batch: BatchOptions) -> RunPlan:
-    """The jobs of ``inputs`` (outputs that the manifest knows are never taken as inputs)."""
-    manifest = Manifest(output)
+def find_jobs(
+    inputs: Sequence[Path], output: Path, batch: BatchOptions, shard: Shard | None = None
+) -> RunPlan:
+    """The jobs of ``inputs`` (outputs that the manifest knows are never taken as inputs);
+    with ``shard``, only that share's (its outputs recorded in its own manifest part)."""
+    shard = shard or Shard()
+    manifest = Manifest(output, rank=shard.index)
     found = discover(inputs, output, batch=batch, exclude=manifest.outputs())
     refuse_long_names(found, output)
-    return RunPlan(found=found, manifest=manifest)
+    listed = len(found.jobs)
+    if not shard.whole:  # inputs that fail before a job (missing...) are said by every share
+        found.jobs = [job for job in found.jobs if shard.holds(job.output, output)]
+        found.conflicts = [job for job in found.conflicts if shard.holds(job.output, output)]
+    return RunPlan(found=found, manifest=manifest, listed=listed)
 
 
 TEMP_NAME_EXTRA = len(".pisa-tmp-") + 7 + 1 + 8

@@ -173,3 +173,42 @@ def write_report(path: Path, results: Iterable[Result], summary: dict, settings:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temp:
         temp.write_text(text, encoding="utf-8")
+
+
+COUNTED = ("done", "skipped", "failed", "not_done")
+
+
+def merge_reports(parts: list[Path], path: Path) -> dict:
+    """One report at ``path`` from the JSON report parts of a sharded run (``--shard K/N``:
+    ``report.shardKofN.json``): the images of all, the counts added up, the slowest share's
+    seconds. Returns the merged summary. Raises OptionsError naming a part that is not a
+    JSON report of pisa, or whose settings differ from the first part's."""
+    rows: list[dict] = []
+    summary: dict = dict.fromkeys(COUNTED, 0) | {"interrupted": False, "seconds": 0.0}
+    settings: dict | None = None
+    shards = []
+    for part in parts:
+        try:
+            payload = json.loads(part.read_text(encoding="utf-8"))
+            own, images = payload["summary"], payload["images"]
+            counts = {name: int(own[name]) for name in COUNTED}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            why = getattr(error, "strerror", None) or f"not a JSON report of pisa ({error!r})"
+            raise OptionsError(f"{part}: {why}") from None
+        if settings is None:
+            settings = payload.get("settings", {})
+        elif payload.get("settings", {}) != settings:
+            raise OptionsError(f"{part}: made with other settings than {parts[0]}")
+        for name, count in counts.items():
+            summary[name] += count
+        summary["interrupted"] = summary["interrupted"] or bool(own.get("interrupted"))
+        summary["seconds"] = max(summary["seconds"], float(own.get("seconds", 0.0)))
+        shards.append(own.get("shard", ""))
+        rows += images
+    summary["shards"] = shards
+    _check_extension(path)
+    text = WRITERS[path.suffix.lower()].render(rows, summary, settings or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temp:
+        temp.write_text(text, encoding="utf-8")
+    return summary

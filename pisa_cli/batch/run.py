@@ -14,7 +14,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,8 +38,6 @@ class Display(Protocol):
     def finished(self, result: JobResult) -> None: ...
 
     def warn(self, text: str) -> None: ...
-
-    def ranks(self, progress: list) -> None: ...
 
 
 PipelineFactory = Callable[[ModelOptions, UpscaleOptions], Any]
@@ -71,9 +68,8 @@ class Outcome:
     extra: str = ""
     """The end of the summary line (files ignored, sub-folders not searched)."""
     settings: dict = field(default_factory=dict)
-    lost_ranks: list[int] = field(default_factory=list)
-    """Ranks of a multi-process run that stopped without reporting (their images: not_done)."""
-    ranks: int = 1
+    shard: str = ""
+    """K/N when this process ran share K of N (--shard), else empty."""
     made_folder: Path | None = None
     """The topmost folder this run created for the output (-o or a parent of it): removed
     again, with the empty folders in it, if the run wrote nothing there."""
@@ -110,11 +106,6 @@ def prepare(
     return Prepared(pipeline, refused)
 
 
-Watch = Callable[[Display, Callable[[], tuple[int, float]]], AbstractContextManager]
-"""Around a run of several ranks: given the display and a function returning (images
-finished, seconds since the first started), publishes and shows every rank's progress."""
-
-
 @dataclass(frozen=True)
 class StreamSpec:
     """What a batch streams: its jobs, why each runs, what is done to each image, how
@@ -137,39 +128,48 @@ def stream(
     *,
     display: Display,
     stop: threading.Event,
-    watch: Watch | None = None,
 ) -> None:
     """Run ``spec``'s jobs (all failed at once when there is no pipeline), showing each
     result and collecting it into ``outcome``. Setting ``stop`` ends the run after the
     current image; a KeyboardInterrupt abandons it; what finished is written and kept
     either way."""
-    jobs, reasons = spec.jobs, spec.reasons
-    processed, start = 0, time.perf_counter()
-
-    def progress() -> tuple[int, float]:
-        return processed, time.perf_counter() - start
-
-    with watch(display, progress) if watch else nullcontext():
-        if prepared.pipeline is None:
-            results: Iterator[JobResult] = _refused(prepared.refused)
-        else:
-            results = run_jobs(
-                prepared.pipeline, jobs, spec.options, spec.batch, manifest=spec.manifest,
-                on_start=display.started, stop=stop,
-            )  # fmt: skip
-        while True:
-            try:
-                for result in results:
-                    result.reason = reasons.get(result.job, "")
-                    display.finished(result)
-                    outcome.results.append(result)
-                    processed += 1
-                break
-            except KeyboardInterrupt:
-                stop.set()  # keep draining: the runner yields what it finishes, then ends
-    outcome.interrupted = stop.is_set()
-    outcome.not_done = len(jobs) - processed
+    start = time.perf_counter()
+    if prepared.pipeline is None:
+        results: Iterator[JobResult] = _refused(prepared.refused)
+    else:
+        results = run_jobs(
+            prepared.pipeline, spec.jobs, spec.options, spec.batch, manifest=spec.manifest,
+            on_start=display.started, stop=stop,
+        )  # fmt: skip
+    collect(results, spec.reasons, outcome, len(spec.jobs), display=display, stop=stop)
     outcome.run_seconds = time.perf_counter() - start
+
+
+def collect(
+    results: Iterator[JobResult],
+    reasons: dict[Job, str],
+    outcome: Outcome,
+    total: int,
+    *,
+    display: Display,
+    stop: threading.Event,
+) -> None:
+    """Show each of ``results`` (of ``total`` jobs) and add it to ``outcome``, whoever ran
+    it (this process, or Ray's workers). A KeyboardInterrupt sets ``stop`` and the results
+    that still come are taken: the runner yields what it finishes, then ends."""
+    processed = 0
+    while True:
+        try:
+            for result in results:
+                result.reason = reasons.get(result.job, "")
+                display.finished(result)
+                outcome.results.append(result)
+                processed += 1
+            break
+        except KeyboardInterrupt:
+            stop.set()
+    outcome.interrupted = stop.is_set()
+    outcome.not_done = total - processed
 
 
 def _refused(refused: list[tuple[Job, str]]) -> Iterator[JobResult]:
@@ -188,16 +188,13 @@ class Summary:
 
 def summarize(outcome: Outcome) -> Summary:
     """Counts of done, skipped and failed (missing inputs too), what else to say, and the
-    exit code: 130 when interrupted, 1 when anything failed (or a rank was lost), else 0."""
+    exit code: 130 when interrupted, 1 when anything failed, else 0."""
     counts = Counter(result.status for result in outcome.results)
     counts["failed"] += outcome.failed_early
     extra = outcome.extra
-    if outcome.lost_ranks:
-        names = ", ".join(map(str, outcome.lost_ranks))
-        extra += f"; rank {names} stopped without reporting"
-    if outcome.interrupted or outcome.lost_ranks:
+    if outcome.interrupted:
         extra += f"; stopped, {outcome.not_done} not done (run again to resume)"
-    code = 1 if counts["failed"] or outcome.lost_ranks else 0
+    code = 1 if counts["failed"] else 0
     if outcome.interrupted:
         code = INTERRUPTED_EXIT
     return Summary(counts, extra, code)
@@ -216,9 +213,8 @@ def write_report(report: Path, outcome: Outcome, counts: Counter) -> str | None:
         "interrupted": outcome.interrupted,
         "seconds": round(outcome.seconds, 3),
     }
-    if outcome.ranks > 1:
-        totals["ranks"] = outcome.ranks
-        totals["lost_ranks"] = outcome.lost_ranks
+    if outcome.shard:
+        totals["shard"] = outcome.shard
     try:
         write(report, outcome.results, totals, outcome.settings)
     except OSError as error:

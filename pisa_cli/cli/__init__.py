@@ -12,6 +12,7 @@ from pisa_cli.cli.bench import bench_command
 from pisa_cli.cli.convert import convert_command
 from pisa_cli.cli.doctor import doctor_command
 from pisa_cli.cli.helptext import Command, Group
+from pisa_cli.cli.merge import merge_command
 from pisa_cli.cli.sweep import sweep_command
 from pisa_cli.cli.upscale import upscale_command
 
@@ -48,6 +49,7 @@ for name, function in (
     ("convert", convert_command),
     ("doctor", doctor_command),
     ("bench", bench_command),
+    ("merge-reports", merge_command),
 ):
     app.command(name, cls=Command)(function)
 

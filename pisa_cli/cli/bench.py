@@ -57,6 +57,7 @@ def bench_command(
     import pisa_cli.bench.coldstart
     import pisa_cli.bench.gpu
     import pisa_cli.bench.perf
+    import pisa_cli.bench.scaleout
     import pisa_cli.bench.streaming
     import pisa_cli.bench.sweep
     import pisa_cli.bench.upscale

@@ -82,9 +82,32 @@ Devices = Annotated[
     str,
     typer.Option(
         "--devices",
-        help="Run on several devices at once, one worker process each, the inputs shared by "
-        "pixel count: GPU numbers (0,1,2,3), cuda:N, or cpu,cpu for CPU workers. Under "
-        "torchrun, accelerate launch or srun leave it out: each process is one rank.",
+        help="Run on several devices of this machine at once, one worker each, on a local Ray "
+        "instance (pip install 'pisa-cli[ray]'): GPU numbers (0,1,2,3), cuda:N, or cpu,cpu "
+        "for CPU workers.",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
+Shard = Annotated[
+    str,
+    typer.Option(
+        "--shard",
+        help="Run only share K of N (0-based K/N, e.g. 3/8) of the inputs, decided from the "
+        "output names alone: for Slurm job arrays and indexed jobs. torchrun, accelerate "
+        "launch and srun ranks take --shard RANK/WORLD_SIZE by themselves.",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
+Ray = Annotated[
+    str,
+    typer.Option(
+        "--ray",
+        help="Run on Ray Data (pip install 'pisa-cli[ray]'): --ray local starts an instance "
+        "on this machine and its GPUs; --ray auto joins the cluster of RAY_ADDRESS or `ray "
+        "job submit`; --ray ADDRESS (ray://host:10001, host:6379) joins that one.",
+        metavar="local|auto|ADDRESS",
         show_default=False,
         rich_help_panel=MODEL,
     ),

@@ -1,111 +1,51 @@
-"""How `pisa upscale` is launched: alone, as one rank of torchrun / accelerate launch /
-srun (``launch_of``), or with ``--devices``, which starts those ranks itself as worker
-processes on this machine (``run_devices``)."""
+"""How `pisa upscale` is launched: alone (``--ray`` and ``--devices`` start Ray workers from
+there); or as one process of torchrun / accelerate launch / srun, which runs
+``--shard RANK/WORLD_SIZE`` on cuda:LOCAL_RANK (``launch_of``)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
+from dataclasses import replace
 
-import typer
-
-from pisa_cli.batch.distributed import RankEnv, parse_devices, rank_environment
-from pisa_cli.cli import common
-from pisa_cli.cli.signals import handling
+from pisa_cli.batch.distributed import parse_devices, rank_device, rank_environment
+from pisa_cli.batch.shard import Shard
+from pisa_cli.cli import spec
 from pisa_cli.errors import LaunchError, OptionsError
 
 
-def launch_of(devices: str, model, dry_run: bool) -> RankEnv | list[str] | None:
-    """None for a plain run; the devices to start workers on (--devices); or this process's
-    RankEnv under torchrun, accelerate launch or srun. A dry run is never distributed."""
+def launch_of(run: spec.UpscaleSpec, visible_gpus) -> spec.UpscaleSpec:
+    """``run`` as this process runs it: under torchrun, accelerate launch or srun, the
+    launcher's rank becomes ``--shard RANK/WORLD_SIZE`` on the rank's device (an explicit
+    --shard is kept), made the current device once. ``visible_gpus`` (a count) is called
+    only then. Raises OptionsError or
+    LaunchError for combinations that cannot work."""
     env = rank_environment()
-    if devices:
-        if env.distributed:
-            raise LaunchError(
-                f"--devices starts its own processes: leave it out under {env.launcher}"
-            )
-        if model.device != "auto":
-            raise OptionsError("--device and --devices: give one or the other")
-        listed = parse_devices(devices)
-        if dry_run or len(listed) == 1:
-            return None
-        return listed
-    if not env.distributed:
-        return None
-    if dry_run:
-        if env.rank != 0:
-            raise typer.Exit(0)  # rank 0 prints the plans
-        return None
-    return env
-
-
-def worker_arguments(context: typer.Context) -> list[str]:
-    """This command's arguments, rebuilt from what was parsed, without --devices and
-    --device: every worker runs the same command on its own device."""
-    options, inputs = [], []
-    for param in context.command.params:
-        value = context.params.get(param.name)
-        if param.name in ("devices", "device") or value is None:
-            continue
-        if param.param_type_name == "argument":
-            inputs = [str(item) for item in value]
-        elif getattr(param, "is_flag", False):
-            options += [param.opts[0]] if value else []
-        else:
-            options += [param.opts[0], str(value)]
-    return [*options, "--", *inputs]
-
-
-def run_devices(devices: list[str], context: typer.Context) -> None:
-    """--devices: one worker process per device, ranks of one run on this machine; exit
-    with rank 0's code. A worker that dies stops the others (as torchrun does): finished
-    images are kept, and the same command run again does the rest."""
-    arguments = worker_arguments(context)
-    port = _free_port()
-    workers = []
-    for rank, device in enumerate(devices):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(devices)))
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        command = [sys.executable, "-m", "pisa_cli", "upscale", "--device", device, *arguments]
-        # their own session: a terminal's Ctrl-C reaches them once, forwarded by us
-        workers.append(subprocess.Popen(command, env=env, start_new_session=True))
-    codes = _wait_all(workers)
-    if codes[0] < 0:
-        common.say(
-            f"error: rank 0 ({devices[0]}) ended by signal {-codes[0]}: no summary; the "
-            "images finished are kept, run the same command again to do the rest",
-            err=True,
+    if run.devices and run.model.device != "auto":
+        raise OptionsError("--device and --devices: give one or the other")
+    if run.devices:
+        parse_devices(run.devices)  # checked before anything runs
+    if run.ray and run.ray not in ("local", "auto") and ":" not in run.ray:
+        raise OptionsError(
+            f"--ray {run.ray}: expected local, auto or a cluster address (host:6379, "
+            "ray://host:10001)"
         )
-        raise typer.Exit(1)
-    if codes[0]:
-        raise typer.Exit(codes[0])
+    engine = "--ray" if run.ray else "--devices" if run.devices else ""
+    if engine and not run.shard.whole:
+        raise OptionsError(f"{engine} and --shard: give one or the other")
+    if run.devices and run.ray not in ("", "local"):
+        raise OptionsError("--devices runs on a local Ray instance: leave out --ray")
+    if not env.distributed:
+        return run
+    if engine:
+        raise LaunchError(
+            f"{engine} starts its own workers: run it once, not under {env.launcher} (whose "
+            "processes each take --shard RANK/WORLD_SIZE by themselves)"
+        )
+    if run.shard.whole:
+        run = replace(run, shard=Shard(env.rank, env.world_size))
+    device = rank_device(run.model.device, env, visible_gpus())
+    import torch
 
+    from pisa_cli.models.device import make_current
 
-def _wait_all(workers: list[subprocess.Popen]) -> list[int]:
-    """Wait for every worker, forwarding SIGINT and SIGTERM; when one fails, stop the rest."""
-
-    def forward(number: int, frame: object) -> None:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(number)
-
-    with handling(forward):
-        stopping = False
-        while any(worker.poll() is None for worker in workers):
-            failed = any(worker.poll() not in (None, 0) for worker in workers)
-            if failed and not stopping:
-                stopping = True
-                forward(signal.SIGTERM, None)
-            time.sleep(0.1)
-    return [worker.returncode for worker in workers]
-
-
-def _free_port() -> int:
-    """A TCP port free on this machine now, for rank 0's store."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    make_current(torch.device(device))
+    return replace(run, model=replace(run.model, device=device))

@@ -1,9 +1,8 @@
 """Progress display around the runner: a rich bar when stdout and stderr are terminals
 (images done / total, images per second, time left, the file in the model), plain lines
 otherwise (logs, CI), nothing but errors with --quiet. Failures and warnings are printed
-as they happen, on stderr. In a run of several ranks, rank 0's display also shows every
-rank's throughput and the time left for all of them (a second bar, or a line every
-RANKS_EVERY seconds)."""
+as they happen, on stderr. A run on Ray shows the same display, fed by the results as
+they stream back."""
 
 from __future__ import annotations
 
@@ -37,8 +36,6 @@ def escape(text: object) -> str:
 
 NAME_WIDTH = 40
 """Characters of the current file's name shown next to the bar."""
-RANKS_EVERY = 10.0
-"""Seconds between two lines on all ranks' progress in plain-line mode."""
 
 
 class Result(Protocol):
@@ -54,15 +51,6 @@ def _warnings(result: Result) -> list[str]:
     return list(getattr(result, "warnings", ()))
 
 
-class RankProgress(Protocol):
-    rank: int
-    done: int
-    total: int
-
-    @property
-    def rate(self) -> float: ...
-
-
 class Display(Protocol):
     def started(self, job: object) -> None: ...
 
@@ -71,22 +59,6 @@ class Display(Protocol):
     def finished(self, result: Result) -> None: ...
 
     def warn(self, text: str) -> None: ...
-
-    def ranks(self, progress: list[RankProgress]) -> None: ...
-
-
-def rank_rates(progress: list[RankProgress]) -> str:
-    """``rank 0 1.20, rank 1 1.10 img/s``: each rank's own throughput."""
-    return ", ".join(f"rank {p.rank} {p.rate:.2f}" for p in progress) + " img/s"
-
-
-def ranks_line(progress: list[RankProgress]) -> str:
-    """All ranks in one line: images done of all, the total rate, each rank's, time left."""
-    done = sum(p.done for p in progress)
-    total = sum(p.total for p in progress)
-    rate = sum(p.rate for p in progress)
-    eta = f"{(total - done) / rate:.0f} s left" if rate > 0 else "time left unknown"
-    return f"all ranks: {done}/{total} done, {rate:.2f} img/s ({rank_rates(progress)}), {eta}"
 
 
 def _short(text: str, width: int = NAME_WIDTH) -> str:
@@ -112,9 +84,6 @@ class QuietDisplay:
     def warn(self, text: str) -> None:
         pass
 
-    def ranks(self, progress: list[RankProgress]) -> None:
-        pass
-
 
 class LineDisplay:
     """One plain line per image, for logs: ``[3/40] done in/a.png -> out/a.png (2.1 s)``."""
@@ -122,7 +91,6 @@ class LineDisplay:
     def __init__(self, total: int):
         self.total = total
         self.count = 0
-        self.ranks_shown = 0.0
 
     def _print(self, line: str) -> None:
         print(shown(line), file=sys.stderr, flush=True)
@@ -148,16 +116,6 @@ class LineDisplay:
     def warn(self, text: str) -> None:
         self._print(f"warning: {text}")
 
-    def ranks(self, progress: list[RankProgress]) -> None:
-        if self.ranks_shown < 0:  # the final line was printed
-            return
-        now = time.monotonic()
-        total = sum(p.total for p in progress)
-        all_done = total > 0 and sum(p.done for p in progress) == total
-        if all_done or now - self.ranks_shown >= RANKS_EVERY:
-            self._print(ranks_line(progress))
-            self.ranks_shown = -1.0 if all_done else now
-
 
 class BarDisplay:
     """A rich progress bar; failures and warnings are printed above it."""
@@ -175,7 +133,6 @@ class BarDisplay:
         )
         self.progress = Progress(*columns, console=console, transient=False)
         self.task = self.progress.add_task("", total=total, rate="")
-        self.all_ranks = None
         self.start = time.perf_counter()
         self.done = 0
 
@@ -201,14 +158,6 @@ class BarDisplay:
 
     def warn(self, text: str) -> None:
         self.progress.console.print(f"[yellow]warning[/yellow] {escape(text)}", soft_wrap=True)
-
-    def ranks(self, progress: list[RankProgress]) -> None:
-        """A second bar for all ranks together: its time left is the whole run's."""
-        total = sum(p.total for p in progress)
-        if self.all_ranks is None:
-            self.all_ranks = self.progress.add_task("all ranks", total=total, rate="")
-        done = sum(p.done for p in progress)
-        self.progress.update(self.all_ranks, total=total, completed=done, rate=rank_rates(progress))
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from typing import Any
 
 import typer
 
+from pisa_cli.batch.shard import Shard
 from pisa_cli.cli import common
 from pisa_cli.options import (
     DEFAULT_MAX_PIXELS,
@@ -105,7 +106,11 @@ OUTPUTS = [
     declared("overwrite", common.Overwrite, BatchOptions),
     option("report", common.Report, None),
 ]
-RANKS = [option("devices", common.Devices, "")]
+RANKS = [
+    option("devices", common.Devices, ""),
+    option("shard", common.Shard, ""),
+    option("ray", common.Ray, ""),
+]
 RUN = [
     option("dry_run", common.DryRun, False),
     option("quiet", common.Quiet, False),
@@ -210,6 +215,9 @@ class UpscaleSpec:
     batch: BatchOptions
     report: Path | None = None
     devices: str = ""
+    shard: Shard = field(default_factory=Shard)
+    ray: str = ""
+    """Where to run on Ray: local (this machine), auto, or a cluster's address; "" for no Ray."""
     dry_run: bool = False
     quiet: bool = False
     verbose: bool = False
@@ -230,6 +238,8 @@ class UpscaleSpec:
             batch=batch_options(values),
             report=report,
             devices=values["devices"],
+            shard=Shard.parse(values["shard"]) if values["shard"] else Shard(),
+            ray=values["ray"],
             dry_run=values["dry_run"],
             quiet=values["quiet"],
             verbose=values["verbose"],

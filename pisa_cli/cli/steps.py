@@ -72,12 +72,12 @@ def plan(run: spec.UpscaleSpec) -> tuple[RunPlan, Outcome] | None:
     from pisa_cli.batch.plan import decide, find_jobs
     from pisa_cli.batch.run import Outcome
 
-    planned = find_jobs(list(run.inputs), run.output, run.batch)
+    planned = find_jobs(list(run.inputs), run.output, run.batch, run.shard)
     found = planned.found
     say_discovery(found)
     for conflict in planned.conflicts:
         common.say(f"error: {conflict.error}", err=True)
-    if not found.jobs:
+    if not planned.listed:
         common.say("error: no images to upscale in the given inputs", err=True)
         raise typer.Exit(1)
     if run.dry_run:  # exits as the run would: 1 when any input would fail
@@ -93,6 +93,7 @@ def plan(run: spec.UpscaleSpec) -> tuple[RunPlan, Outcome] | None:
     outcome = Outcome(failed_early=planned.failed_early, settings=planned.settings)
     outcome.results += planned.conflicts + planned.skipped
     outcome.extra = _extra(found)
+    outcome.shard = "" if run.shard.whole else str(run.shard)
     return planned, outcome
 
 
@@ -112,7 +113,7 @@ def prepare_output(run: spec.UpscaleSpec, outcome: Outcome) -> None:
         raise common.fail(error) from None
 
 
-def execute(run, planned: RunPlan, jobs, outcome: Outcome, load, stop, watch=None) -> None:
+def execute(run, planned: RunPlan, jobs, outcome: Outcome, load, stop) -> None:
     """Build the pipeline (exit on failure) and stream ``jobs`` with a display, Ctrl-C
     setting ``stop``."""
     from pisa_cli.batch.plan import remove_empty_folder
@@ -129,7 +130,34 @@ def execute(run, planned: RunPlan, jobs, outcome: Outcome, load, stop, watch=Non
             jobs=tuple(jobs), reasons=planned.reasons, options=run.options, batch=run.batch,
             manifest=planned.manifest,
         )  # fmt: skip
-        stream(spec, prepared, outcome, display=shown, stop=stop, watch=watch)
+        stream(spec, prepared, outcome, display=shown, stop=stop)
+
+
+def execute_on_ray(run, planned: RunPlan, outcome: Outcome, load, stop) -> None:
+    """``execute`` on Ray (--ray, --devices): the same display, fed by the workers'
+    results; no Ray at all when no image header passes the screen."""
+    from pisa_cli.batch.distributed import parse_devices
+    from pisa_cli.batch.plan import screen
+    from pisa_cli.batch.ray_run import RayTarget, run_on_ray
+
+    jobs = planned.to_run
+    if not screen(jobs, run.options, run.batch.max_pixels)[0]:
+        execute(run, planned, jobs, outcome, load, stop)  # every image fails, no model
+        return
+    devices = tuple(parse_devices(run.devices)) if run.devices else ()
+    target = RayTarget(run.ray or "local", devices)
+    plan_ = (run.model, run.options, run.batch, planned.settings, run.output)
+    with display(len(jobs), run.quiet) as shown, stop_on_signals(stop, shown.warn):
+        try:
+            run_on_ray(
+                jobs, planned.reasons, plan_, load, target, outcome, display=shown, stop=stop
+            )
+        except PisaError as error:
+            from pisa_cli.batch.plan import remove_empty_folder
+
+            if outcome.made_folder is not None:  # no cluster, no model: no folder left
+                remove_empty_folder(outcome.made_folder)
+            raise common.fail(error) from None
 
 
 def _say_skipped(planned: RunPlan, quiet: bool) -> None:
@@ -173,7 +201,7 @@ def finish(outcome: Outcome, run: spec.UpscaleSpec) -> None:
     common.say(line, err=True)
     code = result.exit_code
     if run.report is not None:
-        error = write_report(run.report, outcome, result.counts)
+        error = write_report(run.shard.report_path(run.report), outcome, result.counts)
         if error is not None:
             common.say(f"error: {error}", err=True)
             code = code or 1

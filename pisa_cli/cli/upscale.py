@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import typer
 
+from pisa_cli.batch.distributed import parse_devices
 from pisa_cli.cli import common, spec, steps
 from pisa_cli.cli.steps import execute, finish, plan, prepare_output
 from pisa_cli.errors import PisaError
@@ -30,30 +32,28 @@ def upscale_command(context: typer.Context, **values) -> None:
     made with the same settings are skipped, so an interrupted run resumes (Ctrl-C stops
     after the current image; twice abandons it). Exit code 0 when every image worked, 1
     when some failed, 2 for bad options, 3 when the model or weights cannot be loaded, 130
-    when interrupted. Under torchrun, accelerate launch or srun (or with --devices) each
-    process runs its share of the inputs and rank 0 prints the summary.
+    when interrupted. Under torchrun, accelerate launch or srun each process runs its
+    share (--shard RANK/WORLD_SIZE) and sums up its own part.
     """
     common.setup_logging(values["quiet"], values["verbose"])
     from pisa_cli.cli.launch import launch_of
 
     try:
-        run = spec.UpscaleSpec.parse(values)
-        launch = launch_of(run.devices, run.model, run.dry_run)
+        run = launch_of(spec.UpscaleSpec.parse(values), _visible_gpus)
     except PisaError as error:
         raise common.fail(error) from None
-    if launch is None or (not isinstance(launch, list) and launch.rank == 0):
-        steps.warn_unusual(run.options)  # once per run: by rank 0, not by --devices' parent
+    if run.shard.index == 0:
+        steps.warn_unusual(run.options)  # once per run: by the first share
     load = steps.pipeline_factory(context)
-    if isinstance(launch, list):
-        from pisa_cli.cli.launch import run_devices
+    if run.devices and len(devices := parse_devices(run.devices)) == 1:  # no engine for one
+        run = replace(run, devices="", model=replace(run.model, device=devices[0]))
+    upscale(run, load)
 
-        run_devices(launch, context)
-    elif launch is not None:
-        from pisa_cli.cli.ranks import upscale_as_rank
 
-        upscale_as_rank(launch, run, load)
-    else:
-        upscale(run, load)
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def upscale(run: spec.UpscaleSpec, load: PipelineFactory) -> None:
@@ -66,6 +66,9 @@ def upscale(run: spec.UpscaleSpec, load: PipelineFactory) -> None:
     if plan_.to_run:
         prepare_output(run, outcome)
         stop = threading.Event()
-        execute(run, plan_, plan_.to_run, outcome, load, stop)
+        if run.ray or run.devices:
+            steps.execute_on_ray(run, plan_, outcome, load, stop)
+        else:
+            execute(run, plan_, plan_.to_run, outcome, load, stop)
     outcome.seconds = time.perf_counter() - start
     finish(outcome, run)
