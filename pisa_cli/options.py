@@ -124,8 +124,8 @@ class TileOptions:
         "the reference's (PiSA-SR 32; OMGSR-style and HYPIR-SD2 half the tile).",
         auto=True,
     )
-    """Must be smaller than the tile. Auto: PiSA-SR's 32 is cut to a third of an automatic
-    tile; OMGSR-style takes half the tile, as its script."""
+    """Must be smaller than the tile. Auto: the family's (PiSA-SR: 32, cut to a third of an
+    automatic tile; the square tiling: half the tile, as its script)."""
     vae_encoder_tile: int | None = described(
         AUTO,
         "VAE encoder tile side in image pixels: larger images are encoded in bands "
@@ -261,7 +261,8 @@ class UpscaleOptions:
         "UNet timestep: OMGSR-style (default: its folder's, else 273, OMGSR-S's), "
         "HYPIR-SD2 (model_t = coeff_t, default 200); PiSA-SR runs at t = 1.",
     )
-    """None: the one an OMGSR-style folder records, else 273; PiSA-SR takes none."""
+    """None: the family's (the one its weights record, else its default); PiSA-SR runs at
+    t = 1 and takes none."""
     tiles: TileOptions = field(default_factory=TileOptions)
     """Tile sizes for the UNet and the VAE."""
     second_pass: SecondPassOptions = field(default_factory=SecondPassOptions)
