@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pisa_cli.models.synthetic import save_random_base
-from tests.helpers import write_adapter_folder, write_official_checkpoint, write_second_lora
+from tests.builders import write_adapter_folder, write_official_checkpoint, write_second_lora
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import model_args, noise_image, run_fake, run_on, visible
+from tests.builders import noise_image
+from tests.fakes import run_fake, run_on
+from tests.helpers import model_args, visible
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from pisa_cli.core.random import random_pipeline
 from pisa_cli.engine import vae
 from pisa_cli.imaging.discover import discover
 from pisa_cli.options import BatchOptions, SecondPassOptions, TileOptions, UpscaleOptions
-from tests.helpers import FakePipeline, noise_image, ramp16, run_on, save_png16
+from tests.builders import noise_image, ramp16, save_png16
+from tests.fakes import FakePipeline, run_on
 
 OPTIONS = UpscaleOptions(process_size=64)
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
@@ -400,3 +401,24 @@ def test_the_last_batches_report_as_they_finish(tmp_path):
         ("start", "img03.png"),
         ("done", "img03.png"),
     ]
+
+
+def test_a_pipeline_and_its_batcher_do_not_hold_each_other():
+    """A pipeline let go is freed at once (no cycle through its batcher for gc to find),
+    while what its batches learned stays with it."""
+    import gc
+    import weakref
+
+    from pisa_cli.core.batching import BatchedPipeline
+
+    pipe = random_pipeline("tiny", torch.device("cpu"), torch.bfloat16)
+    assert isinstance(pipe, BatchedPipeline)  # all the batcher asks of it, by the Protocol
+    pipe.batcher.limits[(96, 80)] = 1  # as an image batch out of memory leaves it
+    assert pipe.batcher.limits == {(96, 80): 1}  # a new batcher, the pipeline's memory
+    ref = weakref.ref(pipe)
+    gc.disable()
+    try:
+        del pipe
+        assert ref() is None, "the pipeline is kept alive by a reference cycle"
+    finally:
+        gc.enable()

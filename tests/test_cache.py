@@ -13,7 +13,7 @@ from pisa_cli import load_pipeline
 from pisa_cli.models import cache
 from pisa_cli.models.lora import PisaUNet
 from pisa_cli.options import UpscaleOptions
-from tests.helpers import noise_image
+from tests.builders import noise_image
 
 
 @pytest.fixture

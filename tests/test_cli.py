@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import model_args, noise_image, run, run_fake, visible
+from tests.builders import noise_image
+from tests.fakes import run_fake
+from tests.helpers import model_args, run, visible
 
 FIXED_OPTIONS = [
     "--output",

@@ -11,7 +11,7 @@ import torch
 from pisa_cli.models import compiled
 from pisa_cli.models.compiled import CompiledOrEager
 from pisa_cli.options import UpscaleOptions
-from tests.helpers import noise_image
+from tests.builders import noise_image
 
 
 def test_compiler_missing_at_build_time(monkeypatch, caplog):

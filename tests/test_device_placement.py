@@ -23,8 +23,8 @@ from pisa_cli.models import cache
 from pisa_cli.options import SecondPassOptions, TileOptions, UpscaleOptions
 from pisa_cli.sweep.core import Sweeper
 from pisa_cli.sweep.grid import GridPoint
+from tests.builders import noise_image, ramp16
 from tests.fakedevice import DeviceMismatch, NoFloat64, is_on_device, on_fake_device
-from tests.helpers import noise_image, ramp16
 
 BASE = UpscaleOptions(process_size=64)
 TILED_VAE = TileOptions(vae_encoder_tile=64, vae_decoder_tile=8)

@@ -194,7 +194,7 @@ def test_launch_errors_from_the_command(tmp_path, monkeypatch, args, environ, co
 
 
 def _folder(tmp_path: Path, count: int = 10) -> Path:
-    from tests.helpers import noise_image
+    from tests.builders import noise_image
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -213,7 +213,8 @@ def models(tiny_base, pisa_pkl):
 def test_shards_together_write_what_one_process_writes(tmp_path, monkeypatch, models):
     import json
 
-    from tests.helpers import run_fake, visible_bytes
+    from tests.fakes import run_fake
+    from tests.helpers import visible_bytes
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_ID", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
@@ -247,7 +248,7 @@ def test_shards_together_write_what_one_process_writes(tmp_path, monkeypatch, mo
 
 
 def test_a_launcher_rank_runs_its_share_on_its_own(tmp_path, monkeypatch, models):
-    from tests.helpers import run_fake
+    from tests.fakes import run_fake
 
     for name, value in TORCHRUN.items():
         monkeypatch.setenv(name, value)  # rank 3 of 4; no MASTER_PORT: nothing to join

@@ -24,7 +24,8 @@ from pisa_cli.cli import app
 from pisa_cli.imaging.discover import discover
 from pisa_cli.imaging.names import FORMULA_STARTS, csv_cell, safe_stem, shown
 from pisa_cli.options import UpscaleOptions
-from tests.helpers import FakePipeline, noise_image, run_on
+from tests.builders import noise_image
+from tests.fakes import FakePipeline, run_on
 
 SUMMARY = re.compile(r"^\d+ done, \d+ skipped, \d+ failed")
 

@@ -20,7 +20,9 @@ from pisa_cli.imaging.discover import discover
 from pisa_cli.imaging.manifest import MANIFEST_NAME, Manifest
 from pisa_cli.imaging.names import shown
 from pisa_cli.options import BatchOptions
-from tests.helpers import FakePipeline, noise_image, run_on, visible
+from tests.builders import noise_image
+from tests.fakes import FakePipeline, run_on
+from tests.helpers import visible
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from pisa_cli.cli import app
 from pisa_cli.errors import WeightsError
 from pisa_cli.models.adapters import load_adapter_folder
-from tests.helpers import noise_image, run_on
+from tests.builders import noise_image
+from tests.fakes import run_on
 
 UNET, VAE = "unet_lora_adapter", "vae_encoder_lora_adapter"
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"

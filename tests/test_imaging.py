@@ -21,7 +21,7 @@ from pisa_cli.imaging.discover import discover
 from pisa_cli.imaging.io import read_picture, read_size, write_output
 from pisa_cli.imaging.modes import Pixels, compose
 from pisa_cli.options import BatchOptions, WriteOptions
-from tests.helpers import ICC, noise_image, ramp16, save_png16
+from tests.builders import ICC, noise_image, ramp16, save_png16
 
 # --- discovery ---------------------------------------------------------------------------
 

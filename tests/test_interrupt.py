@@ -12,14 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import (
-    check_partial_then_rerun,
-    environment,
-    noise_image,
-    pisa,
-    temporaries,
-    visible_bytes,
-)
+from tests.builders import noise_image
+from tests.helpers import check_partial_then_rerun, environment, pisa, temporaries, visible_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = 16

@@ -11,7 +11,7 @@ import pytest
 
 import pisa_cli.core.pipeline as pipeline_module
 from pisa_cli.options import UpscaleOptions
-from tests.helpers import noise_image
+from tests.builders import noise_image
 
 MIB = 2**20
 

@@ -105,3 +105,39 @@ def test_the_checks_see_a_circle_and_a_wrong_way_import(tmp_path, monkeypatch):
         AssertionError, match=r"pisa_cli\.cli\.b -> pisa_cli\.core\.a -> pisa_cli\.cli\.b"
     ):
         test_no_import_circle()
+
+
+def _declared(kind: type) -> dict[str, list[str]]:
+    """Module-level definitions of ``kind`` (ast.ClassDef, ast.FunctionDef) by name: the
+    modules that define each."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, kind):
+                found.setdefault(node.name, []).append(module_name(path))  # type: ignore[attr-defined]
+    return found
+
+
+def test_each_protocol_is_declared_once():
+    """One Display, one Result: a second protocol of the same name drifts from the first."""
+    protocols = {
+        node.name
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.parse(path.read_text(encoding="utf-8")).body
+        if isinstance(node, ast.ClassDef)
+        and any(getattr(base, "id", "") == "Protocol" for base in node.bases)
+    }
+    classes = _declared(ast.ClassDef)
+    twice = {name: classes[name] for name in protocols if len(classes[name]) > 1}
+    assert twice == {}
+
+
+def test_each_public_function_name_is_declared_once():
+    """A name says what its function does: two module-level functions of one name (two
+    ``write_report``, two ``random_pipeline``...) are two things a reader confuses."""
+    twice = {
+        name: modules
+        for name, modules in _declared(ast.FunctionDef).items()
+        if len(modules) > 1 and not name.startswith("_")
+    }
+    assert twice == {}

@@ -10,7 +10,7 @@ import pytest
 
 import pisa_cli.imaging.manifest as manifest_module
 from pisa_cli.imaging.manifest import MANIFEST_NAME, Manifest
-from tests.helpers import noise_image
+from tests.builders import noise_image
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pisa_cli import UpscaleOptions
 from pisa_cli.batch.runner import run_jobs
 from pisa_cli.imaging.discover import Job
 from pisa_cli.options import BatchOptions, WriteOptions
-from tests.helpers import ICC, noise_image, ramp16, save_png16
+from tests.builders import ICC, noise_image, ramp16, save_png16
 
 OPTIONS = UpscaleOptions(process_size=32)
 

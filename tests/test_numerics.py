@@ -16,7 +16,8 @@ from pisa_cli.engine import vae as vae_module
 from pisa_cli.errors import NonFiniteError, OutOfMemoryError
 from pisa_cli.imaging.manifest import MANIFEST_NAME, Manifest
 from pisa_cli.options import BatchOptions, UpscaleOptions
-from tests.helpers import model_args, noise_image, run
+from tests.builders import noise_image
+from tests.helpers import model_args, run
 from tests.test_runner import make_inputs
 
 OPTIONS = UpscaleOptions(process_size=64)

@@ -12,7 +12,8 @@ from diffusers import AutoencoderKL
 from pisa_cli import load_pipeline
 from pisa_cli.models.adapters import OMGSR, PISA, load_adapter_folder
 from pisa_cli.options import SecondPassOptions, TileOptions, UpscaleOptions
-from tests.helpers import assert_close, noise_image, write_adapter_folder
+from tests.builders import noise_image, write_adapter_folder
+from tests.helpers import assert_close
 from tests.omgsr_reference import load_omgsr_reference, omgsr_upscale
 from tests.reference import load_reference, reference_upscale
 

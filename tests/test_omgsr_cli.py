@@ -18,7 +18,7 @@ from pisa_cli import load_pipeline
 from pisa_cli.cli import app
 from pisa_cli.imaging.manifest import MANIFEST_NAME
 from pisa_cli.options import SecondPassOptions, UpscaleOptions
-from tests.helpers import noise_image
+from tests.builders import noise_image
 
 runner = CliRunner()
 

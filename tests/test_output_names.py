@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from tests.helpers import FakePipeline, noise_image, run_on
+from tests.builders import noise_image
+from tests.fakes import FakePipeline, run_on
 
 STEM = "a" * 251  # + ".png": 255 bytes, the longest name most file systems allow
 

@@ -9,7 +9,8 @@ from PIL import Image
 from pisa_cli import TileOptions, UpscaleOptions
 from pisa_cli.core.latents import to_image
 from pisa_cli.engine.denoise import combine_eps
-from tests.helpers import assert_close, noise_image
+from tests.builders import noise_image
+from tests.helpers import assert_close
 from tests.reference import load_reference, reference_upscale
 
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from pisa_cli.imaging.io import read_picture, read_size
-from tests.helpers import FakePipeline, noise_image, ramp16, run_on, save_png16
+from tests.builders import noise_image, ramp16, save_png16
+from tests.fakes import FakePipeline, run_on
 
 
 @pytest.fixture

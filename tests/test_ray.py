@@ -25,7 +25,9 @@ from pisa_cli.errors import WeightsError
 from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.manifest import Manifest
 from pisa_cli.options import BatchOptions, ModelOptions, UpscaleOptions
-from tests.helpers import FakePipeline, noise_image, ramp16, run_on, visible_bytes
+from tests.builders import noise_image, ramp16
+from tests.fakes import FakePipeline, run_on
+from tests.helpers import visible_bytes
 
 OPTIONS = UpscaleOptions(scale=2)
 
@@ -253,7 +255,7 @@ def ray_instance():
     ray = pytest.importorskip("ray", reason="the ray extra is not installed (pisa-cli[ray])")
     saved = dict(os.environ)
     root = str(Path(__file__).parents[1])
-    # the workers import pisa_cli and tests.helpers (the fakes) from this checkout
+    # the workers import pisa_cli and tests.fakes from this checkout
     os.environ["PYTHONPATH"] = os.pathsep.join(
         part for part in (root, os.environ.get("PYTHONPATH", "")) if part
     )
@@ -379,7 +381,7 @@ TWO_NODES = """
 import sys
 from pathlib import Path
 from ray.cluster_utils import Cluster
-from tests.helpers import run_on
+from tests.fakes import run_on
 from tests.test_ray import NodeRecorder
 folder, out, nodes, *weights = sys.argv[1:]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})

@@ -15,7 +15,8 @@ from pisa_cli.engine import vae as vae_module
 from pisa_cli.errors import OutOfMemoryError
 from pisa_cli.models.device import is_out_of_memory
 from pisa_cli.options import TileOptions, UpscaleOptions
-from tests.helpers import assert_close, noise_image
+from tests.builders import noise_image
+from tests.helpers import assert_close
 
 OPTIONS = UpscaleOptions(process_size=64)
 
@@ -199,10 +200,10 @@ def test_every_allocation_failure_halves_and_retries_each_stage(pipeline, monkey
 
 @pytest.mark.parametrize("message", FLAVOURS)
 def test_every_allocation_failure_halves_an_image_batch(pipeline, monkeypatch, message):
-    import pisa_cli.core.batching as batching
+    import pisa_cli.core.recovery as recovery
     from pisa_cli.core.batching import Batcher, Member
 
-    monkeypatch.setattr(batching, "release_memory", lambda: None)
+    monkeypatch.setattr(recovery, "release_memory", lambda: None)
     batcher = Batcher(pipeline)
     stage = pipeline.stages(OPTIONS)[0]
     members = [Member(noise_image(24, 20, seed)) for seed in range(2)]
@@ -339,3 +340,48 @@ def test_an_fp32_redo_out_of_memory_is_let_go_before_converting_back_and_halves(
     assert at_restore and all(at_restore), "the fp32 run's tensors held while converting back"
     assert decoded.eq(0).all() and next(model.parameters()).dtype == torch.bfloat16
     assert any("VAE decoder out of memory at the whole latent" in note for note in notes)
+
+
+# --- the one halving-retry loop (issue 21.3) ------------------------------------------------
+
+
+def test_retry_halving_halves_on_memory_and_hands_back_other_failures(monkeypatch):
+    import pisa_cli.core.recovery as recovery
+    from pisa_cli.core.recovery import Failure, NotFinite, retry_halving
+
+    released: list[int] = []
+    monkeypatch.setattr(recovery, "release_memory", lambda: released.append(1))
+
+    tried: list[int] = []
+
+    def run(size):
+        tried.append(size)
+        if size > 2:
+            raise RuntimeError(FLAVOURS[0])
+        return f"held at {size}"
+
+    halved: list[int] = []
+
+    def halve(size):
+        halved.append(size)
+        return size // 2
+
+    assert retry_halving(run, 8, halve) == ("held at 2", 2)
+    assert tried == [8, 4, 2] and halved == [8, 4] and len(released) == 2
+    assert retry_halving(run, 8, lambda size: None) == (Failure.MEMORY, 8)  # nothing smaller
+
+    def overflow(_size):
+        raise NotFinite("UNet")
+
+    def bug(_size):
+        raise ValueError("a bug")
+
+    caught = frozenset(Failure)
+    assert retry_halving(overflow, 4, halve, caught) == (Failure.NOT_FINITE, 4)
+    seen: list[tuple[str, int]] = []
+    outcome = retry_halving(bug, 4, halve, caught, lambda e, size: seen.append((str(e), size)))
+    assert outcome == (Failure.ERROR, 4) and seen == [("a bug", 4)]
+    with pytest.raises(ValueError):  # not a failure it recovers from: raised as it is
+        retry_halving(bug, 4, halve)
+    with pytest.raises(NotFinite):
+        retry_halving(overflow, 4, halve)

@@ -20,7 +20,8 @@ from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.io import write_output
 from pisa_cli.imaging.manifest import MANIFEST_NAME, Manifest
 from pisa_cli.options import BatchOptions, WriteOptions
-from tests.helpers import FakeResult, noise_image
+from tests.builders import noise_image
+from tests.fakes import FakeResult
 
 OPTIONS = UpscaleOptions(process_size=32)
 

@@ -18,14 +18,8 @@ import pytest
 from PIL import Image
 
 from pisa_cli.imaging.manifest import Manifest
-from tests.helpers import (
-    check_partial_then_rerun,
-    environment,
-    noise_image,
-    pisa,
-    temporaries,
-    visible_bytes,
-)
+from tests.builders import noise_image
+from tests.helpers import check_partial_then_rerun, environment, pisa, temporaries, visible_bytes
 
 SIZES = [(24, 20), (40, 32), (16, 16), (56, 40), (24, 24), (32, 20), (20, 28), (48, 36)]
 IMAGES = 16

@@ -18,7 +18,7 @@ from pisa_cli.models.checkpoint import LoraLayer, load_checkpoint
 from pisa_cli.models.lora import PisaUNet
 from pisa_cli.models.second_lora import load_second_lora
 from pisa_cli.options import SecondPassOptions, UpscaleOptions
-from tests.helpers import noise_image, second_lora_unet, write_second_lora
+from tests.builders import noise_image, second_lora_unet, write_second_lora
 
 
 def tudsr(path, **kw) -> UpscaleOptions:

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from pisa_cli import TileOptions, UpscaleOptions, load_pipeline
-from pisa_cli.core.batching import AUTO_IMAGE_BATCH
+from pisa_cli.core.batching import AUTO_IMAGE_BATCH, BatchState
 from pisa_cli.core.loading import merged_variant
 from pisa_cli.sweep.core import BASIS, Sweeper, blend_basis
 from pisa_cli.sweep.grid import GridPoint, parse_grid, plan_options
-from tests.helpers import assert_close, noise_image, run_on
+from tests.builders import noise_image
+from tests.fakes import run_on
+from tests.helpers import assert_close
 
 
 def load_as_sweep(tiny_base, pisa_pkl, dtype: str):
@@ -117,7 +119,7 @@ def test_several_points_per_decoder_call_where_memory_allows(sweep_pipeline, mon
 def test_decoder_out_of_memory_halves_the_points_per_call(sweep_pipeline, monkeypatch):
     decode = sweep_pipeline.decode
     tried = []
-    monkeypatch.setattr(sweep_pipeline.batcher, "limits", {})  # restored after the test
+    monkeypatch.setattr(sweep_pipeline, "batch_state", BatchState())  # restored after the test
 
     def small_memory(latents, *args, **kwargs):
         tried.append(latents.shape[0])

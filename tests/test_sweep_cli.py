@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from pisa_cli.cli import app
 from pisa_cli.models.device import resolve_dtype
 from pisa_cli.sweep.metrics import psnr_y, ssim_y
-from tests.helpers import noise_image
+from tests.builders import noise_image
 
 runner = CliRunner()
 GRID = "pix=0,1 sem=0,0.5,1"
@@ -243,7 +243,8 @@ def test_points_keep_the_input_mode_as_upscale_does(tiny_base, pisa_pkl, tmp_pat
     # grey stays grey, alpha is upscaled apart and kept, 16 bits stay 16 bits: each point's
     # file is the one `pisa upscale` writes at its lambdas (the same model: bit for bit)
     from pisa_cli.core.random import random_pipeline
-    from tests.helpers import ramp16, run_on, save_png16
+    from tests.builders import ramp16, save_png16
+    from tests.fakes import run_on
 
     pipe = random_pipeline("tiny", torch.device("cpu"), torch.bfloat16, merged="pix")
     photos = tmp_path / "in"

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pisa_cli.errors import OptionsError
 from pisa_cli.sweep.metrics import MetricSet, best_points, parse_metrics, psnr_y, ssim_y, y_channel
-from tests.helpers import noise_image
+from tests.builders import noise_image
 
 
 def pair(seed: int = 0, size=(37, 29)) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from pisa_cli.cli import app
 from pisa_cli.sweep.core import BASIS, blend_basis
 from pisa_cli.sweep.grid import LambdaGrid
 from pisa_cli.sweep.viewer import build_viewer
-from tests.helpers import noise_image
+from tests.builders import noise_image
 
 ARTIFACTS = Path(
     os.environ.get("PISA_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts")

@@ -182,7 +182,7 @@ def screen(
     return [], refused
 
 
-def prepare_output(output: Path, batch: BatchOptions) -> Path | None:
+def make_output_folder(output: Path, batch: BatchOptions) -> Path | None:
     """Create the output folder and prove it writable, before any model loads; remove what
     killed runs left there. Returns the topmost folder this call created (``output`` or a
     parent of it; None when ``output`` existed). Raises OutputFolderError."""

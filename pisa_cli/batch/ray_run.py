@@ -24,9 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pisa_cli.batch.display import Display
 from pisa_cli.batch.distributed import pixel_weights
 from pisa_cli.batch.ray_worker import ATTEMPTS, Ledger, UpscaleWorker, job_rows, result_from_json
-from pisa_cli.batch.run import Display, Outcome, PipelineFactory, collect
+from pisa_cli.batch.run import Outcome, PipelineFactory, collect
 from pisa_cli.batch.runner import FAILED, JobResult
 from pisa_cli.errors import LaunchError, PisaError
 from pisa_cli.imaging.discover import Job

@@ -18,11 +18,14 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from pisa_cli.errors import OptionsError
 from pisa_cli.fsutil import atomic_path, kind_of, probe_writable
 from pisa_cli.imaging.names import csv_cell, shown
+
+if TYPE_CHECKING:
+    from pisa_cli.batch.runner import JobResult  # what a report is made of
 
 STAGES = ("read", "preprocess", "text", "encode", "unet", "decode", "color", "compose", "write")
 COLUMNS = (
@@ -46,22 +49,6 @@ COLUMNS = (
 )
 
 
-class Result(Protocol):
-    """The fields of runner.JobResult a report reads."""
-
-    job: object
-    status: str
-    error: str
-    reason: str
-    seconds: float
-    input_size: tuple[int, int] | None
-    output_size: tuple[int, int] | None
-    input_mode: str
-    timings: dict[str, float]
-    notes: list[str]
-    batch: int
-
-
 def _bytes(path: Path) -> int | None:
     try:
         return path.stat().st_size
@@ -69,7 +56,7 @@ def _bytes(path: Path) -> int | None:
         return None
 
 
-def image_row(result: Result) -> dict[str, object]:
+def image_row(result: JobResult) -> dict[str, object]:
     """One image's line of the report (flat: the CSV's columns)."""
     source, output = result.job.source, result.job.output  # type: ignore[attr-defined]
     input_size = result.input_size or (None, None)
@@ -163,7 +150,7 @@ def _check_extension(path: Path) -> None:
         raise OptionsError(f"--report {path}: the name must end in .json or .csv")
 
 
-def write_report(path: Path, results: Iterable[Result], summary: dict, settings: dict) -> None:
+def write_report(path: Path, results: Iterable[JobResult], summary: dict, settings: dict) -> None:
     """Write the report atomically (raises OSError when it cannot be written, which
     ``check_report_path`` made unlikely before the run)."""
     _check_extension(path)

@@ -3,7 +3,7 @@ stream through it to a display, and what happened is summed up (counts, the summ
 the exit code, the report).
 
 The display, the stop flag and the pipeline factory are arguments: the CLI passes a
-progress bar, a flag its signal handlers set, and ``core.loading.load_pipeline``; tests
+progress bar, a flag its signal handlers set, and ``build_run_pipeline``; tests
 pass fakes.
 """
 
@@ -16,8 +16,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from pisa_cli.batch.display import Display
 from pisa_cli.batch.plan import screen
 from pisa_cli.batch.runner import FAILED, JobResult, run_jobs
 from pisa_cli.imaging.discover import Job
@@ -30,21 +31,11 @@ INTERRUPTED_EXIT = 130
 """Exit code after Ctrl-C, as shells expect (128 + SIGINT)."""
 
 
-class Display(Protocol):
-    """What the batch tells as it goes (the CLI's progress bar, plain lines, or nothing)."""
-
-    def started(self, job: Job) -> None: ...
-
-    def finished(self, result: JobResult) -> None: ...
-
-    def warn(self, text: str) -> None: ...
-
-
 PipelineFactory = Callable[[ModelOptions, UpscaleOptions], Any]
 """Builds a run's pipeline from its model and upscale options (may raise PisaError)."""
 
 
-def load_pipeline(model: ModelOptions, options: UpscaleOptions):
+def build_run_pipeline(model: ModelOptions, options: UpscaleOptions):
     """The real factory: ``core.loading.build`` of the run's PipelineSpec."""
     from pisa_cli.core.loading import PipelineSpec, build
 
@@ -89,7 +80,7 @@ def prepare(
     model: ModelOptions,
     options: UpscaleOptions,
     batch: BatchOptions,
-    load: PipelineFactory = load_pipeline,
+    load: PipelineFactory = build_run_pipeline,
 ) -> Prepared:
     """Build the pipeline, unless no image header passes the check (``plan.screen``:
     unreadable, not images, too large): then every image fails at once, without a model.
@@ -200,10 +191,10 @@ def summarize(outcome: Outcome) -> Summary:
     return Summary(counts, extra, code)
 
 
-def write_report(report: Path, outcome: Outcome, counts: Counter) -> str | None:
+def write_run_report(report: Path, outcome: Outcome, counts: Counter) -> str | None:
     """Write ``--report`` (``counts``: the summary's); the error line when it cannot be
     written, else None."""
-    from pisa_cli.batch.report import write_report as write
+    from pisa_cli.batch.report import write_report
 
     totals = {
         "done": counts["done"],
@@ -216,7 +207,7 @@ def write_report(report: Path, outcome: Outcome, counts: Counter) -> str | None:
     if outcome.shard:
         totals["shard"] = outcome.shard
     try:
-        write(report, outcome.results, totals, outcome.settings)
+        write_report(report, outcome.results, totals, outcome.settings)
     except OSError as error:
         return f"{report}: cannot write the report ({error.strerror or error})"
     return None

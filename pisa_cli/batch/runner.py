@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from pisa_cli.core.planning import check_pixels
-from pisa_cli.errors import describe_error as describe
+from pisa_cli.errors import describe_error
 from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.io import read_picture, write_output
 from pisa_cli.imaging.manifest import Manifest
@@ -179,7 +179,7 @@ def _admit(
     result = entry.result
     result.timings["read"] = loaded.seconds
     if loaded.error is not None:
-        result.error = describe_error(result.job, loaded.error)
+        result.error = describe_error(result.job.source, loaded.error)
         _closed(result)
         entry.ready = True
         return None
@@ -236,7 +236,7 @@ def _upscale(
     for waiting, outcome in zip(group, outcomes, strict=True):
         result = waiting.entry.result
         if isinstance(outcome, Exception):
-            result.error = describe_error(result.job, outcome)
+            result.error = describe_error(result.job.source, outcome)
             _closed(result)
             done.append((waiting, None))
             continue
@@ -285,7 +285,7 @@ def _complete(result: JobResult, future: Future) -> None:
     try:
         written: _Written = future.result()
     except Exception as error:
-        result.error = describe_error(result.job, error)
+        result.error = describe_error(result.job.source, error)
     else:
         result.status = DONE
         result.output_size = written.output_size
@@ -299,8 +299,3 @@ def _complete(result: JobResult, future: Future) -> None:
 def _closed(result: JobResult) -> JobResult:
     result.seconds = sum(result.timings.values())
     return result
-
-
-def describe_error(job: Job, error: BaseException) -> str:
-    """One line naming the job's file and what went wrong (``errors.describe_error``)."""
-    return describe(job.source, error)

@@ -144,11 +144,11 @@ def folder_figure(device: torch.device, dtype: torch.dtype) -> list[Row]:
     the GPU's idle time: wall time outside the model stages (reading, preprocessing, colour
     fix, writing not hidden behind the model calls)."""
     from pisa_cli.bench.perf import _measure, _peaks
-    from pisa_cli.bench.upscale import random_pipeline, run_folder
+    from pisa_cli.bench.upscale import random_sd21_pipeline, run_folder
 
     rows: list[Row] = []
     peaks = {"bf16": _peaks(device)["bf16"]}
-    pipeline = random_pipeline(device, dtype)
+    pipeline = random_sd21_pipeline(device, dtype)
     options = UpscaleOptions()
     run_folder([], "warm-up", "", pipeline, [128] * 4, options, BatchOptions())
     sizes = [128] * FOLDER_IMAGES

@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 
 from pisa_cli.bench import Row, scenario
-from pisa_cli.bench.upscale import random_pipeline, run_folder
+from pisa_cli.bench.upscale import random_sd21_pipeline, run_folder
 from pisa_cli.models.device import synchronize
 from pisa_cli.models.synthetic import config_dir
 from pisa_cli.options import BatchOptions, UpscaleOptions
@@ -115,7 +115,7 @@ def default_128(device: torch.device, dtype: torch.dtype) -> list[Row]:
     after one warm-up image."""
     rows: list[Row] = []
     peaks = _peaks(device)
-    pipeline = random_pipeline(device, dtype)
+    pipeline = random_sd21_pipeline(device, dtype)
     options = UpscaleOptions()
     run_folder([], "warm-up", "", pipeline, [128], options)
     _measure(rows, "default-128", f"3 x 128->512 {dtype}", pipeline, [128] * 3, options, peaks)
@@ -128,7 +128,7 @@ def adjustable_128(device: torch.device, dtype: torch.dtype) -> list[Row]:
     """128->512 with lambdas (1, 0.5): both UNet passes in one batch, vs the default mode."""
     rows: list[Row] = []
     peaks = _peaks(device)
-    pipeline = random_pipeline(device, dtype, merged="pix")
+    pipeline = random_sd21_pipeline(device, dtype, merged="pix")
     default, adjustable = UpscaleOptions(), UpscaleOptions(lambda_sem=0.5)
     run_folder([], "warm-up", "", pipeline, [128], adjustable)
     first = _measure(rows, "adjustable-128", "default (1, 1)", pipeline, [128] * 2, default, peaks)
@@ -144,7 +144,7 @@ def folder_8(device: torch.device, dtype: torch.dtype) -> list[Row]:
     """A folder of 8 images 128->512 through the runner: throughput and MFU."""
     rows: list[Row] = []
     peaks = _peaks(device)
-    pipeline = random_pipeline(device, dtype)
+    pipeline = random_sd21_pipeline(device, dtype)
     options = UpscaleOptions()
     run_folder([], "warm-up", "", pipeline, [128], options)
     row = _measure(rows, "folder-8", f"8 x 128->512 {dtype}", pipeline, [128] * 8, options, peaks)
@@ -164,7 +164,7 @@ def folder_32(device: torch.device, dtype: torch.dtype) -> list[Row]:
 
     rows: list[Row] = []
     peaks = _peaks(device)
-    pipeline = random_pipeline(device, dtype)
+    pipeline = random_sd21_pipeline(device, dtype)
     options = UpscaleOptions()
     auto = Batcher(pipeline).size(pipeline.plan((128, 128), options), None)
     cases: dict[str, int | None] = {"--image-batch 1": 1, f"--image-batch auto ({auto})": None}
@@ -196,7 +196,7 @@ def precision(device: torch.device, dtype: torch.dtype) -> list[Row]:
     rows: list[Row] = []
     outputs, plain, seconds = {}, {}, {}
     for case in (torch.float32, dtype):
-        pipeline = random_pipeline(device, case)
+        pipeline = random_sd21_pipeline(device, case)
         options = UpscaleOptions()
         run_folder([], "warm-up", "", pipeline, [128], options)
         image = Image.open(_sample_path(128))

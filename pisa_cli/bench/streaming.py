@@ -35,13 +35,6 @@ WRITER_PAUSE = 0.5
 CASES = {"in turn (no threads)": (0, 0), "streamed (2 ahead, 2 behind)": (2, 2)}
 
 
-def tiny_pipeline(device: torch.device, dtype: torch.dtype) -> PisaPipeline:
-    """The tiny random model (as `pisa doctor`'s self-test builds it)."""
-    from pisa_cli.core.random import random_pipeline
-
-    return random_pipeline("tiny", device, dtype)
-
-
 class TimedPipeline:
     """The pipeline, queueing each image's model time for the slow writer."""
 
@@ -71,8 +64,10 @@ def slow_writer(model_seconds: queue.Queue, fraction: float = WRITER_PAUSE):
 def streaming(device: torch.device, dtype: torch.dtype, images: int = IMAGES) -> list[Row]:
     """32 images, tiny model, slow writer: wall time vs the sum of model time, in turn and
     streamed."""
+    from pisa_cli.core.random import random_pipeline
+
     rows: list[Row] = []
-    pipeline = tiny_pipeline(device, dtype)
+    pipeline = random_pipeline("tiny", device, dtype)  # as `pisa doctor`'s self-test builds it
     pipeline.upscale_with_info(noise_photo(SIZE, 99), OPTIONS)  # warm-up
     with tempfile.TemporaryDirectory(prefix="pisa-bench-streaming-") as folder:
         inputs = Path(folder) / "in"

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pisa_cli.bench import Row, measured, scenario
-from pisa_cli.bench.upscale import noise_photo, random_pipeline
+from pisa_cli.bench.upscale import noise_photo, random_sd21_pipeline
 from pisa_cli.options import UpscaleOptions
 from pisa_cli.sweep.core import BASIS, Sweeper, blend_basis
 from pisa_cli.sweep.grid import parse_grid, plan_options
@@ -25,7 +25,7 @@ def sweep_5x5(device: torch.device, dtype: torch.dtype) -> list[Row]:
     """5x5 lambdas on a 128x128 photo: exact sweep and 3-basis blend vs 25 upscales."""
     rows: list[Row] = []
     options = UpscaleOptions()
-    pipeline = random_pipeline(device, dtype, merged=_merged(options))
+    pipeline = random_sd21_pipeline(device, dtype, merged=_merged(options))
     image, grid = noise_photo(SIZE), parse_grid(GRID)
     pipeline.embed(options.prompt)  # every case encodes the prompt once per run: not timed
     sweeper = Sweeper(pipeline, options)

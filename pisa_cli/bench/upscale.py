@@ -31,7 +31,7 @@ def shared_pipelines() -> Iterator[None]:
         _SHARED = None
 
 
-def random_pipeline(
+def random_sd21_pipeline(
     device: torch.device, dtype: torch.dtype, merged: str = "pisa", second_rank: int = 0
 ) -> PisaPipeline:
     """The full SD 2.1-base architecture with random weights and a random PiSA-SR LoRA (and
@@ -94,7 +94,7 @@ def run_folder(
 def upscale_large(device: torch.device, dtype: torch.dtype) -> list[Row]:
     """A 512x512 photo to 2048x2048 with the automatic plan: wall time and peak memory."""
     rows: list[Row] = []
-    pipeline = random_pipeline(device, dtype)
+    pipeline = random_sd21_pipeline(device, dtype)
     options = UpscaleOptions()
     plan = pipeline.plan((512, 512), options)
     row = run_folder(rows, "upscale-512-2048", "512->2048 auto plan", pipeline, [512], options)
@@ -107,7 +107,7 @@ def upscale_large(device: torch.device, dtype: torch.dtype) -> list[Row]:
 def second_pass(device: torch.device, dtype: torch.dtype) -> list[Row]:
     """64x64 -> 512x512 as x4 (PiSA-SR) then x2 (a rank-32 second LoRA): time per stage."""
     rows: list[Row] = []
-    pipeline = random_pipeline(device, dtype, merged="second", second_rank=32)
+    pipeline = random_sd21_pipeline(device, dtype, merged="second", second_rank=32)
     second = SecondPassOptions(kind="tudsr", weights="(random)")
     options = UpscaleOptions(second_pass=second)
     run_folder(rows, "second-pass", "64->256->512 x4+x2", pipeline, [64], options)

@@ -11,7 +11,6 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
 
 from rich.console import Console
 from rich.markup import escape as escape_markup
@@ -25,6 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from pisa_cli.batch.display import Display, Result
 from pisa_cli.imaging.names import shown
 
 
@@ -38,27 +38,8 @@ NAME_WIDTH = 40
 """Characters of the current file's name shown next to the bar."""
 
 
-class Result(Protocol):
-    status: str
-    error: str
-    seconds: float
-
-    @property
-    def job(self) -> object: ...
-
-
 def _warnings(result: Result) -> list[str]:
     return list(getattr(result, "warnings", ()))
-
-
-class Display(Protocol):
-    def started(self, job: object) -> None: ...
-
-    def show(self, name: str) -> None: ...
-
-    def finished(self, result: Result) -> None: ...
-
-    def warn(self, text: str) -> None: ...
 
 
 def _short(text: str, width: int = NAME_WIDTH) -> str:

@@ -27,9 +27,9 @@ def pipeline_factory(context: typer.Context | None):
     obj = context.obj if context is not None else None
     if isinstance(obj, dict) and obj.get("pipeline_factory") is not None:
         return obj["pipeline_factory"]
-    from pisa_cli.batch.run import load_pipeline
+    from pisa_cli.batch.run import build_run_pipeline
 
-    return load_pipeline
+    return build_run_pipeline
 
 
 def warn_unusual(options: UpscaleOptions, lambdas: list[tuple[str, float]] | None = None) -> None:
@@ -100,15 +100,14 @@ def plan(run: spec.UpscaleSpec) -> tuple[RunPlan, Outcome] | None:
 def prepare_output(run: spec.UpscaleSpec, outcome: Outcome) -> None:
     """Create and probe the output folder before the model loads (exit 1 when it cannot
     be written, or its manifest is not a file we can append to)."""
-    from pisa_cli.batch.plan import OutputFolderError
-    from pisa_cli.batch.plan import prepare_output as prepare
+    from pisa_cli.batch.plan import OutputFolderError, make_output_folder
     from pisa_cli.imaging.manifest import manifest_problem
 
     try:
         problem = manifest_problem(run.output)
         if problem is not None:
             raise OutputFolderError(problem)
-        outcome.made_folder = prepare(run.output, run.batch)
+        outcome.made_folder = make_output_folder(run.output, run.batch)
     except PisaError as error:
         raise common.fail(error) from None
 
@@ -189,7 +188,7 @@ def finish(outcome: Outcome, run: spec.UpscaleSpec) -> None:
     """The summary line, the report, an empty output folder this run made removed, and the
     exit code."""
     from pisa_cli.batch.plan import remove_empty_folder
-    from pisa_cli.batch.run import summarize, write_report
+    from pisa_cli.batch.run import summarize, write_run_report
 
     if outcome.made_folder is not None:
         remove_empty_folder(outcome.made_folder)
@@ -201,7 +200,7 @@ def finish(outcome: Outcome, run: spec.UpscaleSpec) -> None:
     common.say(line, err=True)
     code = result.exit_code
     if run.report is not None:
-        error = write_report(run.shard.report_path(run.report), outcome, result.counts)
+        error = write_run_report(run.shard.report_path(run.report), outcome, result.counts)
         if error is not None:
             common.say(f"error: {error}", err=True)
             code = code or 1

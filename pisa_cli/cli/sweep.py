@@ -195,12 +195,12 @@ def _settings(run: spec.SweepSpec):
 
 
 def _run(jobs, run: spec.SweepSpec, settings, metric_names, load) -> Counter:
-    from pisa_cli.batch.plan import prepare_output, remove_empty_folder, screen
+    from pisa_cli.batch.plan import make_output_folder, remove_empty_folder, screen
     from pisa_cli.options import BatchOptions
     from pisa_cli.sweep.grid import plan_options
 
     try:
-        made = prepare_output(run.output, BatchOptions())
+        made = make_output_folder(run.output, BatchOptions())
     except PisaError as error:
         raise common.fail(error) from None
     try:

@@ -20,21 +20,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from pisa_cli.core.latents import Encoded, Latents, UpscaleResult, as_rgb, timed, to_tensor
 from pisa_cli.core.passes import Stage
 from pisa_cli.core.planning import ImagePlan
-from pisa_cli.core.recovery import finite, release_memory
+from pisa_cli.core.recovery import Failure, NotFinite, finite, retry_halving
 from pisa_cli.engine import memory, vae
+from pisa_cli.engine.tiles import TilePlan
 from pisa_cli.imaging.deep import DeepImage
 from pisa_cli.imaging.resize import upsample_input
-from pisa_cli.models.device import is_out_of_memory
 from pisa_cli.options import UpscaleOptions
 
 log = logging.getLogger(__name__)
+
+ANY_FAILURE = frozenset(Failure)
+"""What a batch of images recovers from: any failure runs its images alone."""
+NOT_ERRORS = frozenset({Failure.MEMORY, Failure.NOT_FINITE})
+"""What a batch of sweep points recovers from: another error is the image's."""
 
 AUTO_IMAGE_BATCH = 16
 """Images per call at most with ``--image-batch auto`` on an accelerator."""
@@ -43,11 +48,6 @@ CPU_IMAGE_BATCH = 1
 2 cores, AMX CPU): 4 images per call ran at the speed of 1 (the UNet gains 9 %, the VAE
 nothing, and the look-ahead holds images back), and in bf16 a CPU runs samples one by one
 anyway (``engine.vae.one_by_one``)."""
-
-
-class NotFinite(Exception):
-    """A batched pass gave inf or NaN: its images are run alone, where the stage that
-    overflows is redone in fp32 (or the image fails, in fp32 already)."""
 
 
 @dataclass
@@ -72,26 +72,83 @@ class Member:
         )
 
 
-class Batcher:
-    """Groups images for a pipeline and runs groups through its passes."""
+@runtime_checkable
+class BatchedPipeline(Protocol):
+    """What the batcher asks of a pipeline (a ``PisaPipeline``; this module is below it)."""
 
-    def __init__(self, pipeline):  # a PisaPipeline (this module is below it)
-        self.pipeline = pipeline
-        self.limits: dict[tuple[int, int], int] = {}
-        """The most images per call for a model input size, since a batch of that size ran
-        out of memory (a second pass's larger images do not cap the first pass's)."""
-        self.warned = False
+    device: torch.device
+    widths: memory.Widths
+    vae_factor: int
+    batch_state: BatchState
 
-    def shrink(self, plan: ImagePlan, failed: int, unit: str, stage: str = "") -> str:
-        """After a call of ``failed`` images (or points) of ``plan`` ran out of memory, out of
-        its except block: the memory released, half that many per call for images of its
-        size from now on; the note that says so (logged)."""
-        release_memory()
+    def stages(self, options: UpscaleOptions) -> list[Stage]: ...
+    def plan(
+        self,
+        size: tuple[int, int],
+        options: UpscaleOptions,
+        variants: tuple[str, ...] | None = None,
+        tiling: str = "stablesr",
+    ) -> ImagePlan: ...
+    def run_stage(
+        self, image: Any, stage: Stage, timings: dict[str, float], notes: list[str]
+    ) -> tuple[Any, ImagePlan]: ...
+    def embed(self, prompt: str) -> torch.Tensor: ...
+    def pad(self, image: torch.Tensor) -> torch.Tensor: ...
+    def generator(self, options: UpscaleOptions) -> torch.Generator | None: ...
+    def vae_for(self, encoder: str) -> torch.nn.Module: ...
+    def predict(
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        variants: tuple[str, ...],
+        tiles: TilePlan,
+        tile_batch: int = 1,
+        timestep: int = ...,
+    ) -> dict[str, torch.Tensor]: ...
+    def step(
+        self, latents: torch.Tensor, eps: dict[str, torch.Tensor], stage: Stage
+    ) -> torch.Tensor: ...
+    def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor: ...
+    def decode_latents(
+        self, z_high: torch.Tensor, latents: Latents, timings: dict[str, float], notes: list[str]
+    ) -> torch.Tensor: ...
+    def finish_image(self, decoded: torch.Tensor, latents: Latents, method: str) -> Any: ...
+
+
+@dataclass
+class BatchState:
+    """What a pipeline's batches learned, kept between its calls (held by the pipeline;
+    a ``Batcher`` lives for one call)."""
+
+    limits: dict[tuple[int, int], int] = field(default_factory=dict)
+    """The most images per call for a model input size, since a batch of that size ran
+    out of memory (a second pass's larger images do not cap the first pass's)."""
+    warned: bool = False
+    """Whether a batch that failed (not for memory) was said."""
+
+    def shrink(self, plan: ImagePlan, failed: int, unit: str, stage: str = "") -> tuple[str, int]:
+        """After a call of ``failed`` images (or points) of ``plan`` ran out of memory (the
+        memory released): half that many per call for images of its size from now on; the
+        note that says so (logged), and that half."""
         half = max(1, failed // 2)
         self.limits[plan.model_size] = min(self.limits.get(plan.model_size, half), half)
         note = f"{stage}out of memory with {failed} {unit} per call; {half} from now on"
         log.warning(note)
-        return note
+        return note, half
+
+
+class Batcher:
+    """Groups images for a pipeline and runs groups through its passes, for one call: what
+    outlives it is in ``state`` (the pipeline's)."""
+
+    def __init__(self, pipeline: BatchedPipeline, state: BatchState | None = None):
+        self.pipeline = pipeline
+        self.state = state if state is not None else BatchState()
+
+    @property
+    def limits(self) -> dict[tuple[int, int], int]:
+        """``BatchState.limits``."""
+        return self.state.limits
 
     def plan(self, image: Any, stage: Stage) -> ImagePlan:
         return self.pipeline.plan(image.size, stage.options, stage.variants, stage.tiling)
@@ -154,7 +211,7 @@ class Batcher:
                     member.error = _let_go(error)
                     continue
                 key = self.key(plan, stage)
-                alone = ("alone", id(member))
+                alone = id(member)  # an int: never equal to a key (a tuple)
                 groups.setdefault(alone if key is None else key, []).append((member, plan))
             for group in groups.values():
                 self.run(group, stage, index == 0, requested)
@@ -169,46 +226,41 @@ class Batcher:
     ) -> None:
         """One pass over ``group``, ``size`` images at a time: together; on out of memory
         in halves (and so on for the rest); on any other error each image alone."""
+
+        def halve(chunk: list[tuple[Member, ImagePlan]]) -> list[tuple[Member, ImagePlan]] | None:
+            note, half = self.state.shrink(chunk[0][1], len(chunk), "images")
+            for member, _plan in chunk:
+                member.notes.append(note)
+            return chunk[:half] if half > 1 else None  # one image: alone, with its retries
+
         while group:
             size = self.size(group[0][1], requested) if len(group) > 1 else 1
-            chunk, group = group[:size], group[size:]
-            if len(chunk) == 1:
-                self.alone(chunk[0][0], stage)
+            if size == 1:
+                self.alone(group[0][0], stage)
+                group = group[1:]
                 continue
-            failure = self.attempt(chunk, stage, first)
-            if failure is None:
-                continue
-            if failure == "memory":
-                note = self.shrink(chunk[0][1], len(chunk), "images")
+            outcome, chunk = retry_halving(
+                lambda chunk: self.together(chunk, stage, first),
+                group[:size],
+                halve,
+                ANY_FAILURE,
+                self.warn,
+            )
+            group = group[len(chunk) :]
+            if isinstance(outcome, Failure):
                 for member, _plan in chunk:
-                    member.notes.append(note)
-                group = chunk + group
-                continue
-            release_memory()  # out of the except block: the failed call's tensors are gone
-            for member, _plan in chunk:
-                self.alone(member, stage)
+                    self.alone(member, stage)
 
-    def attempt(
-        self, chunk: list[tuple[Member, ImagePlan]], stage: Stage, first: bool
-    ) -> str | None:
-        """``together`` over ``chunk``: None when it held, else why not (memory, finite,
-        error); what it held is released when this returns."""
-        try:
-            self.together(chunk, stage, first)
-        except NotFinite:
-            return "finite"
-        except Exception as error:
-            if is_out_of_memory(error):
-                return "memory"
-            if not self.warned:
-                log.warning(
-                    "a batch of %d images failed (%s); its images run alone (said once per run)",
-                    len(chunk),
-                    str(error),  # the text: a record kept by a handler keeps no tensors
-                )
-                self.warned = True
-            return "error"
-        return None
+    def warn(self, error: Exception, chunk: list[tuple[Member, ImagePlan]]) -> None:
+        """Said once per run: a batch failed (not for lack of memory) and its images run
+        alone."""
+        if not self.state.warned:
+            log.warning(
+                "a batch of %d images failed (%s); its images run alone (said once per run)",
+                len(chunk),
+                str(error),  # the text: a record kept by a handler keeps no tensors
+            )
+            self.state.warned = True
 
     def alone(self, member: Member, stage: Stage) -> None:
         """One image through the pass, with the single image's recoveries."""
@@ -298,7 +350,9 @@ def _let_go(error: Exception) -> Exception:
 
 
 @torch.inference_mode()
-def decode_together(pipe, z_high: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+def decode_together(
+    pipe: BatchedPipeline, z_high: torch.Tensor, sizes: list[tuple[int, int]]
+) -> list[torch.Tensor]:
     """The (1, 3, H, W) images in [0, 1] of ``z_high`` from one decoder call, each cropped
     to its (H, W) in ``sizes`` (raises NotFinite on inf or NaN)."""
     height, width = z_high.shape[-2:]
@@ -309,35 +363,34 @@ def decode_together(pipe, z_high: torch.Tensor, sizes: list[tuple[int, int]]) ->
 
 
 def decode_points(
-    pipe, z_high: torch.Tensor, latents: Latents, notes: list[str]
+    pipe: BatchedPipeline, z_high: torch.Tensor, latents: Latents, notes: list[str]
 ) -> tuple[list[torch.Tensor], int]:
     """The decoded images (cropped, in [0, 1]) of several latents of one image (a sweep's
     grid points), like ``Batcher.run``: together; in halves when memory runs out (and so
     on for the image's size); one by one with the single image's recoveries when a low
     precision overflows; (images, the fewest latents that went through one call)."""
-    batcher, plan = pipe.batcher, latents.plan
+    state, plan = pipe.batch_state, latents.plan
+
+    def halve(chunk: torch.Tensor) -> torch.Tensor | None:
+        note, half = state.shrink(plan, chunk.shape[0], "points", "VAE decoder ")
+        notes.append(note)
+        return chunk[:half] if half > 1 else None  # one latent: alone, with its retries
+
+    def together(chunk: torch.Tensor) -> list[torch.Tensor]:
+        return decode_together(pipe, chunk, [latents.encoded.size] * chunk.shape[0])
+
     images: list[torch.Tensor] = []
     held, rest = z_high.shape[0], z_high
     while rest.shape[0]:
-        size = min(rest.shape[0], batcher.limits.get(plan.model_size, rest.shape[0]))
-        chunk, rest = rest[:size], rest[size:]
-        failure = "alone" if size == 1 else None
-        if failure is None:
-            try:
-                images += decode_together(pipe, chunk, [latents.encoded.size] * size)
-            except NotFinite:
-                failure = "finite"
-            except Exception as error:
-                if not is_out_of_memory(error):
-                    raise
-                failure = "memory"
-        if failure is None:
-            held = min(held, size)
-            continue
-        if failure == "memory":
-            notes.append(batcher.shrink(plan, size, "points", "VAE decoder "))
-            rest = torch.cat([chunk, rest])
-            continue
-        images += [pipe.decode_latents(z, latents, {}, notes) for z in chunk.split(1)]
-        held = 1
+        size = min(rest.shape[0], state.limits.get(plan.model_size, rest.shape[0]))
+        chunk, outcome = rest[:size], None
+        if size > 1:
+            outcome, chunk = retry_halving(together, chunk, halve, NOT_ERRORS)
+        rest = rest[chunk.shape[0] :]
+        if size > 1 and not isinstance(outcome, Failure):
+            images += outcome
+            held = min(held, chunk.shape[0])
+        else:  # one latent, or a batch that failed: each alone, with its own recoveries
+            images += [pipe.decode_latents(z, latents, {}, notes) for z in chunk.split(1)]
+            held = 1
     return images, held

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import secrets
-from functools import cached_property, partial
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pisa_cli.core.batching import Batcher, BatchState
 from pisa_cli.core.latents import (
     Encoded,
     Latents,
@@ -72,6 +73,8 @@ class PisaPipeline:
             vae_factor=self.vae_factor,
         )
         self.guard = StageGuard(self.vae, dtype, unet)
+        self.batch_state = BatchState()
+        """What batches of this pipeline learned (images per call that fit), for the next."""
         steps = len(scheduler.alphas_cumprod)  # type: ignore[attr-defined]
         self.passes = passes or Passes(timesteps=steps, has_second="second" in unet.variants)
         """What each pass runs (families, timesteps), decided by what was loaded."""
@@ -255,11 +258,11 @@ class PisaPipeline:
         return result, latents.plan
 
     # --- several images at once (``core.batching``) ------------------------------------
-    @cached_property
-    def batcher(self):
-        from pisa_cli.core.batching import Batcher
-
-        return Batcher(self)
+    @property
+    def batcher(self) -> Batcher:
+        """A batcher for one call (it holds this pipeline; this pipeline holds only its
+        ``batch_state``: no reference cycle)."""
+        return Batcher(self, self.batch_state)
 
     def batching(self, image: Image.Image, options: UpscaleOptions, requested: int | None):
         """(key, size): images of equal keys may share model calls, ``size`` at a time (a

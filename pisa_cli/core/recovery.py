@@ -10,15 +10,19 @@ logged and noted in the result.
 A failed attempt is let go before the memory is released and the stage retried: its
 exception (and the traceback that holds its tensors) is gone by then, and the error raised
 in its place carries no context.
+
+``retry_halving`` is the one loop that does this, for a stage's tiles here and for the
+images (or sweep points) per call of ``batching``; ``Failure`` names why an attempt failed.
 """
 
 from __future__ import annotations
 
+import enum
 import gc
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -31,9 +35,81 @@ from pisa_cli.options import MIN_LATENT_TILE, MIN_VAE_DECODER_TILE, MIN_VAE_ENCO
 log = logging.getLogger(__name__)
 
 
+State = TypeVar("State")
+Result = TypeVar("Result")
+
+
+class Failure(enum.Enum):
+    """Why an attempt failed, as ``retry_halving`` reports it."""
+
+    MEMORY = "memory"
+    """Out of memory (CUDA, MPS or the CPU allocator): retried smaller."""
+    NOT_FINITE = "not finite"
+    """A batched call gave inf or NaN (``NotFinite``): its items are run alone, where the
+    stage that overflows is redone in fp32."""
+    ERROR = "error"
+    """Any other error of a batched call: its items are run alone, so only the guilty fails."""
+
+
+class NotFinite(Exception):
+    """A batched pass gave inf or NaN: its images are run alone, where the stage that
+    overflows is redone in fp32 (or the image fails, in fp32 already)."""
+
+
+MEMORY_ONLY = frozenset({Failure.MEMORY})
+
+
 def release_memory() -> None:
     gc.collect()
     empty_caches()
+
+
+def retry_halving(
+    run: Callable[[State], Result],
+    state: State,
+    halve: Callable[[State], State | None],
+    caught: frozenset[Failure] = MEMORY_ONLY,
+    on_error: Callable[[Exception, State], None] | None = None,
+) -> tuple[Result | Failure, State]:
+    """``run(state)`` until it holds: (its result, the state it held at). Out of memory
+    runs it again at ``halve(state)`` (which notes the change, or raises when nothing
+    smaller is worth trying); ``halve`` giving None, or a failure of another kind in
+    ``caught``, ends it: (the failure, the state that failed). Failures not in ``caught``
+    raise. ``on_error(error, state)`` sees an ERROR before it is let go (keep no reference to it).
+
+    Every failure is let go before the memory is released (out of the except block, its
+    traceback and the tensors it holds are gone), and before ``halve`` runs."""
+    while True:
+        outcome = _attempt(run, state, caught, on_error)
+        if not isinstance(outcome, Failure):
+            return outcome, state
+        release_memory()
+        smaller = halve(state) if outcome is Failure.MEMORY else None
+        if smaller is None:
+            return outcome, state
+        state = smaller
+
+
+def _attempt(
+    run: Callable[[State], Result],
+    state: State,
+    caught: frozenset[Failure],
+    on_error: Callable[[Exception, State], None] | None,
+) -> Result | Failure:
+    """``run(state)``, or the kind of its failure (when in ``caught``; else it raises)."""
+    try:
+        return run(state)
+    except NotFinite:
+        if Failure.NOT_FINITE not in caught:
+            raise
+        return Failure.NOT_FINITE
+    except Exception as error:
+        kind = Failure.MEMORY if is_out_of_memory(error) else Failure.ERROR
+        if kind not in caught:
+            raise
+        if kind is Failure.ERROR and on_error is not None:
+            on_error(error, state)
+        return kind
 
 
 def finite(*tensors: torch.Tensor) -> bool:
@@ -144,24 +220,19 @@ class StageGuard:
         describe: Callable[[ImagePlan], str],
         notes: list[str],
     ) -> tuple[Any, ImagePlan]:
-        while True:
-            try:
-                return run(plan), plan
-            except Exception as error:
-                if not is_out_of_memory(error):
-                    raise
-            # out of the except block: the failed attempt and its traceback are gone
-            release_memory()
-            smaller = shrink(plan)
+        def halve(current: ImagePlan) -> ImagePlan:
+            smaller = shrink(current)
             if smaller is None:
                 raise OutOfMemoryError(
-                    f"out of memory in the {stage} even at {describe(plan)}; free memory "
+                    f"out of memory in the {stage} even at {describe(current)}; free memory "
                     "on the device or upscale a smaller image"
                 )
-            note = f"{stage} out of memory at {describe(plan)}; retried at {describe(smaller)}"
+            note = f"{stage} out of memory at {describe(current)}; retried at {describe(smaller)}"
             log.warning(note)
             notes.append(note)
-            plan = smaller
+            return smaller
+
+        return retry_halving(run, plan, halve)  # halve raises rather than give up
 
     def _finite(
         self,
