@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from pisa_cli.errors import OptionsError
 
@@ -28,21 +29,50 @@ def _check(condition: bool, message: str) -> None:
         raise OptionsError(message)
 
 
+def described(default: Any, help: str, *, auto: bool = False) -> Any:
+    """A field that is a command-line option: its default and its ``--help`` text, declared
+    here once (``cli.spec`` reads both). ``auto``: None stands for a value chosen per image,
+    written ``auto`` on the command line."""
+    return field(default=default, metadata={"help": help, "auto": auto})
+
+
+def help_of(options: type, name: str) -> str:
+    """The ``--help`` text of the option that ``options``'s field ``name`` is."""
+    return next(item for item in fields(options) if item.name == name).metadata["help"]
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """Where the models come from and where they run."""
 
-    base_model: str = ""
-    """Hub id or local diffusers folder of SD 2.1-base; empty: $PISA_BASE_MODEL, else the mirror."""
-    weights: str = ""
-    """Path to ``pisa_sr.pkl`` or our safetensors, or another family's weights (the
-    family follows the weights); empty: $PISA_WEIGHTS, else the default place."""
-    device: str = "auto"
-    """``auto`` (CUDA, then MPS, then CPU), ``cuda``, ``cuda:N``, ``mps`` or ``cpu``."""
-    dtype: str = "auto"
-    """Compute precision: ``auto``, ``fp32``, ``fp16`` or ``bf16``."""
-    compile: bool = False
-    """Run the UNet and the VAE through torch.compile (eager again wherever that fails)."""
+    base_model: str = described(
+        "",
+        f"SD 2.1-base: a Hugging Face hub id or a local diffusers folder "
+        f"(default: {DEFAULT_BASE_MODEL}).",
+    )
+    """Empty: $PISA_BASE_MODEL, else the mirror."""
+    weights: str = described(
+        "",
+        "The model's weights, which pick its family: PiSA-SR's pisa_sr.pkl or a "
+        ".safetensors from `pisa convert`, an OMGSR-style folder holding unet_lora_adapter/ "
+        "and vae_encoder_lora_adapter/ (OMGSR-S, TUDSR's LoRA-1), or HYPIR_sd2.pth "
+        "(default: pisa_sr.safetensors or pisa_sr.pkl in ~/.cache/pisa-cli/).",
+    )
+    """Empty: $PISA_WEIGHTS, else the default place."""
+    device: str = described(
+        "auto", "auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu."
+    )
+    dtype: str = described(
+        "auto",
+        "Compute precision: auto (bf16 where the GPU or CPU has it natively, else fp16 "
+        "on GPUs and fp32 on CPUs), fp32, fp16, bf16. Use fp32 to compare with the "
+        "reference script.",
+    )
+    compile: bool = described(
+        False,
+        "Compile the UNet and VAE with torch.compile (slow first image, faster after; "
+        "falls back to normal execution where compiling fails).",
+    )
 
     def __post_init__(self) -> None:
         device = self.device.split(":")[0]
@@ -81,20 +111,36 @@ def parse_tile(name: str, value: str | int | None) -> int | None:
 class TileOptions:
     """How big the pieces are that go through the UNet and the VAE at once (None = auto)."""
 
-    latent_tile: int | None = AUTO
-    """Side of a UNet tile in latent pixels (8 image pixels each). Auto: the reference's 96
-    when it fits in memory, smaller when not."""
-    latent_overlap: int | None = AUTO
-    """Overlap of neighbouring UNet tiles in latent pixels; must be smaller than the tile.
-    Auto: the family's (PiSA-SR: 32, cut to a third of an automatic tile; the square
-    tiling: half the tile, as its script)."""
-    vae_encoder_tile: int | None = AUTO
-    """VAE encoder tile side in image pixels; larger images are encoded in bands of rows
-    holding at most this many pixels' activations. Auto: whole image when it fits."""
-    vae_decoder_tile: int | None = AUTO
-    """VAE decoder tile side in latent pixels, with the same meaning as the encoder's."""
-    tile_batch: int | None = AUTO
-    """UNet tiles per call. Auto: as many as fit in memory (at most 8)."""
+    latent_tile: int | None = described(
+        AUTO,
+        "UNet tile side in latent pixels (1 latent pixel = 8 image pixels); latents of "
+        "up to tile x tile pixels are not tiled. auto: the reference's (PiSA-SR 96; "
+        "OMGSR-style process-size/8), smaller only when memory is short.",
+        auto=True,
+    )
+    latent_overlap: int | None = described(
+        AUTO,
+        "Overlap of UNet tiles in latent pixels, blended with Gaussian weights. auto: "
+        "the reference's (PiSA-SR 32; OMGSR-style and HYPIR-SD2 half the tile).",
+        auto=True,
+    )
+    """Must be smaller than the tile. Auto: the family's (PiSA-SR: 32, cut to a third of an
+    automatic tile; the square tiling: half the tile, as its script)."""
+    vae_encoder_tile: int | None = described(
+        AUTO,
+        "VAE encoder tile side in image pixels: larger images are encoded in bands "
+        "holding at most a tile's activations, with the same result. auto: the whole image "
+        "when it fits in memory.",
+        auto=True,
+    )
+    vae_decoder_tile: int | None = described(
+        AUTO,
+        "VAE decoder tile side in latent pixels, like --vae-encoder-tile.",
+        auto=True,
+    )
+    tile_batch: int | None = described(
+        AUTO, "UNet tiles per call. auto: as many as fit in memory (at most 8).", auto=True
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -136,16 +182,24 @@ SECOND_PASSES = ("none", "tudsr", "pisa")
 class SecondPassOptions:
     """An optional x2 pass after the x4 one (TUDSR-style: x8 as x4 then x2)."""
 
-    kind: str = "none"
-    """none; tudsr (a second LoRA on the same backbone); pisa (PiSA-SR again, a fallback)."""
-    weights: str = ""
-    """The second pass's LoRA: a peft adapter folder, a diffusers LoRA .safetensors, or an
-    adapter folder with a UNet and a VAE-encoder LoRA."""
-    timestep: int | None = None
-    """UNet timestep of the second pass; None: the one stored in the LoRA file (the
-    family's default when it records none)."""
-    prompt: str = ""
-    """Prompt of the second pass (tudsr)."""
+    kind: str = described(
+        "none",
+        "After the x4 pass, one more x2 pass: tudsr (a second LoRA on the same backbone, "
+        "TUDSR-style; needs --second-pass-weights) or pisa (PiSA-SR again on its own output, "
+        "a fallback without extra weights); none by default.",
+    )
+    weights: str = described(
+        "",
+        "LoRA of the tudsr pass: a peft adapter folder (adapter_config.json + "
+        "adapter_model.safetensors), a diffusers LoRA .safetensors, or an OMGSR-style "
+        "folder (unet_lora_adapter/ + vae_encoder_lora_adapter/).",
+    )
+    timestep: int | None = described(
+        None,
+        "UNet timestep of the tudsr pass (default: the one stored in the LoRA file; "
+        "an OMGSR-style folder without one: 273).",
+    )
+    prompt: str = described("", "Prompt of the tudsr pass.")
 
     def __post_init__(self) -> None:
         _check(
@@ -171,33 +225,48 @@ class SecondPassOptions:
 class UpscaleOptions:
     """What one upscale does to an image; the same for every image of a run."""
 
-    scale: int = 4
-    """Output size over input size (the model is trained for 4)."""
-    process_size: int = 512
-    """Inputs with a short side below process_size / scale are enlarged first, then shrunk back."""
-    lambda_pix: float = 1.0
-    """Strength of the pixel-level LoRA (fidelity)."""
-    lambda_sem: float = 1.0
-    """Strength of the semantic-level LoRA (generated detail)."""
-    color_fix: str = "adain"
-    """Colour correction against the bicubic upsampled input: adain, wavelet or none."""
-    prompt: str = ""
-    """Text prompt for the UNet; the model was trained with the empty prompt."""
-    vae_sample: bool = False
-    """Sample the VAE latent instead of taking its mean (the reference samples)."""
-    seed: int | None = None
-    """Seed for --vae-sample; None draws a fresh one."""
-    timestep: int | None = None
-    """UNet timestep of a first pass whose family takes one; None: the family's (the one
-    its weights record, else its default). PiSA-SR runs at t = 1 and takes none."""
+    scale: int = described(4, "Upscale factor; the model is trained for 4.")
+    """Output size over input size."""
+    process_size: int = described(
+        512,
+        "Inputs whose short side is below process-size/scale are enlarged to it first "
+        "and the result is shrunk back to exactly scale times the input. HYPIR-SD2: its "
+        "window side in pixels (a multiple of 8; latent windows of process-size/8).",
+    )
+    lambda_pix: float = described(
+        1.0, "Strength of the pixel-level LoRA (fidelity, noise removal)."
+    )
+    lambda_sem: float = described(
+        1.0,
+        "Strength of the semantic-level LoRA (generated detail); 0 = pixel LoRA only. "
+        "Equal lambdas or lambda-sem 0 cost one UNet pass, others two.",
+    )
+    color_fix: str = described(
+        "adain",
+        "Colour correction against the bicubic input: adain (mean and spread per "
+        "channel), wavelet (low frequencies of the input), none (default adain; HYPIR-SD2 "
+        "wavelet, in float).",
+    )
+    prompt: str = described(
+        "", "Text prompt for the UNet; the model was trained with the empty prompt."
+    )
+    vae_sample: bool = described(
+        False,
+        "Sample the VAE latent as the reference does, instead of its mean (deterministic).",
+    )
+    seed: int | None = described(None, "Seed for --vae-sample (reproducible sampling).")
+    """None draws a fresh one."""
+    timestep: int | None = described(
+        None,
+        "UNet timestep: OMGSR-style (default: its folder's, else 273, OMGSR-S's), "
+        "HYPIR-SD2 (model_t = coeff_t, default 200); PiSA-SR runs at t = 1.",
+    )
+    """None: the family's (the one its weights record, else its default); PiSA-SR runs at
+    t = 1 and takes none."""
     tiles: TileOptions = field(default_factory=TileOptions)
     """Tile sizes for the UNet and the VAE."""
     second_pass: SecondPassOptions = field(default_factory=SecondPassOptions)
     """An optional x2 pass after this one: the output is then 2 x scale times the input."""
-
-    @property
-    def total_scale(self) -> int:
-        return self.scale * (1 if self.second_pass.kind == "none" else 2)
 
     def __post_init__(self) -> None:
         _check(1 <= self.scale <= 16, f"--scale {self.scale} must be a whole number from 1 to 16")
@@ -215,41 +284,33 @@ class UpscaleOptions:
         _check(self.seed is None or self.seed >= 0, f"--seed {self.seed} must be 0 or more")
 
 
-OUTPUT_FORMATS = ("png", "jpg", "webp", "tiff", "same")
+OUTPUT_EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tif"}
+"""The output formats: --format value -> the extension of its outputs (the writer's formats
+table, ``imaging.formats``, reads it; it lives here so that options stay free of Pillow)."""
+SAME_FORMAT = "same"
+"""--format value that keeps each input's format (png when Pillow cannot write it)."""
+OUTPUT_FORMATS = (*OUTPUT_EXTENSIONS, SAME_FORMAT)
 DEFAULT_MAX_PIXELS = 100_000_000
 """Largest input (width x height) read by default: above this an image is refused before its
 pixels are decoded, which also stops decompression bombs."""
 
 
-MAX_IMAGE_BATCH = 64
-"""Most images per model call a user may ask for: images wait for batch-mates in a window
-of a few batches, and that window must stay a handful of images, not a folder."""
-
-
 @dataclass(frozen=True)
-class BatchOptions:
-    """How a batch finds its inputs, writes its outputs and streams between them."""
+class WriteOptions:
+    """How outputs are named and encoded: what the namer and the writer need."""
 
-    format: str = "png"
-    """Output format: png, jpg, webp, tiff, or same (the input's, png when Pillow cannot
-    write it)."""
-    quality: int = 95
-    """JPEG and WebP quality, 1 to 100 (WebP at 100 is lossless); other formats are lossless."""
-    suffix: str = ""
-    """Added to the output name before the extension (``photo_x4.png`` with ``_x4``)."""
-    recursive: bool = False
-    """Search folders' sub-folders too and mirror their tree in the output folder."""
-    overwrite: bool = False
-    """Redo outputs that exist even when the manifest says they are up to date."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    """Inputs with more pixels than this fail before being decoded."""
-    read_ahead: int = 2
-    """Images decoded ahead of the model on a background thread (0: read in turn)."""
-    write_behind: int = 2
-    """Finished images waiting to be encoded and saved on a background thread (0: in turn)."""
-    image_batch: int | None = AUTO
-    """Images of one shape per model call (None: auto, as many as fit on an accelerator,
-    the measured best on a CPU). Outputs do not depend on it (``core.batching``)."""
+    format: str = described(
+        "png",
+        f"Output format: {', '.join(OUTPUT_EXTENSIONS)}, or {SAME_FORMAT} (the input's; png "
+        "when it cannot be written). 16 bits per channel need png or tiff; transparency "
+        "needs png, webp or tiff.",
+    )
+    quality: int = described(
+        95, "jpg and webp quality, 1-100 (webp 100 is lossless); png and tiff are lossless."
+    )
+    suffix: str = described(
+        "", "Added to output names before the extension (--suffix _x4: photo_x4.png)."
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -261,6 +322,49 @@ class BatchOptions:
             not any(char in self.suffix for char in "/\\\0"),
             f"--suffix {self.suffix!r} must not hold a path separator",
         )
+
+
+MAX_IMAGE_BATCH = 64
+"""Most images per model call a user may ask for: images wait for batch-mates in a window
+of a few batches, and that window must stay a handful of images, not a folder."""
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How a batch finds its inputs, writes its outputs and streams between them."""
+
+    write: WriteOptions = field(default_factory=WriteOptions)
+    """How outputs are named and encoded (format, quality, suffix)."""
+    recursive: bool = described(
+        False,
+        "Also upscale the images in sub-folders, mirroring the tree in the output folder.",
+    )
+    overwrite: bool = described(
+        False,
+        "Redo outputs that exist. Without it, outputs that the manifest says were made "
+        "with these settings from this input are skipped (resume), outputs made with other "
+        "settings are redone, and files pisa did not write are kept.",
+    )
+    max_pixels: int = described(
+        DEFAULT_MAX_PIXELS,
+        "Refuse inputs with more pixels (width x height) than this, before decoding them "
+        "(also stops decompression bombs).",
+    )
+    read_ahead: int = 2
+    """Images decoded ahead of the model on a background thread (0: read in turn)."""
+    write_behind: int = 2
+    """Finished images waiting to be encoded and saved on a background thread (0: in turn)."""
+    image_batch: int | None = described(
+        AUTO,
+        f"Images of one size per model call (and sweep points per decoder call), 1 to "
+        f"{MAX_IMAGE_BATCH}, "
+        "never more than fit in memory; outputs do not depend on it. auto: as many as fit "
+        "on a GPU (at most 16), 1 on a CPU, where batches gain nothing measurable.",
+        auto=True,
+    )
+    """Outputs do not depend on it (``core.batching``)."""
+
+    def __post_init__(self) -> None:
         _check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels} must be at least 1")
         _check(
             self.image_batch is None or 1 <= self.image_batch <= MAX_IMAGE_BATCH,

@@ -225,3 +225,27 @@ def test_dry_run_names_an_unreadable_image(photos, tmp_path):
     result = run("upscale", photos, "-o", tmp_path / "out", "--dry-run")
     assert result.exit_code == 1  # as the run would: an image fails
     assert "broken.png: not an image Pillow can read" in result.output
+
+
+def test_command_defaults_are_the_options_defaults(tmp_path):
+    """A command given no options builds the options' own defaults: each CLI default is
+    read from its options field (``cli.spec.declared``), so the two cannot disagree."""
+    import inspect
+
+    from pisa_cli.cli import spec
+    from pisa_cli.cli.sweep import OWN, sweep_command
+    from pisa_cli.cli.upscale import upscale_command
+    from pisa_cli.options import BatchOptions, ModelOptions, UpscaleOptions
+
+    def defaults(command):
+        parameters = inspect.signature(command).parameters.values()
+        values = {p.name: p.default for p in parameters if p.default is not p.empty}
+        return {**values, "inputs": [tmp_path], "output": tmp_path / "out"}
+
+    upscale = spec.UpscaleSpec.parse(defaults(upscale_command))
+    assert upscale.model == ModelOptions()
+    assert upscale.options == UpscaleOptions()
+    assert upscale.batch == BatchOptions()
+    sweep = spec.SweepSpec.parse(defaults(sweep_command), tuple(p.name for p in OWN))
+    assert sweep.model == ModelOptions() and sweep.options == UpscaleOptions()
+    assert (sweep.max_pixels, sweep.image_batch) == (BatchOptions().max_pixels, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import png
@@ -13,13 +14,13 @@ import pytest
 import tifffile
 from PIL import Image, ImageOps
 
-from pisa_cli.errors import ImageError
+from pisa_cli.errors import ImageError, OptionsError
 from pisa_cli.fsutil import TEMP_PREFIX, atomic_path, remove_stale_temp_files
 from pisa_cli.imaging.deep import DeepImage
 from pisa_cli.imaging.discover import discover
 from pisa_cli.imaging.io import read_picture, read_size, write_output
 from pisa_cli.imaging.modes import Pixels, compose
-from pisa_cli.options import BatchOptions
+from pisa_cli.options import BatchOptions, WriteOptions
 from tests.builders import ICC, noise_image, ramp16, save_png16
 
 # --- discovery ---------------------------------------------------------------------------
@@ -42,7 +43,7 @@ def test_name_collisions_never_overwrite(tmp_path):
     assert len(set(outputs)) == len(outputs) == 4
     assert names(found.jobs, out) == ["a_jpg.png", "a_png-2.png", "a_png.png", "b.png"]
     # with --format same the names differ by extension already: nothing is renamed
-    same = discover([first], out, batch=BatchOptions(format="same"))
+    same = discover([first], out, batch=BatchOptions(write=WriteOptions(format="same")))
     assert names(same.jobs, out) == ["a.jpg", "a.png", "b.png"]
 
 
@@ -55,9 +56,17 @@ def test_folders_are_listed_in_natural_order(tmp_path):
 
 def test_suffix_and_format(tmp_path):
     noise_image(8, 8).save(tmp_path / "photo.jpg")
-    found = discover([tmp_path / "photo.jpg"], tmp_path / "o", batch=BatchOptions(format="webp"))
+    found = discover(
+        [tmp_path / "photo.jpg"],
+        tmp_path / "o",
+        batch=BatchOptions(write=WriteOptions(format="webp")),
+    )
     assert found.jobs[0].output.name == "photo.webp"
-    found = discover([tmp_path], tmp_path / "o", batch=BatchOptions(suffix="_x4", format="tiff"))
+    found = discover(
+        [tmp_path],
+        tmp_path / "o",
+        batch=BatchOptions(write=WriteOptions(suffix="_x4", format="tiff")),
+    )
     assert found.jobs[0].output.name == "photo_x4.tif"
 
 
@@ -95,7 +104,7 @@ def test_an_output_replacing_its_input_is_refused(tmp_path):
     noise_image(8, 8).save(tmp_path / "a.png")
     found = discover([tmp_path], tmp_path)
     assert not found.jobs and [job.source.name for job in found.conflicts] == ["a.png"]
-    renamed = discover([tmp_path], tmp_path, batch=BatchOptions(suffix="_x4"))
+    renamed = discover([tmp_path], tmp_path, batch=BatchOptions(write=WriteOptions(suffix="_x4")))
     assert [job.output.name for job in renamed.jobs] == ["a_x4.png"]
 
 
@@ -285,7 +294,7 @@ def test_icc_and_exif_are_kept_by_every_format(tmp_path, extension):
 
 def test_jpeg_flattens_alpha_onto_white_and_16_bits_to_8(tmp_path):
     image = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
-    notes = write_output(Pixels(image=image), tmp_path / "f.jpg", quality=100)
+    notes = write_output(Pixels(image=image), tmp_path / "f.jpg", WriteOptions(quality=100))
     assert any("flattened" in note for note in notes)
     assert np.asarray(Image.open(tmp_path / "f.jpg")).min() >= 250
     notes = write_output(Pixels(deep=ramp16(8, 8, 3)), tmp_path / "d.jpg")
@@ -357,3 +366,15 @@ def test_an_unlistable_folder_is_one_line_not_a_crash(tmp_path, monkeypatch):
     found = discover([locked, tmp_path / "fine.png"], tmp_path / "out")
     assert found.unreadable == [f"{locked}: cannot list (Permission denied)"]
     assert [job.source.name for job in found.jobs] == ["fine.png"]
+
+
+def test_every_output_format_has_an_extension_and_a_pillow_writer():
+    """--format's choices are the formats table's rows (plus same), each one Pillow writes."""
+    from pisa_cli.imaging.formats import EXTENSIONS, pillow_format, writable
+    from pisa_cli.options import OUTPUT_FORMATS
+
+    assert (*EXTENSIONS, "same") == OUTPUT_FORMATS
+    for extension in EXTENSIONS.values():
+        assert writable(extension) and pillow_format(Path(f"x{extension}"))
+    with pytest.raises(OptionsError, match="--format 'gif' is not one of png, jpg, webp, tiff"):
+        WriteOptions(format="gif")

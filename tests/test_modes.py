@@ -11,14 +11,15 @@ from PIL import Image, ImageOps
 from pisa_cli import UpscaleOptions
 from pisa_cli.batch.runner import run_jobs
 from pisa_cli.imaging.discover import Job
-from pisa_cli.options import BatchOptions
+from pisa_cli.options import BatchOptions, WriteOptions
 from tests.builders import ICC, noise_image, ramp16, save_png16
 
 OPTIONS = UpscaleOptions(process_size=32)
 
 
-def upscale_file(pipeline, source, output, **batch):
-    [result] = list(run_jobs(pipeline, [Job(source, output)], OPTIONS, BatchOptions(**batch)))
+def upscale_file(pipeline, source, output, **write):
+    batch = BatchOptions(write=WriteOptions(**write))
+    [result] = list(run_jobs(pipeline, [Job(source, output)], OPTIONS, batch))
     assert result.status == "done", result.error
     return result
 

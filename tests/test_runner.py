@@ -19,7 +19,7 @@ from pisa_cli.fsutil import TEMP_PREFIX
 from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.io import write_output
 from pisa_cli.imaging.manifest import MANIFEST_NAME, Manifest
-from pisa_cli.options import BatchOptions
+from pisa_cli.options import BatchOptions, WriteOptions
 from tests.builders import noise_image
 from tests.fakes import FakeResult
 
@@ -179,10 +179,10 @@ def test_reading_and_writing_overlap_the_model_in_bounded_memory(tmp_path, monke
             peak[0] = max(peak[0], alive[0])
         return picture
 
-    def slow_save(pixels, path, quality, before_replace):
+    def slow_save(pixels, path, write, before_replace):
         pipeline.writing.set()
         time.sleep(write_seconds)
-        notes = write_output(pixels, path, quality, before_replace)
+        notes = write_output(pixels, path, write, before_replace)
         pipeline.writing.clear()
         with lock:
             alive[0] -= 1
@@ -221,6 +221,19 @@ def test_depth_zero_runs_everything_in_turn(tmp_path, monkeypatch):
     results = list(run_jobs(SlowPipeline(), jobs, OPTIONS, batch, save=save))
     assert [r.status for r in results] == ["done"] * 3
     assert set(threads) == {threading.current_thread().name} and len(threads) == 6
+
+
+def test_the_batch_write_options_reach_the_encoder(tmp_path):
+    """--quality travels as the batch's WriteOptions, from the runner to Pillow."""
+    [job] = make_inputs(tmp_path / "in", 1, size=(32, 32))
+    sizes = {}
+    for quality in (10, 95):
+        output = tmp_path / "out" / f"q{quality}.jpg"
+        batch = BatchOptions(write=WriteOptions(format="jpg", quality=quality))
+        [result] = run_jobs(SlowPipeline(), [Job(job.source, output)], OPTIONS, batch)
+        assert result.status == "done", result.error
+        sizes[quality] = output.stat().st_size
+    assert sizes[10] < sizes[95] / 2
 
 
 # --- stopping ----------------------------------------------------------------------------
@@ -263,7 +276,10 @@ def written(tmp_path):
     from pisa_cli.imaging.modes import Pixels
 
     write_output(
-        Pixels(image=noise_image(32, 32)), output, 95, lambda t: manifest.record(source, output, t)
+        Pixels(image=noise_image(32, 32)),
+        output,
+        WriteOptions(quality=95),
+        lambda t: manifest.record(source, output, t),
     )
     return source, output
 

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,30 +97,42 @@ def prepare(
     return Prepared(pipeline, refused)
 
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """What a batch streams: its jobs, why each runs, what is done to each image, how
+    outputs are written, and the manifest that records them."""
+
+    jobs: tuple[Job, ...]
+    """The jobs to run, in order."""
+    reasons: Mapping[Job, str]
+    """Why each job runs (new, settings changed, input changed, --overwrite)."""
+    options: UpscaleOptions
+    batch: BatchOptions
+    manifest: Manifest | None = None
+    """Records every output written (None: nothing recorded)."""
+
+
 def stream(
+    spec: StreamSpec,
     prepared: Prepared,
-    jobs: list[Job],
-    reasons: dict[Job, str],
-    options: UpscaleOptions,
-    batch: BatchOptions,
-    manifest: Manifest | None,
     outcome: Outcome,
     *,
     display: Display,
     stop: threading.Event,
 ) -> None:
-    """Run ``jobs`` (all failed at once when there is no pipeline), showing each result
-    and collecting it into ``outcome``. Setting ``stop`` ends the run after the current
-    image; a KeyboardInterrupt abandons it; what finished is written and kept either way."""
+    """Run ``spec``'s jobs (all failed at once when there is no pipeline), showing each
+    result and collecting it into ``outcome``. Setting ``stop`` ends the run after the
+    current image; a KeyboardInterrupt abandons it; what finished is written and kept
+    either way."""
     start = time.perf_counter()
     if prepared.pipeline is None:
         results: Iterator[JobResult] = _refused(prepared.refused)
     else:
         results = run_jobs(
-            prepared.pipeline, jobs, options, batch, manifest=manifest,
+            prepared.pipeline, spec.jobs, spec.options, spec.batch, manifest=spec.manifest,
             on_start=display.started, stop=stop,
         )  # fmt: skip
-    collect(results, reasons, outcome, len(jobs), display=display, stop=stop)
+    collect(results, spec.reasons, outcome, len(spec.jobs), display=display, stop=stop)
     outcome.run_seconds = time.perf_counter() - start
 
 

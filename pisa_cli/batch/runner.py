@@ -26,10 +26,7 @@ from pisa_cli.imaging.io import read_picture, write_output
 from pisa_cli.imaging.manifest import Manifest
 from pisa_cli.imaging.modes import Picture, compose
 from pisa_cli.imaging.stream import Loaded, WriteBehind, read_ahead
-from pisa_cli.options import (
-    BatchOptions,
-    UpscaleOptions,
-)
+from pisa_cli.options import BatchOptions, UpscaleOptions, WriteOptions
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +68,7 @@ class JobResult:
 
 
 SaveFunction = Callable[..., list[str]]
-"""write_output's signature: (pixels, path, quality, before_replace) -> notes."""
+"""write_output's signature: (pixels, path, write options, before_replace) -> notes."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +139,7 @@ def run_jobs(
                 entry = waiting.entry
                 if upscaled is not None:
                     picture, job = waiting.picture, entry.result.job
-                    save_one = partial(_save, save, job, picture, batch.quality, manifest)
+                    save_one = partial(_save, save, job, picture, batch.write, manifest)
                     entry.future = writer.submit(save_one, upscaled)
                 entry.ready = True
 
@@ -254,7 +251,7 @@ def _save(
     save: SaveFunction,
     job: Job,
     picture: Picture,
-    quality: int,
+    write: WriteOptions,
     manifest: Manifest | None,
     upscaled,
 ) -> _Written:
@@ -265,7 +262,7 @@ def _save(
     record = None
     if manifest is not None:
         record = partial(manifest.record, job.source, job.output)
-    notes = save(pixels, job.output, quality, record)
+    notes = save(pixels, job.output, write, record)
     return _Written(notes, pixels.size, composed - start, time.perf_counter() - composed)
 
 
@@ -302,9 +299,3 @@ def _complete(result: JobResult, future: Future) -> None:
 def _closed(result: JobResult) -> JobResult:
     result.seconds = sum(result.timings.values())
     return result
-
-
-def run_job(pipeline, job: Job, options: UpscaleOptions) -> JobResult:
-    """One job, start to end, in this thread."""
-    batch = BatchOptions(read_ahead=0, write_behind=0)
-    return next(run_jobs(pipeline, [job], options, batch))

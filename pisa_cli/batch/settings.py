@@ -15,6 +15,6 @@ def run_settings(options: UpscaleOptions, batch: BatchOptions, model: dict) -> d
     options, the model (weights, base model, precision), the quality of lossy formats. The
     format and suffix are in the output's name already."""
     settings = {"upscale": asdict(options), "model": model, "pixels": PIXELS_VERSION}
-    if batch.format in ("jpg", "webp", "same"):
-        settings["quality"] = batch.quality
+    if batch.write.format in ("jpg", "webp", "same"):
+        settings["quality"] = batch.write.quality
     return settings

@@ -53,9 +53,9 @@ def slow_writer(model_seconds: queue.Queue, fraction: float = WRITER_PAUSE):
     """write_output after a pause of ``fraction`` of the image's model time (the thread
     sleeps, as it would waiting for a slow disk); images are saved in model order."""
 
-    def save(pixels, path, quality, before_replace):
+    def save(pixels, path, write, before_replace):
         time.sleep(fraction * model_seconds.get())
-        return write_output(pixels, path, quality, before_replace)
+        return write_output(pixels, path, write, before_replace)
 
     return save
 

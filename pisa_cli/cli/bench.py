@@ -8,6 +8,10 @@ from typing import Annotated
 import typer
 
 from pisa_cli.cli import common
+from pisa_cli.options import ModelOptions
+
+DEFAULTS = ModelOptions()
+"""The defaults of the model options this command shares with upscale (declared there)."""
 
 DEFAULT_SCENARIOS = (
     "default-128",
@@ -29,8 +33,8 @@ def bench_command(
             show_default=False,
         ),
     ] = None,
-    device: common.Device = "auto",
-    dtype: common.Dtype = "auto",
+    device: common.Device = DEFAULTS.device,
+    dtype: common.Dtype = DEFAULTS.dtype,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")
     ] = None,

@@ -16,8 +16,14 @@ from pisa_cli.errors import PisaError
 from pisa_cli.imaging.names import shown
 from pisa_cli.options import (
     BASE_MODEL_ENV,
-    DEFAULT_BASE_MODEL,
     WEIGHTS_ENV,
+    BatchOptions,
+    ModelOptions,
+    SecondPassOptions,
+    TileOptions,
+    UpscaleOptions,
+    WriteOptions,
+    help_of,
 )
 
 MODEL = "Model"
@@ -41,8 +47,7 @@ BaseModel = Annotated[
     typer.Option(
         "--base-model",
         envvar=BASE_MODEL_ENV,
-        help=f"SD 2.1-base: a Hugging Face hub id or a local diffusers folder "
-        f"(default: {DEFAULT_BASE_MODEL}).",
+        help=help_of(ModelOptions, "base_model"),
         show_default=False,
         rich_help_panel=MODEL,
     ),
@@ -52,10 +57,7 @@ Weights = Annotated[
     typer.Option(
         "--weights",
         envvar=WEIGHTS_ENV,
-        help="The model's weights, which pick its family: PiSA-SR's pisa_sr.pkl or a "
-        ".safetensors from `pisa convert`, an OMGSR-style folder holding unet_lora_adapter/ "
-        "and vae_encoder_lora_adapter/ (OMGSR-S, TUDSR's LoRA-1), or HYPIR_sd2.pth "
-        "(default: pisa_sr.safetensors or pisa_sr.pkl in ~/.cache/pisa-cli/).",
+        help=help_of(ModelOptions, "weights"),
         show_default=False,
         rich_help_panel=MODEL,
     ),
@@ -64,7 +66,7 @@ Device = Annotated[
     str,
     typer.Option(
         "--device",
-        help="auto (CUDA, then Apple MPS, then CPU), cuda, cuda:N, mps or cpu.",
+        help=help_of(ModelOptions, "device"),
         rich_help_panel=MODEL,
     ),
 ]
@@ -72,9 +74,7 @@ Dtype = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="Compute precision: auto (bf16 where the GPU or CPU has it natively, else fp16 "
-        "on GPUs and fp32 on CPUs), fp32, fp16, bf16. Use fp32 to compare with the "
-        "reference script.",
+        help=help_of(ModelOptions, "dtype"),
         rich_help_panel=MODEL,
     ),
 ]
@@ -116,24 +116,19 @@ Compile = Annotated[
     bool,
     typer.Option(
         "--compile",
-        help="Compile the UNet and VAE with torch.compile (slow first image, faster after; "
-        "falls back to normal execution where compiling fails).",
+        help=help_of(ModelOptions, "compile"),
         rich_help_panel=MODEL,
     ),
 ]
 Scale = Annotated[
     int,
-    typer.Option(
-        "--scale", help="Upscale factor; the model is trained for 4.", rich_help_panel=QUALITY
-    ),
+    typer.Option("--scale", help=help_of(UpscaleOptions, "scale"), rich_help_panel=QUALITY),
 ]
 ProcessSize = Annotated[
     int,
     typer.Option(
         "--process-size",
-        help="Inputs whose short side is below process-size/scale are enlarged to it first "
-        "and the result is shrunk back to exactly scale times the input. HYPIR-SD2: its "
-        "window side in pixels (a multiple of 8; latent windows of process-size/8).",
+        help=help_of(UpscaleOptions, "process_size"),
         rich_help_panel=QUALITY,
     ),
 ]
@@ -141,7 +136,7 @@ LambdaPix = Annotated[
     float,
     typer.Option(
         "--lambda-pix",
-        help="Strength of the pixel-level LoRA (fidelity, noise removal).",
+        help=help_of(UpscaleOptions, "lambda_pix"),
         rich_help_panel=QUALITY,
     ),
 ]
@@ -149,8 +144,7 @@ LambdaSem = Annotated[
     float,
     typer.Option(
         "--lambda-sem",
-        help="Strength of the semantic-level LoRA (generated detail); 0 = pixel LoRA only. "
-        "Equal lambdas or lambda-sem 0 cost one UNet pass, others two.",
+        help=help_of(UpscaleOptions, "lambda_sem"),
         rich_help_panel=QUALITY,
     ),
 ]
@@ -158,9 +152,7 @@ ColorFix = Annotated[
     str | None,
     typer.Option(
         "--color-fix",
-        help="Colour correction against the bicubic input: adain (mean and spread per "
-        "channel), wavelet (low frequencies of the input), none (default adain; HYPIR-SD2 "
-        "wavelet, in float).",
+        help=help_of(UpscaleOptions, "color_fix"),
         rich_help_panel=QUALITY,
     ),
 ]
@@ -168,21 +160,19 @@ Prompt = Annotated[
     str,
     typer.Option(
         "--prompt",
-        help="Text prompt for the UNet; the model was trained with the empty prompt.",
+        help=help_of(UpscaleOptions, "prompt"),
         rich_help_panel=QUALITY,
     ),
 ]
 Seed = Annotated[
     int | None,
-    typer.Option(
-        "--seed", help="Seed for --vae-sample (reproducible sampling).", rich_help_panel=QUALITY
-    ),
+    typer.Option("--seed", help=help_of(UpscaleOptions, "seed"), rich_help_panel=QUALITY),
 ]
 VaeSample = Annotated[
     bool,
     typer.Option(
         "--vae-sample",
-        help="Sample the VAE latent as the reference does, instead of its mean (deterministic).",
+        help=help_of(UpscaleOptions, "vae_sample"),
         rich_help_panel=QUALITY,
     ),
 ]
@@ -190,8 +180,7 @@ Timestep = Annotated[
     int | None,
     typer.Option(
         "--timestep",
-        help="UNet timestep: OMGSR-style (default: its folder's, else 273, OMGSR-S's), "
-        "HYPIR-SD2 (model_t = coeff_t, default 200); PiSA-SR runs at t = 1.",
+        help=help_of(UpscaleOptions, "timestep"),
         rich_help_panel=QUALITY,
         show_default=False,
     ),
@@ -200,9 +189,7 @@ LatentTile = Annotated[
     str,
     typer.Option(
         "--latent-tile",
-        help="UNet tile side in latent pixels (1 latent pixel = 8 image pixels); latents of "
-        "up to tile x tile pixels are not tiled. auto: the reference's (PiSA-SR 96; "
-        "OMGSR-style process-size/8), smaller only when memory is short.",
+        help=help_of(TileOptions, "latent_tile"),
         rich_help_panel=TILES,
     ),
 ]
@@ -210,8 +197,7 @@ LatentOverlap = Annotated[
     str,
     typer.Option(
         "--latent-overlap",
-        help="Overlap of UNet tiles in latent pixels, blended with Gaussian weights. auto: "
-        "the reference's (PiSA-SR 32; OMGSR-style and HYPIR-SD2 half the tile).",
+        help=help_of(TileOptions, "latent_overlap"),
         rich_help_panel=TILES,
     ),
 ]
@@ -219,9 +205,7 @@ VaeEncoderTile = Annotated[
     str,
     typer.Option(
         "--vae-encoder-tile",
-        help="VAE encoder tile side in image pixels: larger images are encoded in bands "
-        "holding at most a tile's activations, with the same result. auto: the whole image "
-        "when it fits in memory.",
+        help=help_of(TileOptions, "vae_encoder_tile"),
         rich_help_panel=TILES,
     ),
 ]
@@ -229,7 +213,7 @@ VaeDecoderTile = Annotated[
     str,
     typer.Option(
         "--vae-decoder-tile",
-        help="VAE decoder tile side in latent pixels, like --vae-encoder-tile.",
+        help=help_of(TileOptions, "vae_decoder_tile"),
         rich_help_panel=TILES,
     ),
 ]
@@ -237,7 +221,7 @@ TileBatch = Annotated[
     str,
     typer.Option(
         "--tile-batch",
-        help="UNet tiles per call. auto: as many as fit in memory (at most 8).",
+        help=help_of(TileOptions, "tile_batch"),
         rich_help_panel=TILES,
     ),
 ]
@@ -245,9 +229,7 @@ ImageBatch = Annotated[
     str,
     typer.Option(
         "--image-batch",
-        help="Images of one size per model call (and sweep points per decoder call), 1 to 64, "
-        "never more than fit in memory; outputs do not depend on it. auto: as many as fit "
-        "on a GPU (at most 16), 1 on a CPU, where batches gain nothing measurable.",
+        help=help_of(BatchOptions, "image_batch"),
         rich_help_panel=TILES,
     ),
 ]
@@ -256,7 +238,7 @@ Recursive = Annotated[
     typer.Option(
         "--recursive",
         "-r",
-        help="Also upscale the images in sub-folders, mirroring the tree in the output folder.",
+        help=help_of(BatchOptions, "recursive"),
         rich_help_panel=INPUT,
     ),
 ]
@@ -264,8 +246,7 @@ MaxPixels = Annotated[
     int,
     typer.Option(
         "--max-pixels",
-        help="Refuse inputs with more pixels (width x height) than this, before decoding them "
-        "(also stops decompression bombs).",
+        help=help_of(BatchOptions, "max_pixels"),
         rich_help_panel=INPUT,
     ),
 ]
@@ -274,8 +255,7 @@ Format = Annotated[
     typer.Option(
         "--format",
         "-f",
-        help="Output format: png, jpg, webp, tiff, or same (the input's; png when it cannot be "
-        "written). 16 bits per channel need png or tiff; transparency needs png, webp or tiff.",
+        help=help_of(WriteOptions, "format"),
         rich_help_panel=OUTPUT,
     ),
 ]
@@ -283,7 +263,7 @@ Quality = Annotated[
     int,
     typer.Option(
         "--quality",
-        help="jpg and webp quality, 1-100 (webp 100 is lossless); png and tiff are lossless.",
+        help=help_of(WriteOptions, "quality"),
         rich_help_panel=OUTPUT,
     ),
 ]
@@ -291,7 +271,7 @@ Suffix = Annotated[
     str,
     typer.Option(
         "--suffix",
-        help="Added to output names before the extension (--suffix _x4: photo_x4.png).",
+        help=help_of(WriteOptions, "suffix"),
         rich_help_panel=OUTPUT,
     ),
 ]
@@ -299,9 +279,7 @@ Overwrite = Annotated[
     bool,
     typer.Option(
         "--overwrite",
-        help="Redo outputs that exist. Without it, outputs that the manifest says were made "
-        "with these settings from this input are skipped (resume), outputs made with other "
-        "settings are redone, and files pisa did not write are kept.",
+        help=help_of(BatchOptions, "overwrite"),
         rich_help_panel=OUTPUT,
     ),
 ]
@@ -327,9 +305,7 @@ SecondPass = Annotated[
     str,
     typer.Option(
         "--second-pass",
-        help="After the x4 pass, one more x2 pass: tudsr (a second LoRA on the same backbone, "
-        "TUDSR-style; needs --second-pass-weights) or pisa (PiSA-SR again on its own output, "
-        "a fallback without extra weights); none by default.",
+        help=help_of(SecondPassOptions, "kind"),
         rich_help_panel=SECOND,
     ),
 ]
@@ -337,9 +313,7 @@ SecondPassWeights = Annotated[
     str,
     typer.Option(
         "--second-pass-weights",
-        help="LoRA of the tudsr pass: a peft adapter folder (adapter_config.json + "
-        "adapter_model.safetensors), a diffusers LoRA .safetensors, or an OMGSR-style "
-        "folder (unet_lora_adapter/ + vae_encoder_lora_adapter/).",
+        help=help_of(SecondPassOptions, "weights"),
         rich_help_panel=SECOND,
     ),
 ]
@@ -347,14 +321,15 @@ SecondPassTimestep = Annotated[
     int | None,
     typer.Option(
         "--second-pass-timestep",
-        help="UNet timestep of the tudsr pass (default: the one stored in the LoRA file; "
-        "an OMGSR-style folder without one: 273).",
+        help=help_of(SecondPassOptions, "timestep"),
         rich_help_panel=SECOND,
     ),
 ]
 SecondPassPrompt = Annotated[
     str,
-    typer.Option("--second-pass-prompt", help="Prompt of the tudsr pass.", rich_help_panel=SECOND),
+    typer.Option(
+        "--second-pass-prompt", help=help_of(SecondPassOptions, "prompt"), rich_help_panel=SECOND
+    ),
 ]
 Quiet = Annotated[
     bool, typer.Option("--quiet", "-q", help="Only print errors and the final summary.")

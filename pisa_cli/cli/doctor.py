@@ -8,6 +8,10 @@ from typing import Annotated
 import typer
 
 from pisa_cli.cli import common
+from pisa_cli.options import ModelOptions
+
+DEFAULTS = ModelOptions()
+"""The defaults of the model options this command shares with upscale (declared there)."""
 
 DemoFolder = Annotated[
     Path | None,
@@ -22,10 +26,10 @@ DemoFolder = Annotated[
 
 
 def doctor_command(
-    base_model: common.BaseModel = "",
-    weights: common.Weights = "",
-    device: common.Device = "auto",
-    dtype: common.Dtype = "auto",
+    base_model: common.BaseModel = DEFAULTS.base_model,
+    weights: common.Weights = DEFAULTS.weights,
+    device: common.Device = DEFAULTS.device,
+    dtype: common.Dtype = DEFAULTS.dtype,
     demo: DemoFolder = None,
 ) -> None:
     """Check the install and run the pipeline once on a tiny random model.

@@ -3,16 +3,18 @@ command's values become.
 
 ``pisa upscale`` and ``pisa sweep`` take the same model, quality, tile and second-pass
 options: each group is a list of parameters (the declarations in ``common``) that a
-command's signature is built from (``takes``), so no option is written twice. A command
-is called with its values as keyword arguments and turns them into a spec once, reading
-each value by name (``model_options`` ...): no dict is popped in a hidden order.
+command's signature is built from (``takes``), so no option is written twice. An option
+that is an options field takes its default from the field (``declared``) and its help
+from the field's metadata (``options.described``): the CLI cannot drift from the API.
+A command is called with its values as keyword arguments and turns them into a spec once,
+reading each value by name (``model_options`` ...): no dict is popped in a hidden order.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from pisa_cli.options import (
     SecondPassOptions,
     TileOptions,
     UpscaleOptions,
+    WriteOptions,
     parse_tile,
 )
 
@@ -38,55 +41,69 @@ def option(name: str, annotation: object, default: object = inspect.Parameter.em
     )
 
 
+def default_of(options: type, name: str) -> object:
+    """The command-line default of ``options``'s field ``name``: the field's own (``auto``
+    for a size left to the run, None in the options)."""
+    declared = next(item for item in fields(options) if item.name == name)
+    value = declared.default
+    return "auto" if value is None and declared.metadata.get("auto") else value
+
+
+def declared(name: str, annotation: object, options: type, field_name: str = ""):
+    """A keyword parameter for the option that ``options``'s field (``field_name``, else
+    ``name``) is: its default taken from the field, so it is written once, in ``options``."""
+    return option(name, annotation, default_of(options, field_name or name))
+
+
 CONTEXT = [option("context", typer.Context)]
 INPUTS = [option("inputs", common.Inputs), option("output", common.OutputDir)]
 MODEL = [
-    option("base_model", common.BaseModel, ""),
-    option("weights", common.Weights, ""),
+    declared("base_model", common.BaseModel, ModelOptions),
+    declared("weights", common.Weights, ModelOptions),
 ]
 SCALE = [
-    option("scale", common.Scale, 4),
-    option("process_size", common.ProcessSize, 512),
+    declared("scale", common.Scale, UpscaleOptions),
+    declared("process_size", common.ProcessSize, UpscaleOptions),
 ]
 LAMBDAS = [
-    option("lambda_pix", common.LambdaPix, 1.0),
-    option("lambda_sem", common.LambdaSem, 1.0),
+    declared("lambda_pix", common.LambdaPix, UpscaleOptions),
+    declared("lambda_sem", common.LambdaSem, UpscaleOptions),
 ]
 LOOK = [
-    option("color_fix", common.ColorFix, None),
-    option("prompt", common.Prompt, ""),
-    option("seed", common.Seed, None),
-    option("vae_sample", common.VaeSample, False),
+    option("color_fix", common.ColorFix, None),  # the weights' family's: default_color_fix
+    declared("prompt", common.Prompt, UpscaleOptions),
+    declared("seed", common.Seed, UpscaleOptions),
+    declared("vae_sample", common.VaeSample, UpscaleOptions),
 ]
-TIMESTEP = [option("timestep", common.Timestep, None)]
+TIMESTEP = [declared("timestep", common.Timestep, UpscaleOptions)]
 """A first pass's timestep, for the families that take one (the sweep runs PiSA-SR only)."""
 TILES = [
-    option("latent_tile", common.LatentTile, "auto"),
-    option("latent_overlap", common.LatentOverlap, "auto"),
-    option("vae_encoder_tile", common.VaeEncoderTile, "auto"),
-    option("vae_decoder_tile", common.VaeDecoderTile, "auto"),
-    option("tile_batch", common.TileBatch, "auto"),
-    option("image_batch", common.ImageBatch, "auto"),
+    declared("latent_tile", common.LatentTile, TileOptions),
+    declared("latent_overlap", common.LatentOverlap, TileOptions),
+    declared("vae_encoder_tile", common.VaeEncoderTile, TileOptions),
+    declared("vae_decoder_tile", common.VaeDecoderTile, TileOptions),
+    declared("tile_batch", common.TileBatch, TileOptions),
+    declared("image_batch", common.ImageBatch, BatchOptions),
 ]
 SECOND = [
-    option("second_pass", common.SecondPass, "none"),
-    option("second_pass_weights", common.SecondPassWeights, ""),
-    option("second_pass_timestep", common.SecondPassTimestep, None),
-    option("second_pass_prompt", common.SecondPassPrompt, ""),
+    declared("second_pass", common.SecondPass, SecondPassOptions, "kind"),
+    declared("second_pass_weights", common.SecondPassWeights, SecondPassOptions, "weights"),
+    declared("second_pass_timestep", common.SecondPassTimestep, SecondPassOptions, "timestep"),
+    declared("second_pass_prompt", common.SecondPassPrompt, SecondPassOptions, "prompt"),
 ]
 DEVICE = [
-    option("device", common.Device, "auto"),
-    option("dtype", common.Dtype, "auto"),
-    option("compile", common.Compile, False),
+    declared("device", common.Device, ModelOptions),
+    declared("dtype", common.Dtype, ModelOptions),
+    declared("compile", common.Compile, ModelOptions),
 ]
-MAX_PIXELS = [option("max_pixels", common.MaxPixels, DEFAULT_MAX_PIXELS)]
+MAX_PIXELS = [declared("max_pixels", common.MaxPixels, BatchOptions)]
 OUTPUTS = [
-    option("recursive", common.Recursive, False),
+    declared("recursive", common.Recursive, BatchOptions),
     *MAX_PIXELS,
-    option("format", common.Format, "png"),
-    option("quality", common.Quality, 95),
-    option("suffix", common.Suffix, ""),
-    option("overwrite", common.Overwrite, False),
+    declared("format", common.Format, WriteOptions),
+    declared("quality", common.Quality, WriteOptions),
+    declared("suffix", common.Suffix, WriteOptions),
+    declared("overwrite", common.Overwrite, BatchOptions),
     option("report", common.Report, None),
 ]
 RANKS = [
@@ -124,6 +141,10 @@ def model_options(values: Mapping[str, Any]) -> ModelOptions:
     )
 
 
+OPTIONAL = ("lambda_pix", "lambda_sem", "timestep")
+"""UpscaleOptions fields that not every command takes."""
+
+
 def upscale_options(values: Mapping[str, Any]) -> UpscaleOptions:
     """What is done to each image (raises OptionsError); the lambdas default to the paper's
     when the command has none (the sweep's come from its grid)."""
@@ -140,18 +161,18 @@ def upscale_options(values: Mapping[str, Any]) -> UpscaleOptions:
         timestep=values["second_pass_timestep"],
         prompt=values["second_pass_prompt"],
     )
+    # options a command may not have (the sweep's lambdas, its timestep) keep their default
+    optional = {name: values[name] for name in OPTIONAL if name in values}
     return UpscaleOptions(
         scale=values["scale"],
         process_size=values["process_size"],
-        lambda_pix=values.get("lambda_pix", 1.0),
-        lambda_sem=values.get("lambda_sem", 1.0),
         color_fix=values["color_fix"] or default_color_fix(values["weights"]),
         prompt=values["prompt"],
         seed=values["seed"],
         vae_sample=values["vae_sample"],
-        timestep=values.get("timestep"),
         tiles=tiles,
         second_pass=second,
+        **optional,
     )
 
 
@@ -168,10 +189,11 @@ def default_color_fix(weights: str) -> str:
 
 def batch_options(values: Mapping[str, Any]) -> BatchOptions:
     """How the batch finds inputs and writes outputs (raises OptionsError)."""
+    write = WriteOptions(
+        format=values["format"], quality=values["quality"], suffix=values["suffix"]
+    )
     return BatchOptions(
-        format=values["format"],
-        quality=values["quality"],
-        suffix=values["suffix"],
+        write=write,
         recursive=values["recursive"],
         overwrite=values["overwrite"],
         max_pixels=values["max_pixels"],

@@ -116,7 +116,7 @@ def execute(run, planned: RunPlan, jobs, outcome: Outcome, load, stop) -> None:
     """Build the pipeline (exit on failure) and stream ``jobs`` with a display, Ctrl-C
     setting ``stop``."""
     from pisa_cli.batch.plan import remove_empty_folder
-    from pisa_cli.batch.run import prepare, stream
+    from pisa_cli.batch.run import StreamSpec, prepare, stream
 
     try:
         prepared = prepare(jobs, run.model, run.options, run.batch, load)
@@ -125,10 +125,11 @@ def execute(run, planned: RunPlan, jobs, outcome: Outcome, load, stop) -> None:
             remove_empty_folder(outcome.made_folder)
         raise common.fail(error) from None
     with display(len(jobs), run.quiet) as shown, stop_on_signals(stop, shown.warn):
-        stream(
-            prepared, jobs, planned.reasons, run.options, run.batch, planned.manifest, outcome,
-            display=shown, stop=stop,
+        spec = StreamSpec(
+            jobs=tuple(jobs), reasons=planned.reasons, options=run.options, batch=run.batch,
+            manifest=planned.manifest,
         )  # fmt: skip
+        stream(spec, prepared, outcome, display=shown, stop=stop)
 
 
 def execute_on_ray(run, planned: RunPlan, outcome: Outcome, load, stop) -> None:

@@ -273,10 +273,10 @@ def _name_outputs(
     (``a.png`` and ``a.jpg`` -> ``a_png.png``, ``a_jpg.png``); a name met again (the same
     name from two folders) gets ``-2``, ``-3``... in input order.
     """
-    suffix = batch.suffix if batch else ""
+    suffix = batch.write.suffix if batch else ""
 
     def ext_of(source: Path) -> str:
-        return output_extension(batch.format, source) if batch else extension
+        return output_extension(batch.write.format, source) if batch else extension
 
     groups: dict[tuple[Path, str], set[str]] = {}
     for source, relative in sources:

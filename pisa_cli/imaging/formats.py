@@ -7,7 +7,9 @@ from pathlib import Path
 
 from PIL import Image
 
-EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tif"}
+from pisa_cli.options import OUTPUT_EXTENSIONS, SAME_FORMAT, WriteOptions
+
+EXTENSIONS = OUTPUT_EXTENSIONS
 """--format value -> output extension (``same`` keeps the input's)."""
 
 
@@ -67,7 +69,7 @@ def writable(extension: str) -> bool:
 def output_extension(format_name: str, source: Path) -> str:
     """The extension an output of ``source`` gets: --format's, or the input's for ``same``
     (``.png`` when Pillow cannot write the input's format)."""
-    if format_name != "same":
+    if format_name != SAME_FORMAT:
         return EXTENSIONS[format_name]
     extension = source.suffix.lower()
     return extension if writable(extension) else ".png"
@@ -77,9 +79,10 @@ def spec_of(pillow_name: str) -> FormatSpec:
     return FORMATS.get(pillow_name, OTHER)
 
 
-def save_options(pillow_name: str, quality: int, *, subsampling_quality: int = 90) -> dict:
-    """Pillow options for a format at ``quality``: JPEG keeps full colour resolution (4:4:4)
-    from ``subsampling_quality`` up, WebP at 100 is lossless."""
+def save_options(pillow_name: str, write: WriteOptions, *, subsampling_quality: int = 90) -> dict:
+    """Pillow options for a format at ``write.quality``: JPEG keeps full colour resolution
+    (4:4:4) from ``subsampling_quality`` up, WebP at 100 is lossless."""
+    quality = write.quality
     options = spec_of(pillow_name).save_options(quality)
     if pillow_name == "JPEG" and quality >= subsampling_quality:
         options["subsampling"] = 0

@@ -33,7 +33,7 @@ from pisa_cli.imaging.modes import (
     split_deep_array,
     split_deep_grey,
 )
-from pisa_cli.options import DEFAULT_MAX_PIXELS
+from pisa_cli.options import DEFAULT_MAX_PIXELS, WriteOptions
 
 ORIENTATION = 0x0112
 UPRIGHT = {
@@ -252,12 +252,13 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
 def write_output(
     pixels: Pixels,
     path: Path,
-    quality: int = 95,
+    write: WriteOptions | None = None,
     before_replace: Callable[[Path], None] | None = None,
 ) -> list[str]:
     """Encode ``pixels`` into ``path`` atomically; return what had to give (notes).
 
-    The format follows the extension. ``before_replace`` is called with the complete,
+    The format follows the extension, ``write`` says how it is encoded (the default
+    WriteOptions when None). ``before_replace`` is called with the complete,
     fsynced temporary file just before it replaces ``path`` (the manifest records it there).
     """
     fmt = pillow_format(path)
@@ -274,7 +275,7 @@ def write_output(
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as temp:
             with open(temp, "wb") as handle:
-                _encode(pixels, fmt, handle, quality, notes)
+                _encode(pixels, fmt, handle, write or WriteOptions(), notes)
                 handle.flush()
             if before_replace is not None:
                 before_replace(temp)
@@ -285,7 +286,9 @@ def write_output(
     return notes
 
 
-def _encode(pixels: Pixels, fmt: str, handle: BinaryIO, quality: int, notes: list[str]) -> None:
+def _encode(
+    pixels: Pixels, fmt: str, handle: BinaryIO, write: WriteOptions, notes: list[str]
+) -> None:
     spec = spec_of(fmt)
     if pixels.deep is not None and spec.deep:
         if fmt == "PNG":
@@ -301,7 +304,7 @@ def _encode(pixels: Pixels, fmt: str, handle: BinaryIO, quality: int, notes: lis
         image = _flatten(image)
     if image.mode in ("L", "LA") and not spec.grey:
         image = image.convert("RGBA" if image.mode == "LA" else "RGB")
-    options = save_options(fmt, quality)
+    options = save_options(fmt, write)
     if spec.icc and pixels.icc_profile:
         options["icc_profile"] = pixels.icc_profile
     if spec.exif and pixels.exif:

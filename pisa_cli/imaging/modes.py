@@ -101,13 +101,6 @@ class Pixels:
         assert self.deep is not None
         return self.deep.shape[1], self.deep.shape[0]
 
-    @property
-    def has_alpha(self) -> bool:
-        if self.image is not None:
-            return self.image.mode in ("LA", "RGBA")
-        assert self.deep is not None
-        return self.deep.shape[-1] in (2, 4)
-
     def to_8bit(self) -> Image.Image:
         """The output at 8 bits per channel (16-bit values rounded)."""
         if self.image is not None:
