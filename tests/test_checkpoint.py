@@ -15,7 +15,7 @@ from pisa_cli.models.checkpoint import (
     resolve_weights_path,
     save_safetensors,
 )
-from pisa_cli.models.lora import PisaUNet
+from pisa_cli.models.lora import PisaUNet, checkpoint_adapters
 
 
 def test_official_pickle_loads(pisa_pkl):
@@ -46,8 +46,12 @@ def test_safetensors_round_trip_is_bit_identical(pisa_pkl, tiny_base, tmp_path):
         assert torch.equal(converted.tensors[key], tensor), key
     # and the merged UNet weights are the same bits, for both merged variants
     for merged in ("pix", "pisa"):
-        a = PisaUNet(load_part(tiny_base, "unet"), original, merged=merged).unet.state_dict()
-        b = PisaUNet(load_part(tiny_base, "unet"), converted, merged=merged).unet.state_dict()
+        a = PisaUNet(
+            load_part(tiny_base, "unet"), checkpoint_adapters(original), merged=merged
+        ).unet.state_dict()
+        b = PisaUNet(
+            load_part(tiny_base, "unet"), checkpoint_adapters(converted), merged=merged
+        ).unet.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -9,7 +9,7 @@ from pisa_cli.engine.denoise import combine_eps, predict_eps, variants_needed
 from pisa_cli.engine.tiles import plan_latent_tiles
 from pisa_cli.models.base import load_part
 from pisa_cli.models.checkpoint import load_checkpoint
-from pisa_cli.models.lora import PisaUNet
+from pisa_cli.models.lora import PisaUNet, checkpoint_adapters
 
 
 @pytest.mark.parametrize(
@@ -35,7 +35,9 @@ def test_combination_formula():
 
 @pytest.fixture(scope="module")
 def unet(tiny_base, pisa_pkl):
-    return PisaUNet(load_part(tiny_base, "unet"), load_checkpoint(pisa_pkl), merged="pix")
+    return PisaUNet(
+        load_part(tiny_base, "unet"), checkpoint_adapters(load_checkpoint(pisa_pkl)), merged="pix"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from pisa_cli.cli import app
+from pisa_cli.core.families.omgsr_folder import load_adapter_folder
 from pisa_cli.errors import WeightsError
-from pisa_cli.models.adapters import load_adapter_folder
 from tests.builders import noise_image
 from tests.fakes import run_on
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from pisa_cli.core.hypir import HypirParts, HypirSettings, upscale_image
-from pisa_cli.engine.hypir import enlarged_size, plan_windows, window_origins
+from pisa_cli.core.families.hypir_steps import HypirParts, HypirSettings, upscale_image
+from pisa_cli.core.families.hypir_tiles import enlarged_size, plan_windows, window_origins
+from pisa_cli.core.families.hypir_weights import is_hypir_weights, load_hypir_weights
 from pisa_cli.errors import OptionsError, WeightsError
 from pisa_cli.models.base import load_part
-from pisa_cli.models.hypir import is_hypir_weights, load_hypir_weights
-from pisa_cli.models.lora import PisaUNet
+from pisa_cli.models.lora import PisaUNet, UnetAdapter
 from pisa_cli.models.text import PromptEncoder
 from tests.helpers import assert_close, noise_image
 from tests.hypir_reference import hypir_enhance, prompt_embeds
@@ -24,7 +24,7 @@ from tests.hypir_reference import hypir_enhance, prompt_embeds
 @pytest.fixture(scope="module")
 def ours(tiny_base, hypir_pth):
     weights = load_hypir_weights(hypir_pth)
-    unet = PisaUNet(load_part(tiny_base, "unet").eval(), None, "first", first=weights.layers)
+    unet = PisaUNet(load_part(tiny_base, "unet").eval(), _first(weights), "first")
     prompts = PromptEncoder(
         lambda: load_part(tiny_base, "tokenizer"), lambda: load_part(tiny_base, "text_encoder")
     )
@@ -170,7 +170,7 @@ def test_a_module_the_unet_lacks_is_refused(tiny_base, hypir_pth, tmp_path):
     state["down_blocks.9.resnets.0.conv1.lora_B.default.weight"] = torch.zeros(16, 2, 1, 1)
     weights = load_hypir_weights(_hostile(tmp_path, state))
     with pytest.raises(WeightsError, match="does not exist in the UNet"):
-        PisaUNet(load_part(tiny_base, "unet"), None, "first", first=weights.layers)
+        PisaUNet(load_part(tiny_base, "unet"), _first(weights), "first")
 
 
 def test_pickled_objects_are_refused(tmp_path):
@@ -191,8 +191,8 @@ def test_settings_refuse_what_the_official_code_cannot_run():
 def test_each_detail_of_the_official_path_matters(ours, hypir_oracle, monkeypatch):
     """Honesty of the bar above: the y-centre quirk, the zero padding, the unclamped decode
     and model_t each move pixels far outside it (on an input that needs padding)."""
-    import pisa_cli.core.hypir as core_hypir
-    import pisa_cli.engine.hypir as engine_hypir
+    import pisa_cli.core.families.hypir_steps as core_hypir
+    import pisa_cli.core.families.hypir_tiles as engine_hypir
 
     image = noise_image(27, 37, seed=3)
     settings = HypirSettings(patch=128, stride=64)
@@ -223,3 +223,7 @@ def test_each_detail_of_the_official_path_matters(ours, hypir_oracle, monkeypatc
         with monkeypatch.context() as patch:
             patch.setattr(where, attribute, replacement)
             assert differences(upscale_image(ours(), image, settings), theirs)[0] > 3, name
+
+
+def _first(weights) -> dict:
+    return {"first": UnetAdapter(weights.layers, weights.source)}

@@ -13,7 +13,7 @@ from pisa_cli import load_pipeline
 from pisa_cli.models import streamed
 from pisa_cli.models.base import load_part
 from pisa_cli.models.checkpoint import load_checkpoint
-from pisa_cli.models.lora import PisaUNet
+from pisa_cli.models.lora import PisaUNet, checkpoint_adapters
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +74,9 @@ def test_streamed_merge_equals_float32_merge_then_cast(tiny_base, pisa_pkl, dtyp
         weights=str(pisa_pkl), base_model=str(tiny_base), device="cpu", dtype=dtype
     )
     lean = build(PipelineSpec(model, merged)).unet.unet.state_dict()
-    old = PisaUNet(load_part(tiny_base, "unet"), load_checkpoint(pisa_pkl), merged=merged)
+    old = PisaUNet(
+        load_part(tiny_base, "unet"), checkpoint_adapters(load_checkpoint(pisa_pkl)), merged
+    )
     old.to("cpu", torch_dtype)
     reference = old.unet.state_dict()
     assert lean.keys() == reference.keys()
@@ -116,7 +118,7 @@ def test_cast_before_the_move(tiny_base, pisa_pkl):
         return original(*args, **kwargs)
 
     unet.to = recording
-    PisaUNet(unet, load_checkpoint(pisa_pkl)).to("cpu", torch.bfloat16)
+    PisaUNet(unet, checkpoint_adapters(load_checkpoint(pisa_pkl))).to("cpu", torch.bfloat16)
     assert calls[0] == {"dtype": torch.bfloat16} and calls[1] == {"device": "cpu"}
 
 

@@ -8,7 +8,7 @@ import torch
 from pisa_cli.errors import WeightsError
 from pisa_cli.models.base import load_part
 from pisa_cli.models.checkpoint import PisaCheckpoint, load_checkpoint
-from pisa_cli.models.lora import PisaUNet, lora_delta
+from pisa_cli.models.lora import PisaUNet, checkpoint_adapters, lora_delta
 
 
 def peft_unet(base, pkl, branches):
@@ -76,7 +76,9 @@ def test_merged_and_side_path_equal_the_unmerged_lora_forward(tiny_base, pisa_pk
         "pisa": peft_eps(peft_unet(tiny_base, pisa_pkl, ("pix", "sem")), latents, cond),
     }
     assert (expected["pix"] - expected["pisa"]).abs().max() > 1e-2  # the LoRAs matter
-    unet = PisaUNet(load_part(tiny_base, "unet"), load_checkpoint(pisa_pkl), merged=merged)
+    unet = PisaUNet(
+        load_part(tiny_base, "unet"), checkpoint_adapters(load_checkpoint(pisa_pkl)), merged=merged
+    )
     with torch.no_grad():
         both = unet(latents, cond, ("pix", "pisa"))
         alone = {v: unet(latents, cond, (v,)) for v in ("pix", "pisa")}
@@ -89,7 +91,9 @@ def test_merged_and_side_path_equal_the_unmerged_lora_forward(tiny_base, pisa_pk
 
 def test_switching_variants_never_changes_the_weights(tiny_base, pisa_pkl, inputs):
     latents, cond = inputs
-    unet = PisaUNet(load_part(tiny_base, "unet"), load_checkpoint(pisa_pkl), merged="pisa")
+    unet = PisaUNet(
+        load_part(tiny_base, "unet"), checkpoint_adapters(load_checkpoint(pisa_pkl)), merged="pisa"
+    )
     before = {k: v.clone() for k, v in unet.unet.state_dict().items()}
     with torch.no_grad():
         first = unet(latents, cond, ("pisa",))
@@ -105,7 +109,9 @@ def test_switching_variants_never_changes_the_weights(tiny_base, pisa_pkl, input
 def test_merge_changes_exactly_the_lora_modules(tiny_base, pisa_pkl):
     checkpoint = load_checkpoint(pisa_pkl)
     plain = load_part(tiny_base, "unet").state_dict()
-    merged = PisaUNet(load_part(tiny_base, "unet"), checkpoint, merged="pix").unet.state_dict()
+    merged = PisaUNet(
+        load_part(tiny_base, "unet"), checkpoint_adapters(checkpoint), merged="pix"
+    ).unet.state_dict()
     targets = {f"{layer.module}.weight" for layer in checkpoint.layers("pix")}
     changed = {k for k in plain if not torch.equal(plain[k], merged[k])}
     assert changed == targets
@@ -126,7 +132,7 @@ def test_unknown_module_is_named(tiny_base, pisa_pkl):
     with pytest.raises(
         WeightsError, match=r"w\.pkl: LoRA module 'down_blocks\.9\.nothing' does not exist"
     ):
-        PisaUNet(load_part(tiny_base, "unet"), broken)
+        PisaUNet(load_part(tiny_base, "unet"), checkpoint_adapters(broken))
 
 
 def test_wrong_shape_is_named(tiny_base, pisa_pkl):
@@ -136,7 +142,7 @@ def test_wrong_shape_is_named(tiny_base, pisa_pkl):
     broken = _with_module(checkpoint, linear.module, conv.module + "_x")
     broken = _with_module(broken, conv.module + "_x", conv.module)  # linear LoRA on a conv
     with pytest.raises(WeightsError, match=conv.module.replace(".", r"\.")):
-        PisaUNet(load_part(tiny_base, "unet"), broken)
+        PisaUNet(load_part(tiny_base, "unet"), checkpoint_adapters(broken))
 
 
 @pytest.mark.parametrize(("dtype", "sizes"), [(torch.bfloat16, [1, 1, 1, 1]), (torch.float32, [4])])
@@ -147,7 +153,11 @@ def test_in_bf16_on_the_cpu_a_batch_runs_sample_by_sample(
     the CPU each sample runs alone, with its own side paths, and comes out as it would in
     a call of its own; fp32 keeps the batch."""
     latents, cond = inputs
-    unet = PisaUNet(load_part(tiny_base, "unet").to(dtype), load_checkpoint(pisa_pkl), "pix")
+    unet = PisaUNet(
+        load_part(tiny_base, "unet").to(dtype),
+        checkpoint_adapters(load_checkpoint(pisa_pkl)),
+        "pix",
+    )
     seen: list[int] = []
     forward = unet.forward
     unet.forward = lambda x, *a, **k: (seen.append(len(x)), forward(x, *a, **k))[1]

@@ -10,13 +10,14 @@ import torch
 from diffusers import AutoencoderKL
 
 from pisa_cli import load_pipeline
-from pisa_cli.models.adapters import OMGSR, PISA, load_adapter_folder
+from pisa_cli.core.families.omgsr_folder import load_adapter_folder
 from pisa_cli.options import SecondPassOptions, TileOptions, UpscaleOptions
 from tests.builders import noise_image, write_adapter_folder
 from tests.helpers import assert_close
 from tests.omgsr_reference import load_omgsr_reference, omgsr_upscale
 from tests.reference import load_reference, reference_upscale
 
+PISA, OMGSR = "pisa-sr", "omgsr"
 PROCESS = 64
 """Process size of the tests: latent tiles of 8 with overlap 4 by default, as 512 gives 64/32."""
 
@@ -142,7 +143,7 @@ def test_default_timestep_is_273(omgsr_pipe):
         273,
         "x0",
         ("first",),
-        OMGSR,
+        "square",
     )
     assert "timestep 273 (default 273)" in omgsr_pipe.describe(UpscaleOptions())[0]
 
@@ -187,7 +188,7 @@ def test_the_first_pass_encoder_is_untouched(pisa_then_folder, tiny_base):
     assert second_vae.encoder is not pisa_then_folder.vae.encoder
     stages = pisa_then_folder.stages(UpscaleOptions(process_size=PROCESS, second_pass=tudsr("x")))
     assert [s.encoder for s in stages] == ["first", "second"]
-    assert [s.tiling for s in stages] == ["stablesr", OMGSR]
+    assert [s.tiling for s in stages] == ["stablesr", "square"]
 
 
 @pytest.mark.slow

@@ -282,14 +282,14 @@ def test_second_pass_options_of_the_api(tiny_base, pisa_pkl, adapter_folder_2):
 def test_convert_names_an_adapter_folder(adapter_folder, tmp_path):
     result = run("convert", adapter_folder, "-o", tmp_path / "x.safetensors")
     assert result.exit_code == 3
-    assert "an OMGSR-style adapter folder, not PiSA-SR weights" in error_lines(result)[0]
+    assert "a UNet + VAE-encoder adapter folder, not PiSA-SR weights" in error_lines(result)[0]
 
 
 def test_a_folder_of_neither_kind_is_refused(tiny_base, photo, tmp_path):
     (tmp_path / "empty").mkdir()
     result = run("upscale", photo, "-o", tmp_path / "o", *model_args(tiny_base, tmp_path / "empty"))
     assert result.exit_code == 3
-    assert "not an OMGSR-style adapter folder" in error_lines(result)[0]
+    assert "not a UNet + VAE-encoder adapter folder" in error_lines(result)[0]
 
 
 def test_sweep_takes_a_folder_as_second_pass(

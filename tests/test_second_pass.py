@@ -15,7 +15,7 @@ from pisa_cli.cli import app
 from pisa_cli.errors import OptionsError, WeightsError
 from pisa_cli.models.base import load_part
 from pisa_cli.models.checkpoint import LoraLayer, load_checkpoint
-from pisa_cli.models.lora import PisaUNet
+from pisa_cli.models.lora import PisaUNet, UnetAdapter, checkpoint_adapters
 from pisa_cli.models.second_lora import load_second_lora
 from pisa_cli.options import SecondPassOptions, UpscaleOptions
 from tests.builders import noise_image, second_lora_unet, write_second_lora
@@ -126,7 +126,9 @@ def test_lora_for_a_missing_module_is_refused(tiny_base, pisa_pkl, second_lora):
     first = lora.layers[0]
     wrong = [LoraLayer("down_blocks.7.nowhere", first.down, first.up, first.scaling)]
     with pytest.raises(WeightsError, match=r"'down_blocks\.7\.nowhere' does not exist in the UNet"):
-        PisaUNet(load_part(tiny_base, "unet"), load_checkpoint(pisa_pkl), "second", wrong, "x")
+        adapters = checkpoint_adapters(load_checkpoint(pisa_pkl))
+        adapters["second"] = UnetAdapter(tuple(wrong), "x")
+        PisaUNet(load_part(tiny_base, "unet"), adapters, "second")
 
 
 def test_lora_of_the_wrong_shape_is_refused(tiny_base, pisa_pkl, second_lora):
@@ -134,7 +136,9 @@ def test_lora_of_the_wrong_shape_is_refused(tiny_base, pisa_pkl, second_lora):
     first = lora.layers[0]
     wrong = [LoraLayer(first.module, first.down[:, :3], first.up, first.scaling)]
     with pytest.raises(WeightsError, match="has shapes"):
-        PisaUNet(load_part(tiny_base, "unet"), load_checkpoint(pisa_pkl), "second", wrong, "x")
+        adapters = checkpoint_adapters(load_checkpoint(pisa_pkl))
+        adapters["second"] = UnetAdapter(tuple(wrong), "x")
+        PisaUNet(load_part(tiny_base, "unet"), adapters, "second")
 
 
 @pytest.mark.parametrize(

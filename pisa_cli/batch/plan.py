@@ -229,12 +229,11 @@ def dry_run(
 
     Channel widths come from the base model's configs when it is on disk, else from SD
     2.1-base's; the free memory is that of the device the run would use. The families (and
-    so the tile grids) follow the weights' names.
+    so the tile grids) follow the weights (their layout, headers or keys).
     """
-    from pisa_cli.core.hypir_pass import plan_hypir
-    from pisa_cli.core.planning import model_widths, plan_image
+    from pisa_cli.core.families import family_of
+    from pisa_cli.core.planning import model_widths
     from pisa_cli.imaging.io import read_size
-    from pisa_cli.models.adapters import HYPIR, OMGSR, family_of
     from pisa_cli.models.device import (
         free_memory,
         host_free_memory,
@@ -247,7 +246,7 @@ def dry_run(
     widths = model_widths(model.resolved_base_model())
     first = family_of(model.resolved_weights())
     kind = options.second_pass.kind
-    second_omgsr = kind == "tudsr" and family_of(options.second_pass.weights) == OMGSR
+    then = family_of(options.second_pass.weights, "second") if kind == "tudsr" else first
     for job in jobs:
         try:
             size = read_size(job.source)
@@ -257,17 +256,12 @@ def dry_run(
             continue
         free, host = free_memory(device), host_free_memory(device)
         itemsize = dtype.itemsize
-        if first == HYPIR:
-            plans = [plan_hypir(size, options, widths, itemsize, free)]
-        elif first == OMGSR:
-            plans = [plan_image(size, options, widths, itemsize, free, ("first",), OMGSR, host)]
-        else:
-            plans = [plan_image(size, options, widths, itemsize, free, host_free_bytes=host)]
+        variants = first.first_variants(options)
+        plans = [first.plan_image(size, options, widths, itemsize, free, host, variants)]
         if kind != "none":
             second = replace(options, scale=2, timestep=None, second_pass=SecondPassOptions())
             variants = ("second",) if kind == "tudsr" else plans[0].variants
-            tiling = OMGSR if second_omgsr else "stablesr"
             size = plans[0].resize.output_size
             free, host = free_memory(device), host_free_memory(device)
-            plans.append(plan_image(size, second, widths, itemsize, free, variants, tiling, host))
+            plans.append(then.plan_image(size, second, widths, itemsize, free, host, variants))
         yield job, plans

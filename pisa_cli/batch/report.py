@@ -1,9 +1,9 @@
 """``--report``: what happened to each image, as JSON or CSV (picked by the extension).
 
 Each image: input, output, status, error, why it ran or was skipped, the model family that
-ran (pisa-sr or omgsr, from the run's settings), input mode, input and output sizes (pixels
-and bytes), seconds per stage (a stage shared by a batch of images counts a share for each),
-the images in its model calls (``batch``), notes. JSON adds the run's summary and
+ran (its name in ``core.families``, from the run's settings), input mode, input and output
+sizes (pixels and bytes), seconds per stage (a stage shared by a batch of images counts a
+share for each), the images in its model calls (``batch``), notes. JSON adds the run's summary and
 settings. The file is written atomically at the end of the run, Ctrl-C included; where it
 goes is checked before the run (``check_report_path``). Names and messages are escaped as
 the display shows them (``imaging.names.shown``): a name that is not UTF-8 or holds control

@@ -52,7 +52,7 @@ def tiny_pipeline(
 
     if kind == "second":
         return random_pipeline("tiny", device, dtype, merged="second", second_rank=4)
-    return random_pipeline("tiny", device, dtype, omgsr=kind == "omgsr")
+    return random_pipeline("tiny", device, dtype, family="omgsr" if kind == "omgsr" else "")
 
 
 SECOND = SecondPassOptions(kind="tudsr", weights="(random)")

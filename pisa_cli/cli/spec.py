@@ -76,7 +76,7 @@ LOOK = [
     declared("vae_sample", common.VaeSample, UpscaleOptions),
 ]
 TIMESTEP = [declared("timestep", common.Timestep, UpscaleOptions)]
-"""An OMGSR-style first pass's timestep (the sweep runs PiSA-SR only)."""
+"""A first pass's timestep, for the families that take one (the sweep runs PiSA-SR only)."""
 TILES = [
     declared("latent_tile", common.LatentTile, TileOptions),
     declared("latent_overlap", common.LatentOverlap, TileOptions),
@@ -177,17 +177,14 @@ def upscale_options(values: Mapping[str, Any]) -> UpscaleOptions:
 
 
 def default_color_fix(weights: str) -> str:
-    """The colour fix of the weights' family when --color-fix is not given: HYPIR-SD2's
-    wavelet (done in float, as its code), adain for the others (their scripts')."""
+    """The colour fix of the weights' family when --color-fix is not given (each family
+    says its own, ``core.families``)."""
     import os
 
-    from pisa_cli.models.adapters import HYPIR, family_of
+    from pisa_cli.core.families import family_of
     from pisa_cli.options import WEIGHTS_ENV
 
-    path = weights or os.environ.get(WEIGHTS_ENV, "")
-    return (
-        "wavelet" if path and family_of(path) == HYPIR else default_of(UpscaleOptions, "color_fix")
-    )
+    return family_of(weights or os.environ.get(WEIGHTS_ENV, "")).color_fix
 
 
 def batch_options(values: Mapping[str, Any]) -> BatchOptions:

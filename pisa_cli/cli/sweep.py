@@ -157,20 +157,16 @@ def sweep_command(context: typer.Context, **values) -> None:
 
 def _settings(run: spec.SweepSpec):
     """SweepSettings and metric names from the sweep's own options (OptionsError if bad)."""
-    from pisa_cli.models.adapters import HYPIR, OMGSR, family_of
+    from pisa_cli.core.families import family_of
     from pisa_cli.sweep.grid import parse_grid
     from pisa_cli.sweep.metrics import BUILT_IN, parse_metrics
     from pisa_cli.sweep.settings import SweepSettings
     from pisa_cli.sweep.sheet import SheetOptions
 
     weights = run.model.resolved_weights()
-    family = family_of(weights)
-    if family in (OMGSR, HYPIR):
-        what = "an OMGSR-style adapter folder" if family == OMGSR else "HYPIR-SD2"
-        raise WeightsError(
-            f"{weights}: {what} has no lambdas to sweep (they are PiSA-SR's); use pisa "
-            "upscale, or sweep with PiSA-SR weights"
-        )
+    refusal = family_of(weights).refuses_sweep()
+    if refusal:
+        raise WeightsError(f"{weights}: {refusal}; use pisa upscale, or sweep with PiSA-SR weights")
     values = run.sweep
     grid = parse_grid(values["lambda_grid"], values["max_points"])
     gt = values["gt"]

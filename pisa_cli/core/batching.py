@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from pisa_cli.core.latents import Encoded, Latents, UpscaleResult, as_rgb, timed, to_tensor
-from pisa_cli.core.passes import Stage
+from pisa_cli.core.passes import PassPlan
 from pisa_cli.core.planning import ImagePlan
 from pisa_cli.core.recovery import Failure, NotFinite, finite, retry_halving
 from pisa_cli.engine import memory, vae
@@ -81,7 +81,7 @@ class BatchedPipeline(Protocol):
     vae_factor: int
     batch_state: BatchState
 
-    def stages(self, options: UpscaleOptions) -> list[Stage]: ...
+    def stages(self, options: UpscaleOptions) -> list[PassPlan]: ...
     def plan(
         self,
         size: tuple[int, int],
@@ -90,7 +90,7 @@ class BatchedPipeline(Protocol):
         tiling: str = "stablesr",
     ) -> ImagePlan: ...
     def run_stage(
-        self, image: Any, stage: Stage, timings: dict[str, float], notes: list[str]
+        self, image: Any, stage: PassPlan, timings: dict[str, float], notes: list[str]
     ) -> tuple[Any, ImagePlan]: ...
     def embed(self, prompt: str) -> torch.Tensor: ...
     def pad(self, image: torch.Tensor) -> torch.Tensor: ...
@@ -106,7 +106,7 @@ class BatchedPipeline(Protocol):
         timestep: int = ...,
     ) -> dict[str, torch.Tensor]: ...
     def step(
-        self, latents: torch.Tensor, eps: dict[str, torch.Tensor], stage: Stage
+        self, latents: torch.Tensor, eps: dict[str, torch.Tensor], stage: PassPlan
     ) -> torch.Tensor: ...
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor: ...
     def decode_latents(
@@ -150,11 +150,13 @@ class Batcher:
         """``BatchState.limits``."""
         return self.state.limits
 
-    def plan(self, image: Any, stage: Stage) -> ImagePlan:
-        return self.pipeline.plan(image.size, stage.options, stage.variants, stage.tiling)
+    def plan(self, image: Any, stage: PassPlan) -> ImagePlan:
+        return self.pipeline.plan(
+            image.size, stage.options, stage.variants, stage.tiling, stage.planner
+        )
 
     @staticmethod
-    def key(plan: ImagePlan, stage: Stage) -> Hashable | None:
+    def key(plan: ImagePlan, stage: PassPlan) -> Hashable | None:
         """Equal for images that can share the calls of a pass; None: the image runs alone
         (its VAE runs in bands)."""
         if plan.encoder_tile is not None or plan.decoder_tile is not None:
@@ -220,7 +222,7 @@ class Batcher:
     def run(
         self,
         group: list[tuple[Member, ImagePlan]],
-        stage: Stage,
+        stage: PassPlan,
         first: bool,
         requested: int | None,
     ) -> None:
@@ -262,7 +264,7 @@ class Batcher:
             )
             self.state.warned = True
 
-    def alone(self, member: Member, stage: Stage) -> None:
+    def alone(self, member: Member, stage: PassPlan) -> None:
         """One image through the pass, with the single image's recoveries."""
         try:
             member.image, plan = self.pipeline.run_stage(
@@ -273,7 +275,7 @@ class Batcher:
         else:
             member.plans.append(plan)
 
-    def together(self, group: list[tuple[Member, ImagePlan]], stage: Stage, first: bool) -> None:
+    def together(self, group: list[tuple[Member, ImagePlan]], stage: PassPlan, first: bool) -> None:
         """One pass over images of one key in shared calls. Nothing is kept of a batch that
         raises: the members are as they were."""
         pipe, options = self.pipeline, stage.options

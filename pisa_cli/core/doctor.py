@@ -33,6 +33,7 @@ def run_checks(model: ModelOptions) -> list[Check]:
     checks += _device_checks(model)
     checks.append(_base_model_check(model))
     checks.append(_weights_check(model))
+    checks.append(_families_check())
     checks.append(_self_test(model))
     return checks
 
@@ -96,38 +97,30 @@ def _base_model_check(model: ModelOptions) -> Check:
 
 
 def _weights_check(model: ModelOptions) -> Check:
-    """The weights and the model family they make (PiSA-SR, OMGSR-style or HYPIR-SD2)."""
-    from pisa_cli.models.adapters import (
-        FAMILY_NAMES,
-        HYPIR,
-        OMGSR,
-        PISA,
-        family_of,
-        load_adapter_folder,
-        resolve_timestep,
-    )
-    from pisa_cli.models.checkpoint import load_checkpoint, resolve_weights_path
+    """The weights and the model family they make (its own line, ``Family.doctor``)."""
+    from pisa_cli.core.families import family_of
+    from pisa_cli.models.checkpoint import resolve_weights_path
 
     try:
         path = resolve_weights_path(model.resolved_weights())
-        if family_of(path) == OMGSR:
-            folder = load_adapter_folder(path)
-            timestep, origin = resolve_timestep(None, folder.timestep, None, str(path))
-            detail = f"{folder.describe()}, timestep {timestep} ({origin})"
-            return Check("weights", OK, f"{FAMILY_NAMES[OMGSR]}: {path} ({detail})")
-        if family_of(path) == HYPIR:
-            from pisa_cli.models.hypir import LICENCE, load_hypir_weights
-
-            detail = f"{load_hypir_weights(path).describe()}; {LICENCE}"
-            return Check("weights", OK, f"{FAMILY_NAMES[HYPIR]}: {path} ({detail})")
-        checkpoint = load_checkpoint(path)
+        return Check("weights", OK, family_of(path).doctor(path))
     except PisaError as error:
         return Check("weights", MISSING, str(error))
-    layers = sum(len(names) for names in checkpoint.modules.values())
-    ranks = dict(checkpoint.ranks)
-    return Check(
-        "weights", OK, f"{FAMILY_NAMES[PISA]}: {path} ({layers} LoRA layers, ranks {ranks})"
-    )
+
+
+def _families_check() -> Check:
+    """The model families this install knows: built in, and plug-ins from the
+    ``pisa_cli.families`` entry-point group (a plug-in that failed to load is BROKEN)."""
+    from pisa_cli.core.families import BUILT_IN, families, plugins
+
+    names = [
+        f"{f.name} ({'/'.join(f.roles)} pass{'' if f in BUILT_IN else ', plug-in'})"
+        for f in families()
+    ]
+    problems = plugins()[1]
+    if problems:
+        return Check("families", BROKEN, "; ".join(problems))
+    return Check("families", OK, ", ".join(names))
 
 
 def _self_test(model: ModelOptions) -> Check:

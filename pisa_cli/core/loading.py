@@ -1,5 +1,5 @@
 """Loading the models once per run: SD 2.1-base (hub id or folder), the first pass's weights
-(the PiSA-SR checkpoint or an OMGSR-style adapter folder), an optional second-pass LoRA, the
+(read by their family, ``core.families``), an optional second-pass LoRA, the
 merged-UNet and prompt caches, and assembling the PisaPipeline on the device."""
 
 from __future__ import annotations
@@ -11,25 +11,15 @@ from pathlib import Path
 
 import torch
 
+from pisa_cli.core.families import LoadedWeights, family_of, named
+from pisa_cli.core.families.base import Family
 from pisa_cli.core.passes import Passes
 from pisa_cli.core.pipeline import PisaPipeline
-from pisa_cli.engine.denoise import variants_needed
 from pisa_cli.engine.lean import use_lean_resnets
-from pisa_cli.errors import WeightsError
 from pisa_cli.models import cache
-from pisa_cli.models.adapters import (
-    HYPIR,
-    OMGSR,
-    PISA,
-    AdapterFolder,
-    family_of,
-    load_adapter_folder,
-    weight_files,
-)
 from pisa_cli.models.base import unet_from_state, unet_state_spec
-from pisa_cli.models.checkpoint import PisaCheckpoint, load_checkpoint, resolve_weights_path
+from pisa_cli.models.checkpoint import resolve_weights_path
 from pisa_cli.models.device import keep_freed_memory, resolve_device, resolve_dtype
-from pisa_cli.models.hypir import HypirWeights, load_hypir_weights
 from pisa_cli.models.lora import (
     VARIANT_ADAPTERS,
     PisaUNet,
@@ -39,7 +29,6 @@ from pisa_cli.models.lora import (
     merged_layers,
     named_adapters,
 )
-from pisa_cli.models.second_lora import SecondLora, load_second_lora
 from pisa_cli.models.streamed import give_back_heap
 from pisa_cli.models.text import PromptEncoder
 from pisa_cli.options import ModelOptions, UpscaleOptions
@@ -47,33 +36,21 @@ from pisa_cli.options import ModelOptions, UpscaleOptions
 log = logging.getLogger(__name__)
 
 
-def merged_variant(options: UpscaleOptions | None, family: str = PISA) -> str:
+def merged_variant(options: UpscaleOptions | None, family: Family | str = "") -> str:
     """The weight set worth merging for a run (the others are side paths): the second pass's
-    when there is a LoRA second pass (it works on 4x the pixels), else an adapter folder's
-    (``family`` omgsr), else PiSA's for equal lambdas, else the pixel set."""
+    when there is a LoRA second pass (it works on 4x the pixels), else the one the first
+    pass's family names (PiSA-SR's for equal lambdas, else its pixel set)."""
     if options is not None and options.second_pass.kind == "tudsr":
         return "second"
-    if family in (OMGSR, HYPIR):
-        return "first"
-    if options is None:
-        return "pisa"
-    return "pisa" if variants_needed(options.lambda_pix, options.lambda_sem) == ("pisa",) else "pix"
+    if isinstance(family, str):
+        family = named(family) if family else family_of("")
+    return family.merged_variant(options)
 
 
-SecondWeights = SecondLora | AdapterFolder
-"""A second pass's weights: a UNet-only LoRA, or an OMGSR-style folder."""
-
-
-def load_second(path: str | Path) -> SecondWeights:
-    """The second pass's weights: an OMGSR-style folder, else a UNet LoRA file or folder."""
-    family = family_of(path)
-    if family == OMGSR:
-        return load_adapter_folder(path)
-    if family == HYPIR:
-        raise WeightsError(
-            f"{path}: HYPIR-SD2 weights run as the first pass only (pass them as --weights)"
-        )
-    return load_second_lora(path)
+def load_second(path: str | Path) -> LoadedWeights:
+    """The second pass's weights, read by the family they belong to."""
+    path = Path(path).expanduser()
+    return family_of(path, "second").load(path, "second")
 
 
 @dataclass(frozen=True)
@@ -136,19 +113,14 @@ def build(spec: PipelineSpec) -> PisaPipeline:
     torch_device = resolve_device(model.device)
     torch_dtype = resolve_dtype(model.dtype, torch_device)
     weights_path = resolve_weights_path(model.resolved_weights())
-    family = family_of(weights_path)
-    checkpoint, first = None, None
-    if family in (OMGSR, HYPIR):
-        first = (load_adapter_folder if family == OMGSR else load_hypir_weights)(weights_path)
-        log.info("%s: %s", first.source, first.describe())
-    else:
-        checkpoint = load_checkpoint(weights_path)
+    first = family_of(weights_path).load(weights_path, "first")
+    log.info("%s: %s", first.source, first.detail)
     second = load_second(spec.second_weights) if spec.second_weights else None
     folder = resolve_base_model(model.resolved_base_model())
     check_base_folder(folder)
     log.info("base model %s, weights %s", folder, weights_path)
     merged = spec.merged
-    key = _merged_key(folder, weights_path, merged, torch_dtype, second)
+    key = _merged_key(folder, first, weights_path, merged, torch_dtype, second)
     prompts = PromptEncoder(
         lambda: load_part(folder, "tokenizer"),
         lambda: load_part(folder, "text_encoder"),
@@ -165,7 +137,7 @@ def build(spec: PipelineSpec) -> PisaPipeline:
     if state is not None:
         unet = unet_from_state(folder, state)
     else:  # merged while loading, straight into the compute dtype
-        unet = _stream_unet(folder, torch_dtype, checkpoint, merged, first, second)
+        unet = _stream_unet(folder, torch_dtype, merged, first, second)
         premerged = unet is not None
     if unet is None:  # an older layout: diffusers' loader, in float32, merged after
         unet = load_part(folder, "unet")
@@ -176,13 +148,12 @@ def build(spec: PipelineSpec) -> PisaPipeline:
         vae_model=vae_model,
         prompts=prompts,
         scheduler=load_part(folder, "scheduler"),
-        checkpoint=checkpoint,
+        weights=first,
         device=torch_device,
         dtype=torch_dtype,
         merged=merged,
         second=second,
         premerged=premerged,
-        first=first,
     )
     if state is None:
         cache.save_tensors("merged", key, pipeline.unet.unet.state_dict(), keep=cache.MAX_MERGED)
@@ -194,10 +165,9 @@ def build(spec: PipelineSpec) -> PisaPipeline:
 def _stream_unet(
     folder: Path,
     dtype: torch.dtype,
-    checkpoint: PisaCheckpoint | None,
     merged: str,
-    first: AdapterFolder | None,
-    second: SecondWeights | None,
+    first: LoadedWeights,
+    second: LoadedWeights | None,
 ) -> torch.nn.Module | None:
     """The UNet in ``dtype`` with the ``merged`` weight set's LoRAs merged while each tensor
     loads (float32 one tensor at a time: the load never holds a float32 UNet); None when it
@@ -205,13 +175,7 @@ def _stream_unet(
     from pisa_cli.models.base import load_part_in, part_skeleton
 
     skeleton = part_skeleton(folder, "unet")
-    adapters, sources = named_adapters(
-        checkpoint,
-        list(first.unet) if first else None,
-        first.unet_source if first else "",
-        _unet_layers(second),
-        second.source if second else "",
-    )
+    adapters, sources = named_adapters(_unet_adapters(first, second))
     if any(adapter not in adapters for adapter in VARIANT_ADAPTERS.get(merged, ("?",))):
         return None  # PisaUNet names the problem
     check_adapters(dict(skeleton.named_modules()), adapters, sources)
@@ -219,22 +183,33 @@ def _stream_unet(
     return load_part_in(folder, "unet", dtype, adjust, skeleton)
 
 
-def _vae_loras(first: AdapterFolder | None, second: SecondWeights | None) -> bool:
+def _unet_adapters(first: LoadedWeights, second: LoadedWeights | None) -> dict:
+    """Every UNet LoRA loaded, by adapter name."""
+    return {**first.unet, **(second.unet if second is not None else {})}
+
+
+def _vae_loras(first: LoadedWeights, second: LoadedWeights | None) -> bool:
     """Whether a VAE-encoder LoRA will be merged (then the VAE loads in float32 and is cast
     after the merge, as the UNet's LoRAs round once)."""
-    return first is not None or (isinstance(second, AdapterFolder) and bool(second.encoder))
+    return first.encoder is not None or (second is not None and second.encoder is not None)
 
 
 def _merged_key(
-    folder: Path, weights: Path, merged: str, dtype: torch.dtype, second: SecondWeights | None
+    folder: Path,
+    first: LoadedWeights,
+    weights: Path,
+    merged: str,
+    dtype: torch.dtype,
+    second: LoadedWeights | None,
 ) -> str:
     """Cache key of a merged UNet: digests of everything the merged weights depend on."""
     from pisa_cli.models.base import weights_file
 
     second_files = []
     if second is not None:
-        second_files = [cache.file_digest(f) for f in weight_files(Path(second.source))]
-    weights_digest = [cache.file_digest(f) for f in weight_files(weights)]
+        files = second.family.weight_files(Path(second.source))
+        second_files = [cache.file_digest(f) for f in files]
+    weights_digest = [cache.file_digest(f) for f in first.family.weight_files(weights)]
     return cache.make_key(
         unet=cache.file_digest(weights_file(folder, "unet")),
         unet_config=cache.file_digest(folder / "unet" / "config.json"),
@@ -259,78 +234,44 @@ def build_pipeline(
     vae_model: torch.nn.Module,
     prompts: PromptEncoder,
     scheduler: object,
-    checkpoint: PisaCheckpoint | None,
+    weights: LoadedWeights,
     device: torch.device,
     dtype: torch.dtype,
     merged: str = "pisa",
-    second: SecondWeights | None = None,
+    second: LoadedWeights | None = None,
     premerged: bool = False,
-    first: AdapterFolder | HypirWeights | None = None,
 ) -> PisaPipeline:
     """Assemble a pipeline from CPU parts: merge the LoRAs (unless ``premerged``: the UNet's
     weights come merged from the cache), then move everything to the device.
 
-    ``first``: an OMGSR-style folder for the first pass (``checkpoint`` None). The VAE-encoder
-    LoRAs are merged into the encoder of the pass that has one; when the two passes need
-    different encoders, the second pass gets its own copy (see _second_vae)."""
+    ``weights``: the first pass's, ``second``: the x2 pass's (each read by its family). A
+    VAE-encoder LoRA is merged into the encoder of the pass that has one; when the two
+    passes need different encoders, the second pass gets its own copy (see _second_vae)."""
     unet.eval().requires_grad_(False)
     vae_model.eval().requires_grad_(False)
     if device.type == "cpu":
         keep_freed_memory()
-    second_vae = _second_vae(vae_model, first, second)
-    if first is not None:
-        merge_layers(vae_model.encoder, first.encoder, first.encoder_source, "VAE encoder")
+    second_vae = _second_vae(vae_model, weights, second)
+    if weights.encoder is not None:
+        encoder = weights.encoder
+        merge_layers(vae_model.encoder, list(encoder.layers), encoder.source, "VAE encoder")
     use_lean_resnets(unet)  # the same values, fewer passes over memory
     use_lean_resnets(vae_model)
-    pisa_unet = PisaUNet(
-        unet,
-        checkpoint,
-        merged,
-        _unet_layers(second),
-        second.source if second else "",
-        premerged,
-        first=list(first.unet) if first else None,
-        first_source=first.unet_source if first else "",
-    )
+    pisa_unet = PisaUNet(unet, _unet_adapters(weights, second), merged, premerged)
     pisa_unet.to(device, dtype)
     for model in (vae_model, second_vae):
         if model is not None:
             _vae_to(model, device, dtype)
-    passes = _passes(scheduler, first, second)
+    passes = Passes(
+        weights.pass_weights(),
+        timesteps=len(scheduler.alphas_cumprod),  # type: ignore[attr-defined]
+        second=second.pass_weights() if second is not None else None,
+    )
     return PisaPipeline(pisa_unet, vae_model, prompts, scheduler, device, dtype, passes, second_vae)
 
 
-def _passes(
-    scheduler, first: AdapterFolder | HypirWeights | None, second: SecondWeights | None
-) -> Passes:
-    """What each pass of the pipeline will run, from the weights loaded for it."""
-    passes = Passes(timesteps=len(scheduler.alphas_cumprod), has_second=second is not None)
-    if first is not None:
-        family = HYPIR if isinstance(first, HypirWeights) else OMGSR
-        passes = replace(
-            passes, family=family, first_timestep=first.timestep, first_source=first.source
-        )
-    if second is not None:
-        family = OMGSR if isinstance(second, AdapterFolder) else "lora"
-        passes = replace(
-            passes,
-            second_family=family,
-            second_timestep=second.timestep,
-            second_source=second.source,
-        )
-    return passes
-
-
-def _unet_layers(second: SecondWeights | None) -> list | None:
-    if second is None:
-        return None
-    return list(second.unet if isinstance(second, AdapterFolder) else second.layers)
-
-
 def _second_vae(
-    vae_model: torch.nn.Module,
-    first: AdapterFolder | HypirWeights | None,
-    second: SecondWeights | None,
+    vae_model: torch.nn.Module, first: LoadedWeights, second: LoadedWeights | None
 ) -> torch.nn.Module | None:
     """The VAE of the second pass when its encoder differs from the first pass's, else None.
 
@@ -339,13 +280,12 @@ def _second_vae(
     compiled or concurrent use; it costs one VAE encoder (34 M parameters, 68 MB in bf16,
     4 % of the UNet). The copy is made before the first pass's LoRA is merged; the
     decoder and quant_conv are shared, not copied."""
-    own = list(second.encoder) if isinstance(second, AdapterFolder) else []
-    if second is None or not (own or first is not None):
+    if second is None or (second.encoder is None and first.encoder is None):
         return None
     encoder = copy.deepcopy(vae_model.encoder)
-    if own:
-        source = second.encoder_source  # type: ignore[union-attr]
-        merge_layers(encoder, own, source, "VAE encoder")
+    if second.encoder is not None:
+        own = second.encoder
+        merge_layers(encoder, list(own.layers), own.source, "VAE encoder")
     use_lean_resnets(encoder)
     view = copy.copy(vae_model)  # shares the decoder: only the encoder is its own
     view._modules = {**vae_model._modules, "encoder": encoder}

@@ -1,158 +1,144 @@
-"""What the loaded weights make of each pass: its family, timestep, UNet variants and
-rule. Decided when the pipeline is built (``Passes``), never patched on afterwards."""
+"""What the loaded weights make of each pass: a ``PassPlan`` per pass (family, timestep,
+UNet variants, rule, tiling). Decided when the pipeline is built (``Passes``), never
+patched on afterwards. The rules come from the weights' family (``core.families``): this
+module only asks it, through the ``PassRules`` protocol."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
 
-from pisa_cli.engine.denoise import variants_needed
+from pisa_cli.engine.tiles import Tiling
 from pisa_cli.errors import OptionsError
-from pisa_cli.models.adapters import FAMILY_NAMES, HYPIR, OMGSR, PISA, resolve_timestep
 from pisa_cli.options import SecondPassOptions, UpscaleOptions
 
-TIMESTEP = 1
-"""PiSA-SR's fixed UNet timestep."""
-HYPIR_TIMESTEP = 200
-"""HYPIR-SD2's model_t and coeff_t (--timestep sets both)."""
+Role = Literal["first", "second"]
+"""Which pass weights serve: the first pass (``--weights``) or the x2 second pass."""
+Rule = Literal["lambdas", "x0", "own"]
+"""How a pass turns eps into z_H: z_L - eps with the lambdas combined, the DDPM one-step
+x0 formula at the pass's timestep, or the family's own path (``PassPlan.runner``)."""
+Encoder = Literal["first", "second"]
+"""Whose VAE encoder encodes a pass: the first pass's or the second pass's."""
+Variant = Literal["pix", "pisa", "first", "second"]
+"""UNet weight sets: the pixel LoRA, both LoRAs, a first-pass LoRA, a second-pass LoRA."""
+
+Planner = Callable[..., Any]
+"""A family's image plan: (size, options, widths, dtype_bytes, free, host, variants) ->
+ImagePlan (``Family.plan_image``)."""
+PassRunner = Callable[..., Any]
+"""A family's own pass: (pipeline, image, plan, timings, notes) -> (image, ImagePlan)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PassPlan:
+    """One pass of the model over an image, as its family plans it."""
+
+    name: str = ""
+    """"" for the first pass, "second" for the x2 pass (prefix of its timings)."""
+    family: str
+    """The name of the family whose weights run (``core.families``)."""
+    variants: tuple[Variant, ...]
+    """UNet weight sets the pass needs."""
+    timestep: int
+    rule: Rule
+    options: UpscaleOptions
+    """Scale, prompt, colour fix, tiles and lambdas of this pass."""
+    tiling: Tiling = "stablesr"
+    """The UNet tile grid (``engine.tiles``)."""
+    encoder: Encoder = "first"
+    runner: PassRunner | None = field(default=None, compare=False)
+    """The family's own pass (rule ``own``); None: the pipeline's four stages."""
+    planner: Planner | None = field(default=None, compare=False)
+    """The family's own image plan (its own tiler); None: ``core.planning.plan_image``."""
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One pass of the model over an image."""
+class PassWeights:
+    """What a pass needs to know of the weights loaded for it."""
+
+    family: PassRules
+    source: str = ""
+    timestep: int | None = None
+    """The timestep the weights record, if they do."""
+
+
+class PassRules(Protocol):
+    """The part of a family (``core.families.base.Family``) that plans passes."""
 
     name: str
-    """"" for the PiSA-SR pass, "second" for the x2 pass (prefix of its timings)."""
-    variants: tuple[str, ...]
-    """UNet weight sets the pass needs."""
-    timestep: int
-    rule: str
-    """pisa: z_H = z_L - eps (lambdas combined); x0: the DDPM one-step formula; hypir:
-    HYPIR's whole path (``core.hypir``), x0 per latent window."""
-    options: UpscaleOptions
-    """Scale, prompt, colour fix, tiles and lambdas of this pass."""
-    tiling: str = "stablesr"
-    """The UNet tile grid: stablesr (PiSA-SR's script), omgsr (OMGSR-S's script) or hypir
-    (HYPIR's windows, for the VAE too)."""
-    encoder: str = "first"
-    """Whose VAE encoder encodes: the first pass's or the second pass's."""
+
+    def first_pass(self, weights: PassWeights, options: UpscaleOptions, steps: int) -> PassPlan:
+        """The first pass over ``options`` (OptionsError for options it refuses)."""
+        ...
+
+    def second_pass(
+        self, weights: PassWeights, options: UpscaleOptions, steps: int, flag: int | None
+    ) -> PassPlan:
+        """The x2 second pass (``options`` at scale 2 with its prompt; ``flag``: the
+        --second-pass-timestep given, if any)."""
+        ...
+
+    def repeat_pass(
+        self, weights: PassWeights, options: UpscaleOptions, first: PassPlan
+    ) -> PassPlan:
+        """``--second-pass pisa``: the first pass's weights again at x2 (or refused)."""
+        ...
+
+    def refuses_second_pass(self, kind: str) -> str:
+        """ "" when a second pass may follow this first pass, else the one-line refusal."""
+        ...
+
+    def describe_loaded(self, weights: PassWeights, options: UpscaleOptions, role: Role) -> str:
+        """What runs, for the log: the family, the weights and the timestep."""
+        ...
 
 
 @dataclass(frozen=True)
 class Passes:
     """The passes a pipeline can run, from the weights it was built with."""
 
+    first: PassWeights
+    """The first pass's weights and family."""
     timesteps: int = 1000
     """The scheduler's number of training timesteps (valid timesteps: 0 to this - 1)."""
-    family: str = PISA
-    """The first pass's model family: pisa-sr, or omgsr (an adapter folder)."""
-    first_timestep: int | None = None
-    """The timestep an OMGSR-style first pass's folder records, if it does."""
-    first_source: str = ""
-    has_second: bool = False
-    """A second-pass LoRA was loaded (a ``second`` UNet variant)."""
-    second_family: str = ""
-    """The second pass's LoRA layout: lora (UNet only) or omgsr (an adapter folder)."""
-    second_timestep: int | None = None
-    """The timestep stored in the second-pass LoRA file, if it has one."""
-    second_source: str = ""
+    second: PassWeights | None = None
+    """The second pass's weights and family (a ``second`` UNet variant), if loaded."""
 
-    def stages(self, options: UpscaleOptions) -> list[Stage]:
-        """The passes ``options`` ask for: the first pass at ``scale`` (PiSA-SR, or an
-        OMGSR-style folder at its timestep), then the optional x2 pass."""
-        first = self._first_stage(options)
+    @property
+    def family(self) -> str:
+        return self.first.family.name
+
+    def stages(self, options: UpscaleOptions) -> list[PassPlan]:
+        """The passes ``options`` ask for: the first pass at ``scale``, then the optional
+        x2 pass."""
+        rules = self.first.family
+        first = rules.first_pass(self.first, options, self.timesteps)
         second = options.second_pass
         if second.kind == "none":
             return [first]
-        if self.family == HYPIR:
-            raise OptionsError(
-                f"--second-pass {second.kind}: HYPIR-SD2 runs as a single pass (it takes "
-                "--scale up to 16 itself)"
-            )
+        refusal = rules.refuses_second_pass(second.kind)
+        if refusal:
+            raise OptionsError(refusal)
         plain = replace(options, scale=2, timestep=None, second_pass=SecondPassOptions())
         if second.kind == "pisa":
-            if self.family != PISA:
-                raise OptionsError(
-                    "--second-pass pisa needs PiSA-SR weights; with an adapter folder use "
-                    "--second-pass tudsr --second-pass-weights DIR"
-                )
-            return [first, Stage("second", first.variants, TIMESTEP, "pisa", plain)]
-        if not self.has_second:
+            return [first, rules.repeat_pass(self.first, plain, first)]
+        if self.second is None:
             raise OptionsError(
                 "this pipeline was loaded without a second-pass LoRA; load it with "
                 "options that name --second-pass-weights"
             )
         tudsr = replace(plain, prompt=second.prompt)
-        if self.second_family == OMGSR:
-            timestep, _ = self.second_pass_timestep(second.timestep)
-            return [first, Stage("second", ("second",), timestep, "x0", tudsr, OMGSR, "second")]
-        timestep = second.timestep if second.timestep is not None else self.second_timestep
-        if timestep is None:
-            raise OptionsError(
-                f"{self.second_source}: the LoRA file does not say its timestep; pass "
-                "--second-pass-timestep T"
-            )
-        steps = self.timesteps
-        if not 0 <= timestep < steps:
-            raise OptionsError(f"--second-pass-timestep {timestep} must be from 0 to {steps - 1}")
-        return [first, Stage("second", ("second",), timestep, "x0", tudsr, encoder="second")]
-
-    def _first_stage(self, options: UpscaleOptions) -> Stage:
-        if self.family == HYPIR:
-            lambdas = (options.lambda_pix, options.lambda_sem)
-            if lambdas != (1.0, 1.0):
-                raise OptionsError(
-                    "--lambda-pix/--lambda-sem: only PiSA-SR has lambdas; HYPIR-SD2 has none"
-                )
-            timestep, _ = self.first_pass_timestep(options.timestep)
-            return Stage("", ("first",), timestep, HYPIR, options, HYPIR)
-        if self.family == PISA:
-            if options.timestep is not None:
-                raise OptionsError(
-                    f"--timestep {options.timestep}: PiSA-SR runs at t = 1; --timestep is for "
-                    "OMGSR-style adapter folders"
-                )
-            lambdas = (options.lambda_pix, options.lambda_sem)
-            return Stage("", variants_needed(*lambdas), TIMESTEP, "pisa", options)
-        timestep, _ = self.first_pass_timestep(options.timestep)
-        return Stage("", ("first",), timestep, "x0", options, OMGSR)
-
-    def first_pass_timestep(self, flag: int | None) -> tuple[int, str]:
-        """(timestep, where it came from) of an OMGSR-style or HYPIR first pass; WeightsError
-        when it is outside the scheduler's range."""
-        if self.family == HYPIR:
-            origin = "--timestep" if flag is not None else f"default {HYPIR_TIMESTEP}"
-            timestep = HYPIR_TIMESTEP if flag is None else flag
-            if not 0 <= timestep < self.timesteps:
-                raise OptionsError(f"--timestep {timestep} must be from 0 to {self.timesteps - 1}")
-            return timestep, origin
-        return resolve_timestep(flag, self.first_timestep, self.timesteps, self.first_source)
-
-    def second_pass_timestep(self, flag: int | None) -> tuple[int, str]:
-        """The same for an OMGSR-style second pass (the flag: --second-pass-timestep)."""
-        what = "--second-pass-timestep"
-        recorded, source = self.second_timestep, self.second_source
-        return resolve_timestep(flag, recorded, self.timesteps, source, what)
+        return [
+            first,
+            self.second.family.second_pass(self.second, tudsr, self.timesteps, second.timestep),
+        ]
 
     def describe(self, options: UpscaleOptions) -> list[str]:
         """What runs, for the log: each pass's family, weights and timestep."""
-        lines = []
-        if self.family == HYPIR:
-            timestep, origin = self.first_pass_timestep(options.timestep)
-            lines.append(
-                f"{FAMILY_NAMES[HYPIR]} {self.first_source}, model_t = coeff_t = {timestep} "
-                f"({origin}); weights for non-commercial use only"
-            )
-        elif self.family == OMGSR:
-            timestep, origin = self.first_pass_timestep(options.timestep)
-            lines.append(
-                f"{FAMILY_NAMES[OMGSR]} {self.first_source}, timestep {timestep} ({origin})"
-            )
-        else:
-            lines.append(f"{FAMILY_NAMES[PISA]}, timestep {TIMESTEP}")
-        if options.second_pass.kind == "tudsr" and self.second_family == OMGSR:
-            timestep, origin = self.second_pass_timestep(options.second_pass.timestep)
-            lines.append(
-                f"second pass: {FAMILY_NAMES[OMGSR]} {self.second_source}, timestep {timestep} "
-                f"({origin})"
-            )
+        lines = [self.first.family.describe_loaded(self.first, options, "first")]
+        if options.second_pass.kind == "tudsr" and self.second is not None:
+            line = self.second.family.describe_loaded(self.second, options, "second")
+            if line:
+                lines.append(line)
         return lines

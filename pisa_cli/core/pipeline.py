@@ -29,12 +29,13 @@ from pisa_cli.core.latents import (
     to_image,
     to_tensor,
 )
-from pisa_cli.core.passes import TIMESTEP, Passes, Stage
+from pisa_cli.core.passes import Passes, PassPlan, Planner
 from pisa_cli.core.planning import ImagePlan, plan_image
 from pisa_cli.core.recovery import StageGuard
 from pisa_cli.engine import color, memory, vae
 from pisa_cli.engine.denoise import combine_eps, predict_eps, x0_from_eps
-from pisa_cli.engine.tiles import TilePlan
+from pisa_cli.engine.tiles import TilePlan, Tiling
+from pisa_cli.engine.vae import Store
 from pisa_cli.imaging.deep import DEEP_MAX, DeepImage
 from pisa_cli.imaging.resize import restore_size, upsample_input
 from pisa_cli.models.device import free_memory, host_free_memory
@@ -76,7 +77,7 @@ class PisaPipeline:
         self.batch_state = BatchState()
         """What batches of this pipeline learned (images per call that fit), for the next."""
         steps = len(scheduler.alphas_cumprod)  # type: ignore[attr-defined]
-        self.passes = passes or Passes(timesteps=steps, has_second="second" in unet.variants)
+        self.passes = passes or _default_passes(steps)
         """What each pass runs (families, timesteps), decided by what was loaded."""
         self.second_vae = second_vae
         """The VAE with the second pass's encoder, when it differs from the first's (the
@@ -84,13 +85,14 @@ class PisaPipeline:
 
     @property
     def family(self) -> str:
-        return self.passes.family
+        """The name of the first pass's family (``core.families``)."""
+        return self.passes.first.family.name
 
     @property
     def second_family(self) -> str:
-        return self.passes.second_family
+        return self.passes.second.family.name if self.passes.second else ""
 
-    def stages(self, options: UpscaleOptions) -> list[Stage]:
+    def stages(self, options: UpscaleOptions) -> list[PassPlan]:
         """The passes ``options`` ask for (``Passes.stages``)."""
         return self.passes.stages(options)
 
@@ -121,15 +123,14 @@ class PisaPipeline:
         size: tuple[int, int],
         options: UpscaleOptions,
         variants: tuple[str, ...] | None = None,
-        tiling: str = "stablesr",
+        tiling: Tiling = "stablesr",
+        planner: Planner | None = None,
     ) -> ImagePlan:
         """The plan for an input of ``size`` (width, height) in the memory free right now."""
         free, host = free_memory(self.device), host_free_memory(self.device)
         itemsize = self.dtype.itemsize
-        if tiling == "hypir":
-            from pisa_cli.core.hypir_pass import plan_hypir
-
-            return plan_hypir(size, options, self.widths, itemsize, free)
+        if planner is not None:  # the family's own tiler
+            return planner(size, options, self.widths, itemsize, free, host, variants)
         return plan_image(size, options, self.widths, itemsize, free, variants, tiling, host)
 
     @torch.inference_mode()
@@ -143,7 +144,7 @@ class PisaPipeline:
         upsampled: Image.Image,
         options: UpscaleOptions,
         tile: int | None = None,
-        store: str = "ram",
+        store: Store = "ram",
         encoder: str = "first",
     ) -> Encoded:
         """z_L of the bicubic upsampled image, padded (replicate) to a multiple of 8, by the
@@ -181,7 +182,7 @@ class PisaPipeline:
         variants: tuple[str, ...],
         tiles: TilePlan,
         tile_batch: int = 1,
-        timestep: int = TIMESTEP,
+        timestep: int = 1,
     ) -> dict[str, torch.Tensor]:
         """eps of each UNet variant (``pix``, ``pisa``, ``second``) over the latent tiles
         (float32), the latents taken in the UNet's dtype (fp32 during its redo; a compiled
@@ -198,7 +199,7 @@ class PisaPipeline:
         latents: torch.Tensor,
         size: tuple[int, int],
         tile: int | None = None,
-        store: str = "ram",
+        store: Store = "ram",
     ) -> torch.Tensor:
         """The decoded image in [0, 1], cropped to ``size`` (undoing the padding)."""
         image = vae.decode(self.vae, latents, tile=tile, store=store)
@@ -239,13 +240,11 @@ class PisaPipeline:
         return UpscaleResult(image, plans[0], timings, notes, second)
 
     def run_stage(
-        self, image: Image.Image, stage: Stage, timings: dict[str, float], notes: list[str]
+        self, image: Image.Image, stage: PassPlan, timings: dict[str, float], notes: list[str]
     ) -> tuple[Image.Image, ImagePlan]:
         """One pass of ``stage`` over ``image``: the finished image and the plan as run."""
-        if stage.rule == "hypir":  # HYPIR's own path: all three stages in its windows
-            from pisa_cli.core.hypir_pass import run_hypir
-
-            return run_hypir(self, image, stage, timings, notes)
+        if stage.runner is not None:  # the family's own path (rule own)
+            return stage.runner(self, image, stage, timings, notes)
         prefix = f"{stage.name}_" if stage.name else ""
         latents = self.prepare_latents(image, stage, timings, notes)
         eps = self.predict_eps(latents, stage, timings, notes)
@@ -276,7 +275,7 @@ class PisaPipeline:
 
     # --- the stages of a pass, public: pisa upscale, pisa sweep and the bench call them ----
     def prepare_latents(
-        self, image: Image.Image, stage: Stage, timings: dict[str, float], notes: list[str]
+        self, image: Image.Image, stage: PassPlan, timings: dict[str, float], notes: list[str]
     ) -> Latents:
         """Preprocess (plan, upsample), embed the prompt and encode: z_L of ``image``."""
         options = stage.options
@@ -284,7 +283,7 @@ class PisaPipeline:
         deep = isinstance(image, DeepImage)
         with timed(timings, prefix + "preprocess"):
             rgb = as_rgb(image)
-            plan = self.plan(rgb.size, options, stage.variants, stage.tiling)
+            plan = self.plan(rgb.size, options, stage.variants, stage.tiling, stage.planner)
             upsampled = upsample_input(rgb, plan.resize)
         with timed(timings, prefix + "text"):
             cond = self.embed(options.prompt)
@@ -295,7 +294,7 @@ class PisaPipeline:
         return Latents(plan=plan, cond=cond, encoded=encoded, deep=deep)
 
     def predict_eps(
-        self, latents: Latents, stage: Stage, timings: dict[str, float], notes: list[str]
+        self, latents: Latents, stage: PassPlan, timings: dict[str, float], notes: list[str]
     ) -> dict[str, torch.Tensor]:
         """eps of each of the stage's UNet variants over the latent tiles (retried with
         smaller tiles when memory runs out; ``latents.plan`` follows)."""
@@ -339,7 +338,7 @@ class PisaPipeline:
         return self.unet.calls
 
     def step(
-        self, latents: torch.Tensor, eps: dict[str, torch.Tensor], stage: Stage
+        self, latents: torch.Tensor, eps: dict[str, torch.Tensor], stage: PassPlan
     ) -> torch.Tensor:
         """z_H from z_L and the eps of the stage's variants."""
         if stage.rule == "x0":
@@ -347,3 +346,11 @@ class PisaPipeline:
             return x0_from_eps(latents, eps[stage.variants[0]], alpha_bar)
         options = stage.options
         return latents - combine_eps(eps, options.lambda_pix, options.lambda_sem)
+
+
+def _default_passes(steps: int) -> Passes:
+    """A pipeline built without ``passes``: PiSA-SR's (the default family)."""
+    from pisa_cli.core.families import family_of
+    from pisa_cli.core.passes import PassWeights
+
+    return Passes(PassWeights(family_of("")), timesteps=steps)

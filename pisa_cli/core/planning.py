@@ -6,14 +6,20 @@ folder without loading anything, and the pipeline follows the same plan when it 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pisa_cli.engine import memory
 from pisa_cli.engine.denoise import variants_needed
-from pisa_cli.engine.tiles import TilePlan, plan_tiles
+from pisa_cli.engine.tiles import TilePlan, Tiling, plan_tiles
+from pisa_cli.engine.vae import Store
 from pisa_cli.errors import ImageError
 from pisa_cli.imaging.resize import ResizePlan, plan_resize
 from pisa_cli.options import UpscaleOptions
+
+TileDefaults = Callable[[UpscaleOptions, int], tuple[int, int]]
+"""A family's (tile, overlap) in latent pixels from the options and the largest tile the
+free memory allows (``Family.default_tiles``)."""
 
 
 @dataclass(frozen=True)
@@ -30,13 +36,13 @@ class ImagePlan:
     latent_tile: int
     latent_overlap: int
     tile_batch: int
-    tiling: str
-    """The family's tile grid: stablesr (PiSA-SR) or omgsr (square tiles, OMGSR-S)."""
+    tiling: Tiling
+    """The family's tile grid (``engine.tiles.Tiling``)."""
     encoder_tile: int | None
     """Encoder tile side in image pixels, None when the image is encoded whole."""
     decoder_tile: int | None
     """Decoder tile side in latent pixels, None when the latent is decoded whole."""
-    store: str
+    store: Store
     """Where a tiled VAE keeps whole-image activations: ram, disk, or - (not tiled)."""
     peak_bytes: int
     """Estimated working memory at the busiest stage (weights not included)."""
@@ -88,13 +94,15 @@ def plan_image(
     dtype_bytes: int,
     free_bytes: int,
     variants: tuple[str, ...] | None = None,
-    tiling: str = "stablesr",
+    tiling: Tiling = "stablesr",
     host_free_bytes: int | None = None,
+    tile_defaults: TileDefaults | None = None,
 ) -> ImagePlan:
     """The plan for an input of ``size`` (width, height) under ``free_bytes`` of memory.
 
     ``variants`` are the UNet weight sets the pass needs (default: those of the lambdas);
-    ``tiling`` the family's tile grid and defaults (REFERENCE sections 5 and 9).
+    ``tiling`` the family's tile grid (REFERENCE sections 5 and 9), ``tile_defaults`` its
+    (tile, overlap) when the options leave them to it (None: ``stablesr_tiles``).
     ``host_free_bytes``: the RAM free for the tiled VAE's planes, which live on the host,
     when the model runs on an accelerator (None: on the CPU, where the two are one)."""
     factor = widths.vae_factor
@@ -105,7 +113,8 @@ def plan_image(
     variants = variants or variants_needed(options.lambda_pix, options.lambda_sem)
     tiles = options.tiles
 
-    latent_tile, overlap = _latent_tile(options, widths, dtype_bytes, free_bytes, variants, tiling)
+    auto = memory.auto_latent_tile(free_bytes, widths, dtype_bytes, len(variants))
+    latent_tile, overlap = (tile_defaults or stablesr_tiles)(options, auto)
     unet = plan_tiles(latent_h, latent_w, latent_tile, overlap, tiling)
     per_sample = memory.unet_tile_bytes(*unet.tile_size, widths.unet, dtype_bytes)
     batch = tiles.tile_batch or memory.auto_tile_batch(
@@ -141,7 +150,7 @@ def plan_image(
 
     enc_bytes = vae_bytes(encoder, enc_untiled)
     dec_bytes = vae_bytes(None if decoder is None else decoder * factor, dec_untiled)
-    store = "-"
+    store: Store = "-"
     if encoder is not None or decoder is not None:
         ram = memory.ram_store_bytes(height, width, widths, dtype_bytes)
         if host_free_bytes is not None:  # the planes are in host RAM, the bands on the device
@@ -216,23 +225,11 @@ PISA_OVERLAP = 32
 """PiSA-SR's script's latent tile overlap."""
 
 
-def _latent_tile(
-    options: UpscaleOptions,
-    widths: memory.Widths,
-    dtype_bytes: int,
-    free_bytes: int,
-    variants: tuple[str, ...],
-    tiling: str,
-) -> tuple[int, int]:
-    """(tile, overlap) in latent pixels: the options', else the family's default, which
-    shrinks when memory is short. PiSA-SR: 96 and 32 (at most a third of an automatic tile);
-    OMGSR-style: its script's process_size // 8 and half the tile."""
+def stablesr_tiles(options: UpscaleOptions, auto: int) -> tuple[int, int]:
+    """(tile, overlap) in latent pixels on StableSR's grid: the options', else 96 or what
+    the memory allows (``auto``) and 32, at most a third of an automatic tile (PiSA-SR's
+    script, REFERENCE section 5)."""
     tiles = options.tiles
-    auto = memory.auto_latent_tile(free_bytes, widths, dtype_bytes, len(variants))
-    if tiling == "omgsr":
-        tile = tiles.latent_tile or min(max(1, options.process_size // 8), auto)
-        overlap = tile // 2 if tiles.latent_overlap is None else tiles.latent_overlap
-        return tile, overlap
     tile = tiles.latent_tile or auto
     overlap = PISA_OVERLAP if tiles.latent_overlap is None else tiles.latent_overlap
     if tiles.latent_tile is None:

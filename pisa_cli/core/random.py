@@ -20,22 +20,24 @@ def random_pipeline(
     device: torch.device,
     dtype: torch.dtype,
     *,
-    merged: str = "pisa",
+    merged: str = "",
     second_rank: int = 0,
     checkpoint_seed: int = 1,
-    omgsr: bool = False,
+    family: str = "",
 ) -> PisaPipeline:
     """``architecture`` (``tiny`` or ``sd21-base``, configs shipped in the package) with
-    random weights (seed 0), a random PiSA-SR LoRA (``checkpoint_seed``) and, with
-    ``second_rank``, a random second-pass LoRA of that rank (TUDSR-S uses 32). ``omgsr``:
-    an OMGSR-style first pass instead (random UNet and VAE-encoder LoRAs, timestep 273)."""
+    random weights (seed 0), random weights of ``family`` (its name in ``core.families``;
+    "": the default family, PiSA-SR's LoRAs) from ``checkpoint_seed`` and, with
+    ``second_rank``, a random second-pass LoRA of that rank (TUDSR-S uses 32). ``merged``:
+    the weight set merged ("": the family's)."""
     from transformers import CLIPTokenizer
 
+    from pisa_cli.core.families import family_of, named
+    from pisa_cli.core.families.unet_lora import UnetLora
     from pisa_cli.models.second_lora import SecondLora
     from pisa_cli.models.synthetic import (
         build_random_base,
         config_dir,
-        random_checkpoint,
         random_lora_layers,
         write_tokenizer,
     )
@@ -46,32 +48,14 @@ def random_pipeline(
         write_tokenizer(Path(folder), config_dir(architecture))
         tokenizer = CLIPTokenizer.from_pretrained(folder)
     prompts = PromptEncoder(lambda: tokenizer, lambda: parts.text_encoder)  # type: ignore[arg-type,return-value]
-    if omgsr:
-        from pisa_cli.models.adapters import AdapterFolder
-
-        first = AdapterFolder(
-            unet=tuple(random_lora_layers(parts.unet, 8, seed=checkpoint_seed)),
-            encoder=tuple(random_lora_layers(parts.vae.encoder, 4, seed=checkpoint_seed + 1)),
-            timestep=273,
-            source="random OMGSR-style folder",
-        )
-        return build_pipeline(
-            parts.unet,
-            parts.vae,
-            prompts,
-            parts.scheduler,
-            None,
-            device,
-            dtype,
-            "first",
-            None,
-            first=first,
-        )
-    checkpoint = random_checkpoint(parts.unet, seed=checkpoint_seed)
+    first_family = named(family) if family else family_of("")
+    weights = first_family.random_weights(parts, checkpoint_seed)
     second = None
     if second_rank:
         layers = tuple(random_lora_layers(parts.unet, second_rank, seed=2))
-        second = SecondLora(layers, SECOND_PASS_TIMESTEP, "random second-pass LoRA")
+        lora = SecondLora(layers, SECOND_PASS_TIMESTEP, "random second-pass LoRA")
+        second = UnetLora().from_lora(lora)
+    merged = merged or first_family.merged_variant(None)
     return build_pipeline(
-        parts.unet, parts.vae, prompts, parts.scheduler, checkpoint, device, dtype, merged, second
+        parts.unet, parts.vae, prompts, parts.scheduler, weights, device, dtype, merged, second
     )

@@ -172,12 +172,12 @@ class StageGuard:
         def shrink(current: ImagePlan) -> ImagePlan | None:
             if current.tile_batch > 1:
                 return replace(current, tile_batch=current.tile_batch // 2)
-            if current.tiling == "hypir":
+            if current.tiling == "windows":
                 return None  # its window is the model's patch_size: never shrunk
             tile = min(current.latent_tile, max(current.unet.tile_size)) // 2
             if tile < MIN_LATENT_TILE:
                 return None
-            share = 2 if current.tiling == "omgsr" else 3  # the family's overlap of a tile
+            share = 2 if current.tiling == "square" else 3  # the grid's overlap of a tile
             overlap = min(current.latent_overlap, tile // share)
             height, width = current.latent_size
             tiles = plan_tiles(height, width, tile, overlap, current.tiling)

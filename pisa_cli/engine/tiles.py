@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal, get_args
 
 import torch
 
@@ -39,7 +40,7 @@ class TilePlan:
     tiles: tuple[Tile, ...]
     y_shift: float = 0.0
     """Where the Gaussian weight of a tile peaks along y, past the middle row (L - 1) / 2:
-    0 for StableSR's grid, 0.5 for OMGSR's (its y centre is L / 2)."""
+    0 for StableSR's grid, 0.5 for the square grid (its y centre is L / 2)."""
 
     def __post_init__(self) -> None:
         if not self.tiles:
@@ -98,7 +99,7 @@ def plan_latent_tiles(height: int, width: int, tile: int, overlap: int) -> TileP
 
 
 def plan_square_tiles(height: int, width: int, tile: int, overlap: int) -> TilePlan:
-    """The OMGSR-S script's tile plan (REFERENCE section 9): square tiles of side
+    """The square tile plan of REFERENCE section 9's script: square tiles of side
     min(tile, height, width) on the grid of :func:`axis_origins`, Gaussian peak half a row
     below the middle. Untiled up to ``tile * tile`` latent pixels, as in section 5.
 
@@ -119,13 +120,15 @@ def plan_square_tiles(height: int, width: int, tile: int, overlap: int) -> TileP
     return TilePlan(height, width, tiles, y_shift=0.5)
 
 
-TILINGS = ("stablesr", "omgsr")
-"""How a family tiles its latents: StableSR's grid (PiSA-SR's script) or OMGSR-S's."""
+Tiling = Literal["stablesr", "square", "windows"]
+"""How a family tiles: StableSR's latent grid (REFERENCE section 5), the square grid of
+section 9, or one Gaussian window grid for all three stages (section 10, its own planner)."""
+TILINGS: tuple[Tiling, ...] = get_args(Tiling)
 
 
 def plan_tiles(height: int, width: int, tile: int, overlap: int, tiling: str) -> TilePlan:
     """The tile plan of ``tiling`` (one of TILINGS)."""
-    if tiling == "omgsr":
+    if tiling == "square":
         return plan_square_tiles(height, width, tile, overlap)
     if tiling != "stablesr":
         raise ValueError(f"unknown tiling {tiling!r}")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
 from pisa_cli.engine import memory
 from pisa_cli.engine.planes import PlaneStore
 from pisa_cli.engine.tiled_vae import BandRunner, decode_tiled, encode_tiled
+
+Store = Literal["ram", "disk", "-"]
+"""Where a tiled VAE keeps whole-image activations: RAM, a temporary file, or - (not
+tiled)."""
 
 
 def scaling_factor(vae: nn.Module) -> float:
@@ -25,7 +31,7 @@ def _layout(x: torch.Tensor, vae: nn.Module) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last(vae) else x
 
 
-def _runner(vae: nn.Module, tile_pixels: int, store: str, device: torch.device) -> BandRunner:
+def _runner(vae: nn.Module, tile_pixels: int, store: Store, device: torch.device) -> BandRunner:
     widths = memory.Widths(vae=int(vae.config.block_out_channels[0]))  # type: ignore[union-attr]
     return BandRunner(
         PlaneStore(store, "cpu"),
@@ -64,7 +70,7 @@ def encode(
     sample: bool = False,
     generator: Generators = None,
     tile: int | None = None,
-    store: str = "ram",
+    store: Store = "ram",
 ) -> torch.Tensor:
     """Scaled latents z_L of (N, 3, H, W) images in [-1, 1]: the mean, or a sample (with
     one generator per image, each image's noise is what it would be alone).
@@ -103,12 +109,12 @@ def decode(
     vae: nn.Module,
     latents: torch.Tensor,
     tile: int | None = None,
-    store: str = "ram",
+    store: Store = "ram",
     clamp: bool = True,
 ) -> torch.Tensor:
     """Images in [-1, 1] of scaled (N, 4, h, w) ``latents`` (clamped, as the reference does,
-    unless ``clamp`` is False, as HYPIR's; an overflow, inf, comes out NaN, never clamped
-    into range).
+    unless ``clamp`` is False, as one family's reference code does; an overflow, inf, comes
+    out NaN, never clamped into range).
 
     ``tile`` (latent pixels) decodes one latent in bands holding at most the activations of
     a tile x tile latent; None decodes the whole latents at once. Both give the same image.

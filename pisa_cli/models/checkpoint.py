@@ -104,11 +104,11 @@ def resolve_weights_path(spec: str) -> Path:
 
 UNET_ADAPTER = "unet_lora_adapter"
 ENCODER_ADAPTER = "vae_encoder_lora_adapter"
-"""The two peft adapter folders of an OMGSR-style model (models/adapters.py reads them)."""
+"""The two peft adapter folders of an adapter-folder model (``core.families`` reads them)."""
 
 
 def is_adapter_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a folder holding either adapter folder of the OMGSR layout."""
+    """Whether ``path`` is a folder holding either adapter folder of that layout."""
     path = Path(path).expanduser()
     return path.is_dir() and any((path / name).is_dir() for name in (UNET_ADAPTER, ENCODER_ADAPTER))
 
@@ -140,9 +140,9 @@ def _kind(path: Path) -> str:
     WeightsError for anything else (a folder, a text file, an empty file)."""
     if path.is_dir():
         if is_adapter_folder(path):
-            raise WeightsError(f"{path}: an OMGSR-style adapter folder, not PiSA-SR weights")
+            raise WeightsError(f"{path}: a UNet + VAE-encoder adapter folder, not PiSA-SR weights")
         raise WeightsError(
-            f"{path}: is a folder, but not an OMGSR-style adapter folder (one holding "
+            f"{path}: is a folder, but not a UNet + VAE-encoder adapter folder (one holding "
             "unet_lora_adapter/ and vae_encoder_lora_adapter/); PiSA-SR weights are one file: "
             "pass the pisa_sr.pkl (or the safetensors file from `pisa convert`) itself"
         )

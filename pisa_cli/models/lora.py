@@ -12,7 +12,7 @@ the two weight sets is a flag: the UNet's parameters stay bit-identical whatever
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,8 +29,26 @@ VARIANT_ADAPTERS = {
     "second": ("second",),
 }
 """Each UNet weight set is the base weights plus these LoRAs: PiSA-SR's pixel LoRA, pixel +
-semantic LoRA, the UNet LoRA of an OMGSR-style first pass, and the LoRA of an optional
+semantic LoRA, the UNet LoRA of another family's first pass, and the LoRA of an optional
 second pass (TUDSR-style x2); the last two are each trained on the plain backbone."""
+ADAPTER_ORDER = ("pix", "sem", "first", "second")
+"""The order side paths are installed in (their sums round in this order)."""
+
+
+@dataclass(frozen=True)
+class UnetAdapter:
+    """One LoRA of the UNet, checked, and where it was read from (for messages)."""
+
+    layers: tuple[LoraLayer, ...]
+    source: str
+
+
+def checkpoint_adapters(checkpoint: PisaCheckpoint) -> dict[str, UnetAdapter]:
+    """The pixel and semantic LoRAs of a PiSA-SR checkpoint, as adapters."""
+    source = checkpoint.source or "weights"
+    return {b: UnetAdapter(tuple(checkpoint.layers(b)), source) for b in ("pix", "sem")}
+
+
 VARIANTS = ("pix", "pisa")
 """The two weight sets of PiSA-SR itself."""
 
@@ -128,23 +146,14 @@ def merge_while_loading(layers: Sequence[LoraLayer]) -> Callable:
 
 
 def named_adapters(
-    checkpoint: PisaCheckpoint | None,
-    first: Sequence[LoraLayer] | None = None,
-    first_source: str = "first-pass LoRA",
-    second: Sequence[LoraLayer] | None = None,
-    second_source: str = "second-pass LoRA",
+    adapters: Mapping[str, UnetAdapter],
 ) -> tuple[dict[str, list[LoraLayer]], dict[str, str]]:
-    """The UNet LoRAs by adapter (pix, sem, first, second: those given), and the file each
-    comes from (for messages)."""
-    adapters: dict[str, list[LoraLayer]] = {}
-    if checkpoint is not None:
-        adapters = {"pix": list(checkpoint.layers("pix")), "sem": list(checkpoint.layers("sem"))}
-    for name, layers in (("first", first), ("second", second)):
-        if layers:
-            adapters[name] = list(layers)
-    source = (checkpoint.source or "weights") if checkpoint is not None else "weights"
-    sources = {"pix": source, "sem": source, "first": first_source, "second": second_source}
-    return adapters, sources
+    """The UNet LoRAs by adapter name, in ``ADAPTER_ORDER`` (their side paths sum in that
+    order), and the file each comes from (for messages)."""
+    order = [n for n in ADAPTER_ORDER if n in adapters]
+    order += [n for n in adapters if n not in ADAPTER_ORDER]
+    layers = {name: list(adapters[name].layers) for name in order}
+    return layers, {name: adapters[name].source for name in order}
 
 
 def check_adapters(
@@ -197,18 +206,13 @@ class PisaUNet:
     def __init__(
         self,
         unet: nn.Module,
-        checkpoint: PisaCheckpoint | None,
+        adapters: Mapping[str, UnetAdapter],
         merged: str = "pisa",
-        second: Sequence[LoraLayer] | None = None,
-        second_source: str = "second-pass LoRA",
         premerged: bool = False,
-        first: Sequence[LoraLayer] | None = None,
-        first_source: str = "first-pass LoRA",
     ):
-        """``checkpoint`` None: no PiSA-SR weights, ``first`` (an OMGSR-style UNet LoRA)
-        is the first pass's."""
-        present = {"pix": checkpoint, "pisa": checkpoint, "first": first, "second": second}
-        self.variants = {k: v for k, v in VARIANT_ADAPTERS.items() if present[k]}
+        """``adapters``: the LoRAs loaded, by name (``VARIANT_ADAPTERS`` composes the weight
+        sets from them; a set is there when all its adapters are)."""
+        self.variants = {k: v for k, v in VARIANT_ADAPTERS.items() if all(a in adapters for a in v)}
         if merged not in self.variants:
             raise ValueError(f"merged must be one of {tuple(self.variants)}, not {merged!r}")
         self.unet = unet
@@ -220,11 +224,11 @@ class PisaUNet:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._branches: list[_SideBranch] = []
         modules = dict(unet.named_modules())
-        adapters, sources = named_adapters(checkpoint, first, first_source, second, second_source)
-        check_adapters(modules, adapters, sources)
+        layers, sources = named_adapters(adapters)
+        check_adapters(modules, layers, sources)
         if not premerged:  # premerged: merged while loading, or by the merged-UNet cache
-            self._merge(merged_layers(adapters, merged), modules)
-        self._install_side_paths(adapters, modules)
+            self._merge(merged_layers(layers, merged), modules)
+        self._install_side_paths(layers, modules)
 
     @property
     def device(self) -> torch.device:

@@ -21,7 +21,6 @@ from PIL import Image
 from pisa_cli.core.batching import decode_points
 from pisa_cli.core.latents import Encoded, Latents, as_rgb, timed
 from pisa_cli.core.loading import merged_variant
-from pisa_cli.core.passes import TIMESTEP, Stage
 from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.core.planning import ImagePlan
 from pisa_cli.engine.denoise import combine_eps
@@ -143,7 +142,7 @@ class Sweeper:
         points), through the pipeline's own stages."""
         pipe, timings, notes = self.pipeline, {}, []
         rgb = as_rgb(image)
-        stage = Stage("", VARIANTS, TIMESTEP, "pisa", self.options)
+        stage = replace(pipe.stages(self.options)[0], variants=VARIANTS)
         latents = pipe.prepare_latents(rgb, stage, timings, notes)
         calls = pipe.unet_calls
         eps = pipe.predict_eps(latents, stage, timings, notes)
@@ -194,7 +193,8 @@ class Sweeper:
             pipe = self.merged
             assert pipe is not None
             stage = pipe.stages(at(self.options, BASIS["pisa"]))[0]
-            plan = pipe.plan(prepared.image.size, stage.options, stage.variants, stage.tiling)
+            size = prepared.image.size
+            plan = pipe.plan(size, stage.options, stage.variants, stage.tiling, stage.planner)
             latents = replace(prepared.latents, plan=plan)
             calls = pipe.unet_calls
             eps = pipe.predict_eps(latents, stage, prepared.timings, prepared.notes)

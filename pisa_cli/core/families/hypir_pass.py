@@ -13,7 +13,7 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from pisa_cli.core.hypir import (
+from pisa_cli.core.families.hypir_steps import (
     LATENT_CHANNELS,
     HypirParts,
     HypirSettings,
@@ -21,10 +21,15 @@ from pisa_cli.core.hypir import (
     encode_windows,
     step_windows,
 )
+from pisa_cli.core.families.hypir_tiles import (
+    VAE_FACTOR,
+    enlarged_size,
+    finish_output,
+    plan_windows,
+)
 from pisa_cli.core.latents import Encoded, as_rgb, timed, to_deep, to_image, to_tensor
 from pisa_cli.core.planning import ImagePlan
 from pisa_cli.engine import memory
-from pisa_cli.engine.hypir import VAE_FACTOR, enlarged_size, finish_output, plan_windows
 from pisa_cli.imaging.deep import DeepImage
 from pisa_cli.imaging.resize import ResizePlan
 from pisa_cli.options import UpscaleOptions
@@ -32,9 +37,9 @@ from pisa_cli.options import UpscaleOptions
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pisa_cli.core.passes import Stage
+    from pisa_cli.core.passes import PassPlan
 
-TILING = "hypir"
+TILING = "windows"
 
 
 def plan_hypir(
@@ -87,21 +92,21 @@ def plan_hypir(
 def run_hypir(
     pipe: Any,
     image: Image.Image | DeepImage,
-    stage: Stage,
+    stage: PassPlan,
     timings: dict[str, float],
     notes: list[str],
 ) -> tuple[Image.Image | DeepImage, ImagePlan]:
     """One HYPIR pass of ``pipe`` (a PisaPipeline, which imports this module) over
     ``image``: the finished image (8-bit truncated once, or a DeepImage for 16-bit inputs)
     and the plan as run."""
-    from pisa_cli.engine.hypir import prepare_input
+    from pisa_cli.core.families.hypir_tiles import prepare_input
 
     settings = HypirSettings.from_options(stage.options)
     prefix = f"{stage.name}_" if stage.name else ""
     device = pipe.device
     with timed(timings, prefix + "preprocess"):
         rgb = as_rgb(image)
-        plan = pipe.plan(rgb.size, stage.options, stage.variants, TILING)
+        plan = pipe.plan(rgb.size, stage.options, stage.variants, TILING, stage.planner)
         prepared = prepare_input(to_tensor(rgb).to(device), settings.scale, settings.patch)
     with timed(timings, prefix + "text"):
         cond = pipe.embed(settings.prompt)

@@ -2,7 +2,7 @@
 that takes the loaded parts (UNet with its LoRA merged, VAE, prompt embedding, scheduler
 alphas) from an image to the upscaled image.
 
-The three stages are HYPIR's all-stage tiler (``engine.hypir.tiled_map``): the encoder on
+The three stages are HYPIR's all-stage tiler (``hypir_tiles.tiled_map``): the encoder on
 patch-pixel windows, the UNet step on patch / 8 latent windows (eps at model_t, x0 with
 coeff_t), the decoder (unclamped) on the same latent windows. Everything stays float until
 the single quantization at the end (8-bit truncated as the official, or 16-bit for 16-bit
@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from pisa_cli.core.latents import timed, to_deep, to_image, to_tensor
-from pisa_cli.engine import vae as vae_engine
-from pisa_cli.engine.hypir import (
+from pisa_cli.core.families.hypir_tiles import (
     DEFAULT_PATCH,
     DEFAULT_STRIDE,
     DEFAULT_TIMESTEP,
@@ -33,6 +31,8 @@ from pisa_cli.engine.hypir import (
     tiled_map,
     x0_rule,
 )
+from pisa_cli.core.latents import timed, to_deep, to_image, to_tensor
+from pisa_cli.engine import vae as vae_engine
 from pisa_cli.engine.tiles import TilePlan
 from pisa_cli.errors import OptionsError
 from pisa_cli.imaging.deep import DeepImage

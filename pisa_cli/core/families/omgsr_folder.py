@@ -10,7 +10,8 @@ at may be recorded as ``timestep`` or ``mid_timestep`` in either adapter config 
 safetensors header, or as ``mid_timestep:`` in a ``cfg.yml`` (the training config
 OMGSR's trainer writes) in the folder; else it is OMGSR-S's 273.
 
-Detection is by names only (no file is read), so the CLI can tell the family cheaply.
+Detection is by the layout (the two peft adapter folders), so the CLI can tell the family
+cheaply; the configs and tensors are checked when read.
 """
 
 from __future__ import annotations
@@ -24,31 +25,12 @@ from pisa_cli.models.checkpoint import (
     ENCODER_ADAPTER,
     UNET_ADAPTER,
     LoraLayer,
-    is_adapter_folder,
 )
 from pisa_cli.models.second_lora import read_peft_folder, whole_timestep
 
 DEFAULT_TIMESTEP = 273
 """OMGSR-S's mid timestep (its script's default and its README's value)."""
-PISA, OMGSR, HYPIR = "pisa-sr", "omgsr", "hypir"
-"""Model families: PiSA-SR (``pisa_sr.pkl``), OMGSR-style adapter folders, HYPIR-SD2
-(``HYPIR_sd2.pth``, recognised from its keys: ``models.hypir``)."""
-FAMILY_NAMES = {
-    PISA: "PiSA-SR",
-    OMGSR: "OMGSR-style (UNet + VAE-encoder LoRA, mid timestep)",
-    HYPIR: "HYPIR-SD2 (UNet LoRA, all-stage tiles)",
-}
 TRAINING_CONFIG = "cfg.yml"
-
-
-def family_of(weights: str | Path) -> str:
-    """The model family of a ``--weights`` path: OMGSR for an adapter folder, HYPIR for a
-    torch file of HYPIR's LoRA keys, else PiSA-SR."""
-    from pisa_cli.models.hypir import is_hypir_weights
-
-    if weights and is_adapter_folder(weights):
-        return OMGSR
-    return HYPIR if weights and is_hypir_weights(weights) else PISA
 
 
 @dataclass(frozen=True)
@@ -179,11 +161,3 @@ def planned_timestep(
     """(timestep, where it came from) of an adapter folder before anything is loaded (the
     scheduler's range is checked when it is)."""
     return resolve_timestep(flag, folder_timestep(path), None, str(path), what)
-
-
-def weight_files(path: Path) -> list[Path]:
-    """The files a weights path consists of: itself, or every file under a folder (sorted)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        return sorted(f for f in path.rglob("*") if f.is_file())
-    return [path]
