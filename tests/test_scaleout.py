@@ -1,5 +1,6 @@
-"""`pisa upscale` as two processes for real, under torchrun / accelerate launch (each rank
-runs --shard RANK/WORLD_SIZE) and with --devices cpu,cpu: the outputs of one process byte
+"""`pisa upscale` as two processes for real, under torchrun (each rank runs --shard
+RANK/WORLD_SIZE; accelerate launch runs torchrun's launcher, and its variables are mapped in
+test_distributed) and with --devices cpu,cpu: the outputs of one process byte
 for byte, each image run once, one report part per share; a rank killed mid-run leaves
 complete outputs and a rerun (any number of processes) finishes the set."""
 
@@ -93,26 +94,10 @@ def check_complete_run(out: Path, report: Path, stderr: str, reference: dict, mi
     assert all(path.read_text().strip() for path in manifest.files())
 
 
-def accelerate(*args: object) -> list[str]:
-    """accelerate's torchrun launcher (--multi_gpu): with no GPU here the ranks take the CPU
-    and gloo, as they would under torchrun."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    launcher += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    launcher += ["--dynamo_backend", "no", "--main_process_port", "0"]
-    return [*launcher, "-m", "pisa_cli", "upscale", *map(str, args)]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
-def test_two_ranks_write_what_one_process_writes(launch, mixed, model, reference, tmp_path):
+def test_two_ranks_write_what_one_process_writes(mixed, model, reference, tmp_path):
     out, report = tmp_path / "out", tmp_path / "report.json"
-    args = (mixed, "-o", out, *model, "--report", report)
-    if launch == "accelerate":
-        pytest.importorskip("accelerate")  # installed with peft; not a dependency of ours
-    command = {
-        "torchrun": lambda: torchrun(*args),
-        "accelerate": lambda: accelerate(*args),
-    }[launch]()
+    command = torchrun(mixed, "-o", out, *model, "--report", report)
     run = subprocess.run(
         command, env=rank_environment(), capture_output=True, text=True, timeout=300
     )
