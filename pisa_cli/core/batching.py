@@ -24,12 +24,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from pisa_cli.core.latents import Encoded, Latents, UpscaleResult, as_rgb, timed, to_tensor
+from pisa_cli.core.latents import Latents, UpscaleResult, as_rgb, timed
 from pisa_cli.core.models import Models
 from pisa_cli.core.passes import PassPlan
 from pisa_cli.core.planning import ImagePlan
 from pisa_cli.core.recovery import Failure, NotFinite, finite, retry_halving
-from pisa_cli.engine import memory, vae
+from pisa_cli.engine import memory
 from pisa_cli.imaging.deep import DeepImage
 from pisa_cli.imaging.resize import upsample_input
 from pisa_cli.options import UpscaleOptions
@@ -273,7 +273,9 @@ class Batcher:
         with timed(timings, prefix + "text"):
             cond = models.embed(options.prompt)
         with timed(timings, prefix + "encode", models.device):
-            z_low, encoded = self.encode(upsampled, options, stage.encoder)
+            z_low, encoded = models.encode_many(upsampled, options, stage.encoder)
+            if not finite(z_low):
+                raise NotFinite("VAE encoder")
         plan = plans[0]
         with timed(timings, prefix + "unet", models.device):
             per_call = plan.tile_batch if plan.unet.tiled else len(group)
@@ -296,26 +298,6 @@ class Batcher:
             member.batch = len(group) if first else member.batch
             for name, seconds in timings.items():  # a shared call's time, shared evenly
                 member.timings[name] = member.timings.get(name, 0.0) + seconds / len(group)
-
-    @torch.inference_mode()
-    def encode(
-        self, upsampled: list[Any], options: UpscaleOptions, encoder: str
-    ) -> tuple[torch.Tensor, list[Encoded]]:
-        """z_L of images of one padded size, in one encoder call (each padded like
-        ``Models.encode``, each with its own --vae-sample noise)."""
-        models = self.pipeline.models
-        sources = [to_tensor(image).to(models.device) for image in upsampled]
-        batch = torch.cat([models.pad(source * 2 - 1) for source in sources])
-        generators = [models.generator(options) for _source in sources]
-        model = models.vae_for(encoder)
-        z_low = vae.encode(model, batch, sample=options.vae_sample, generator=generators)
-        if not finite(z_low):
-            raise NotFinite("VAE encoder")
-        encoded = [
-            Encoded(z_low[index : index + 1], source, tuple(source.shape[-2:]))  # type: ignore[arg-type]
-            for index, source in enumerate(sources)
-        ]
-        return z_low, encoded
 
 
 def _let_go(error: Exception) -> Exception:

@@ -114,6 +114,23 @@ class Models:
         )
         return Encoded(latents=latents, source=source, size=(height, width))
 
+    @torch.inference_mode()
+    def encode_many(
+        self, upsampled: list[Image.Image], options: UpscaleOptions, encoder: str = "first"
+    ) -> tuple[torch.Tensor, list[Encoded]]:
+        """z_L of images of one padded size in one encoder call (each padded as ``encode``
+        pads, each with its own --vae-sample noise): the batch's and each image's."""
+        sources = [to_tensor(image).to(self.device) for image in upsampled]
+        batch = torch.cat([self.pad(source * 2 - 1) for source in sources])
+        generators = [self.generator(options) for _source in sources]
+        model = self.vae_for(encoder)
+        z_low = vae.encode(model, batch, sample=options.vae_sample, generator=generators)
+        encoded = [
+            Encoded(z_low[index : index + 1], source, tuple(source.shape[-2:]))  # type: ignore[arg-type]
+            for index, source in enumerate(sources)
+        ]
+        return z_low, encoded
+
     def generator(self, options: UpscaleOptions) -> torch.Generator | None:
         """The noise of one image's --vae-sample: seeded by --seed, else by a fresh seed."""
         if not options.vae_sample:
