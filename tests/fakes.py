@@ -4,6 +4,7 @@ model), and the CLI run in process on it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
@@ -25,8 +26,7 @@ class FakePipeline:
     inside the model. Counts its calls; batches images of one size as the real pipeline
     does (``batches``: the sizes of the batches it was given)."""
 
-    device = torch.device("cpu")
-    dtype = torch.float32
+    models = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
 
     def __init__(self, fail: bool = False):
         self.fail = fail

@@ -80,7 +80,7 @@ def test_a_mixed_folder_in_batches_gives_the_one_by_one_outputs(tiny, tmp_path, 
             ours, theirs = levels(four.job.output), levels(one.job.output)
             assert ours.shape == theirs.shape
             worst = max(worst, float(np.abs(ours - theirs).max()))
-    if tiny.dtype == torch.bfloat16:
+    if tiny.models.dtype == torch.bfloat16:
         # on a CPU in bf16 every sample runs alone in every model (their kernels round
         # with the batch size): bit for bit
         assert worst == 0
@@ -98,7 +98,7 @@ def test_vae_sample_noise_is_each_images_own_in_a_batch(tiny):
     for image, result in zip(images, batched, strict=True):
         alone = np.asarray(tiny.upscale(image, options), dtype=int)
         assert np.abs(np.asarray(result.image, dtype=int) - alone).max() <= (
-            0 if tiny.dtype == torch.bfloat16 else 3
+            0 if tiny.models.dtype == torch.bfloat16 else 3
         )
         assert result.batch == 3
 
@@ -109,10 +109,10 @@ def test_tiles_of_several_images_share_unet_calls(tiny):
     options = UpscaleOptions(process_size=64, tiles=tiles)
     images = [noise_image(24, 20, seed) for seed in range(2)]
     assert len(tiny.plan((24, 20), options).unet.tiles) == 4
-    before = tiny.unet_calls
+    before = tiny.models.unet_calls
     results = tiny.upscale_many(images, options, 2)
-    assert tiny.unet_calls - before == 3  # 8 tiles, 3 per call; alone: 2 calls each
-    bar = 0 if tiny.dtype == torch.bfloat16 else 3
+    assert tiny.models.unet_calls - before == 3  # 8 tiles, 3 per call; alone: 2 calls each
+    bar = 0 if tiny.models.dtype == torch.bfloat16 else 3
     for image, result in zip(images, results, strict=True):
         alone = np.asarray(tiny.upscale(image, options), dtype=int)
         assert np.abs(np.asarray(result.image, dtype=int) - alone).max() <= bar
@@ -123,9 +123,9 @@ def test_the_second_pass_runs_in_batches_too():
     pipe = random_pipeline("tiny", torch.device("cpu"), torch.bfloat16)
     options = UpscaleOptions(process_size=64, second_pass=SecondPassOptions(kind="pisa"))
     images = [noise_image(24, 20, seed) for seed in range(3)]
-    calls = pipe.unet_calls
+    calls = pipe.models.unet_calls
     results = pipe.upscale_many(images, options, 3)
-    assert pipe.unet_calls - calls == 2  # one call a pass for the three images
+    assert pipe.models.unet_calls - calls == 2  # one call a pass for the three images
     for image, result in zip(images, results, strict=True):
         assert result.second_plan is not None and result.image.size == (192, 160)
         assert np.array_equal(np.asarray(result.image), np.asarray(pipe.upscale(image, options)))
@@ -136,14 +136,14 @@ def test_the_second_pass_runs_in_batches_too():
 
 def test_a_bad_image_fails_alone_and_its_batch_mates_come_out_as_alone(monkeypatch):
     pipe = random_pipeline("tiny", torch.device("cpu"), torch.bfloat16)
-    encoder = pipe.vae.encoder.forward
+    encoder = pipe.models.vae.encoder.forward
 
     def refuse_black(x):  # the model fails on one image's pixels
         if bool((x.flatten(1).amax(dim=1) <= -1).any()):
             raise RuntimeError("the encoder refuses a black image")
         return encoder(x)
 
-    monkeypatch.setattr(pipe.vae.encoder, "forward", refuse_black)
+    monkeypatch.setattr(pipe.models.vae.encoder, "forward", refuse_black)
     black = Image.new("RGB", (24, 20))
     images = [noise_image(24, 20, 1), black, noise_image(24, 20, 2)]
     results = pipe.upscale_many(images, OPTIONS, 3)
@@ -158,7 +158,7 @@ def test_out_of_memory_halves_the_image_batch_then_the_tile_batch_then_the_tile(
     pipe = random_pipeline("tiny", torch.device("cpu"), torch.float32)
     tiles = TileOptions(latent_tile=16, latent_overlap=4, tile_batch=2)
     options = UpscaleOptions(process_size=64, tiles=tiles)
-    predict = pipe.predict
+    predict = pipe.models.predict
     seen = []
 
     def tight(latents, cond, variants, plan, per_call, timestep):
@@ -167,7 +167,7 @@ def test_out_of_memory_halves_the_image_batch_then_the_tile_batch_then_the_tile(
             raise RuntimeError(OOM)
         return predict(latents, cond, variants, plan, per_call, timestep)
 
-    monkeypatch.setattr(pipe, "predict", tight)
+    monkeypatch.setattr(pipe.models, "predict", tight)
     images = [noise_image(40, 32, seed) for seed in range(2)]  # latent 20x16
     results = pipe.upscale_many(images, options, 2)
     assert seen[:4] == [(2, 2, (16, 16)), (1, 2, (16, 16)), (1, 1, (16, 16)), (1, 1, (8, 8))]
@@ -186,7 +186,7 @@ def test_a_failed_batch_is_released_before_its_images_run_again(monkeypatch):
     import weakref
 
     pipe = random_pipeline("tiny", torch.device("cpu"), torch.bfloat16)
-    predict, held = pipe.predict, []
+    predict, held = pipe.models.predict, []
 
     def tight(latents, *args):
         if latents.shape[0] > 1:
@@ -196,7 +196,7 @@ def test_a_failed_batch_is_released_before_its_images_run_again(monkeypatch):
         assert all(ref() is None for ref in held), "the failed batch is still in memory"
         return predict(latents, *args)
 
-    monkeypatch.setattr(pipe, "predict", tight)
+    monkeypatch.setattr(pipe.models, "predict", tight)
     results = pipe.upscale_many([noise_image(24, 20, seed) for seed in range(2)], OPTIONS, 2)
     assert held and all(result.image.size == (96, 80) for result in results)
 
@@ -205,16 +205,16 @@ def test_an_overflow_in_a_batch_runs_its_images_alone_with_the_fp32_redo(monkeyp
     pipe = random_pipeline("tiny", torch.device("cpu"), torch.bfloat16)
     images = [noise_image(24, 20, seed) for seed in range(2)]
     expected = [np.asarray(pipe.upscale(image, OPTIONS)) for image in images]
-    decode = pipe.decode
+    decode = pipe.models.decode
 
     def overflowing(latents, *args):  # bf16 overflows for the batch (and the first image)
         out = decode(latents, *args)
-        if latents.shape[0] > 1 or (pipe.vae.dtype == torch.bfloat16 and latents.sum() > 0):
+        if latents.shape[0] > 1 or (pipe.models.vae.dtype == torch.bfloat16 and latents.sum() > 0):
             out = out.clone()
             out.view(-1)[0] = float("nan")
         return out
 
-    monkeypatch.setattr(pipe, "decode", overflowing)
+    monkeypatch.setattr(pipe.models, "decode", overflowing)
     first = np.asarray(pipe.upscale_with_info(images[0], OPTIONS).image)  # alone, redone
     results = pipe.upscale_many(images, OPTIONS, 2)
     for result, alone in zip(results, (first, expected[1]), strict=True):
@@ -241,11 +241,11 @@ def test_an_error_planning_one_image_fails_only_that_image(monkeypatch):
 def test_bf16_vae_on_a_cpu_runs_samples_one_by_one():
     pipe = random_pipeline("tiny", torch.device("cpu"), torch.bfloat16)
     images = torch.rand(3, 3, 32, 32) * 2 - 1
-    latents = vae.encode(pipe.vae, images)
-    alone = torch.cat([vae.encode(pipe.vae, images[i : i + 1]) for i in range(3)])
+    latents = vae.encode(pipe.models.vae, images)
+    alone = torch.cat([vae.encode(pipe.models.vae, images[i : i + 1]) for i in range(3)])
     assert torch.equal(latents, alone)
-    decoded = vae.decode(pipe.vae, latents)
-    assert torch.equal(decoded, torch.cat([vae.decode(pipe.vae, z[None]) for z in latents]))
+    decoded = vae.decode(pipe.models.vae, latents)
+    assert torch.equal(decoded, torch.cat([vae.decode(pipe.models.vae, z[None]) for z in latents]))
     assert not vae.one_by_one(images.float())  # fp32 keeps its batch
 
 
@@ -256,7 +256,7 @@ def test_auto_is_one_on_a_cpu_and_what_memory_holds_on_an_accelerator(monkeypatc
     image = noise_image(24, 20, 1)
     assert pipe.batching(image, OPTIONS, None)[1] == 1
     assert pipe.batching(image, OPTIONS, 5)[1] == 5
-    monkeypatch.setattr(pipe, "device", torch.device("meta"))
+    monkeypatch.setattr(pipe.models, "device", torch.device("meta"))
     plan = pipe.plan(image.size, OPTIONS)
     fit = int(plan.free_bytes * 0.6 // plan.peak_bytes)
     assert pipe.batching(image, OPTIONS, None)[1] == min(AUTO_IMAGE_BATCH, fit) > 1

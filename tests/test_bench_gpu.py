@@ -66,7 +66,7 @@ def test_precision_and_redo_checks_on_the_cpu():
 def _stand_in_limit(pipeline, extra: int):
     """The CPU's stand-in for a memory cap: the first UNet call of more than one tile
     raises the error CUDA's allocator raises."""
-    forward, raised = pipeline.unet.forward, []
+    forward, raised = pipeline.models.unet.forward, []
 
     def capped(latents, *args, **kwargs):
         if not raised and latents.shape[0] > 1:
@@ -74,8 +74,8 @@ def _stand_in_limit(pipeline, extra: int):
             raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
         return forward(latents, *args, **kwargs)
 
-    pipeline.unet.forward = capped
-    return lambda: setattr(pipeline.unet, "forward", forward)
+    pipeline.models.unet.forward = capped
+    return lambda: setattr(pipeline.models.unet, "forward", forward)
 
 
 @pytest.mark.slow

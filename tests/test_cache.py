@@ -57,7 +57,7 @@ def test_second_load_skips_the_merge_and_gives_the_same_weights(
     assert len(merges) == 1 and len(list((cache_dir / "merged").iterdir())) == 1
     second = load(tiny_base, pisa_pkl)
     assert len(merges) == 1  # served from the cache
-    a, b = first.unet.unet.state_dict(), second.unet.unet.state_dict()
+    a, b = first.models.unet.unet.state_dict(), second.models.unet.unet.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     image = noise_image(24, 20, 1)
     options = UpscaleOptions(process_size=64, lambda_sem=0.5)
@@ -88,7 +88,7 @@ def test_prompt_embedding_is_cached_so_the_text_encoder_is_not_loaded(
     import pisa_cli.models.base as base
 
     first = load(tiny_base, pisa_pkl)
-    expected = first.embed("")
+    expected = first.models.embed("")
     original = base.load_part
 
     def no_text_encoder(folder, part):
@@ -97,8 +97,8 @@ def test_prompt_embedding_is_cached_so_the_text_encoder_is_not_loaded(
 
     monkeypatch.setattr(base, "load_part", no_text_encoder)
     second = load(tiny_base, pisa_pkl)
-    assert torch.equal(second.embed(""), expected)
-    assert second.prompts.encodes == 0
+    assert torch.equal(second.models.embed(""), expected)
+    assert second.models.prompts.encodes == 0
 
 
 def test_a_damaged_entry_is_rebuilt(tiny_base, pisa_pkl, cache_dir, monkeypatch, caplog):
@@ -239,7 +239,7 @@ def test_a_damaged_prompt_entry_is_rebuilt(tiny_base, pisa_pkl, cache_dir, caplo
     from safetensors.torch import save_file
 
     first = load(tiny_base, pisa_pkl)
-    expected = first.embed("")
+    expected = first.models.embed("")
     entry = next((cache_dir / "prompts").iterdir())
     for tensors in (
         {"embedding": expected[0]},  # a dimension short
@@ -249,8 +249,8 @@ def test_a_damaged_prompt_entry_is_rebuilt(tiny_base, pisa_pkl, cache_dir, caplo
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(entry))
         caplog.clear()
         again = load(tiny_base, pisa_pkl)
-        assert torch.equal(again.embed(""), expected)
-        assert again.prompts.encodes == 1 and "rebuilding" in caplog.text
+        assert torch.equal(again.models.embed(""), expected)
+        assert again.models.prompts.encodes == 1 and "rebuilding" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -78,4 +78,4 @@ def test_pipeline_with_compile_gives_the_same_image(tiny_base, pisa_pkl, monkeyp
     assert np.array_equal(
         np.asarray(plain.upscale(image, options)), np.asarray(with_compile.upscale(image, options))
     )
-    assert with_compile.unet.forward.compiled is None  # it fell back
+    assert with_compile.models.unet.forward.compiled is None  # it fell back

@@ -145,7 +145,7 @@ def test_every_mode_runs_on_the_device(on_device, mode, request, monkeypatch):
     pipe = _pipe(on_device, name, request)
     if kind == "disk":  # no host RAM to spare: the planes go to temporary files
         monkeypatch.setattr(pipeline_module, "host_free_memory", lambda device: 0)
-    assert is_on_device(next(pipe.unet.unet.parameters()))
+    assert is_on_device(next(pipe.models.unet.unet.parameters()))
     result = pipe.upscale_with_info(_input(kind), options)
     if mode == "default":  # the same image as on the CPU (same weights)
         cpu = on_device[1].upscale(_input(kind), options)
@@ -189,7 +189,7 @@ def test_the_decoded_image_stays_on_the_device(pipeline, float64, tile):
     reference on the GPU ("Expected all tensors to be on the same device")."""
     latents = torch.randn(1, 4, 10, 12, generator=torch.Generator().manual_seed(0))
     with on_fake_device(float64=float64) as device, torch.inference_mode():
-        model = copy.deepcopy(pipeline.vae).to(device)
+        model = copy.deepcopy(pipeline.models.vae).to(device)
         image = vae.decode(model, latents.to(device), tile=tile)
         assert is_on_device(image)
         moments = vae.encode(model, image, tile=None if tile is None else 64)
@@ -208,12 +208,12 @@ def test_the_fp32_redo_runs_on_the_device(on_device, request):
     def poison(module, args, output):
         return output * float("nan") if output.dtype != torch.float32 else output
 
-    handle = pipe.vae.decoder.conv_out.register_forward_hook(poison)
+    handle = pipe.models.vae.decoder.conv_out.register_forward_hook(poison)
     try:
         result = pipe.upscale_with_info(noise_image(24, 20, 5), BASE)
     finally:
         handle.remove()
     assert any("fp32" in note for note in result.notes), result.notes
     assert _levels(result.image).std() > 1
-    assert next(pipe.vae.parameters()).dtype == torch.bfloat16
-    assert is_on_device(next(pipe.vae.parameters()))
+    assert next(pipe.models.vae.parameters()).dtype == torch.bfloat16
+    assert is_on_device(next(pipe.models.vae.parameters()))

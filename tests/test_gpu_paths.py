@@ -215,14 +215,14 @@ def test_forced_bands_give_the_untiled_image(pipeline, monkeypatch):
     """The tiny VAE, with the limit lowered to its scale: the same image in bands."""
     latents = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        whole = vae.decode(pipeline.vae, latents)
-    widths = pipeline.widths
+        whole = vae.decode(pipeline.models.vae, latents)
+    widths = pipeline.models.widths
     monkeypatch.setattr(memory, "INDEX_LIMIT", 2 * widths.vae * 96 * 80 - 1)
     options = UpscaleOptions(process_size=64, scale=4)
     forced = plan_image((24, 20), options, widths, 4, 100 * GIB)
     assert forced.decoder_tile is not None
     with torch.inference_mode():
-        banded = vae.decode(pipeline.vae, latents, tile=forced.decoder_tile)
+        banded = vae.decode(pipeline.models.vae, latents, tile=forced.decoder_tile)
     assert torch.allclose(whole, banded, atol=2e-5)
 
 
@@ -292,7 +292,7 @@ def test_bench_rows_on_an_accelerator_report_host_memory_too(monkeypatch):
 # --- 1. the colour fix meets its reference on one device, on a real GPU too ------------
 @torch.inference_mode()
 def test_tiled_decode_and_colour_fix_on_the_device(pipeline, device):
-    model = copy.deepcopy(pipeline.vae).to(device)
+    model = copy.deepcopy(pipeline.models.vae).to(device)
     latents = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(1))
     image = vae.decode(model, latents.to(device), tile=8)
     assert image.device.type == device.type

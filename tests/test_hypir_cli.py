@@ -33,7 +33,7 @@ def options(**kw) -> UpscaleOptions:
 
 
 def test_the_pipeline_runs_the_official_path(pipe, hypir_oracle):
-    assert pipe.family == "hypir"
+    assert pipe.passes.family == "hypir"
     stage = pipe.stages(options())[0]
     assert (stage.rule, stage.timestep, stage.tiling) == ("own", 200, "windows")
     assert "non-commercial" in pipe.describe(options())[0]
@@ -163,7 +163,7 @@ def test_out_of_memory_in_the_unet_halves_the_windows_per_call_only(pipe, monkey
     from pisa_cli.errors import OutOfMemoryError
 
     monkeypatch.setattr(recovery, "release_memory", lambda: None)  # a full gc costs 0.5 s
-    batches, original = [], pipe.unet.__class__.__call__
+    batches, original = [], pipe.models.unet.__class__.__call__
 
     def refusing(self, latents, *args, **kwargs):
         batches.append(latents.shape[0])
@@ -171,12 +171,14 @@ def test_out_of_memory_in_the_unet_halves_the_windows_per_call_only(pipe, monkey
             raise RuntimeError("CUDA out of memory. Tried to allocate 1.50 GiB")
         return original(self, latents, *args, **kwargs)
 
-    monkeypatch.setattr(pipe.unet.__class__, "__call__", refusing)
+    monkeypatch.setattr(pipe.models.unet.__class__, "__call__", refusing)
     image, settings = noise_image(20, 24, 1), options(tiles=TileOptions(tile_batch=4))
     result = pipe.upscale_with_info(image, settings)
     assert batches[:3] == [4, 2, 1] and result.plan.tile_batch == 1
     monkeypatch.setattr(
-        pipe.unet.__class__, "__call__", lambda *a, **k: refusing(*a[:1], a[1].repeat(2, 1, 1, 1))
+        pipe.models.unet.__class__,
+        "__call__",
+        lambda *a, **k: refusing(*a[:1], a[1].repeat(2, 1, 1, 1)),
     )
     with pytest.raises(OutOfMemoryError, match="out of memory in the UNet even at tile 8x8"):
         pipe.upscale(image, settings)
@@ -198,7 +200,7 @@ def test_a_non_finite_decode_in_bf16_is_redone_in_fp32(tiny_base, hypir_pth, mon
     monkeypatch.setattr(vae_module, "decode", overflowing)
     result = low.upscale_with_info(noise_image(16, 16, 3), options())
     assert any("VAE decoder gave inf/NaN in bfloat16; redone in fp32" in n for n in result.notes)
-    assert np.asarray(result.image).std() > 0 and low.vae.dtype == torch.bfloat16
+    assert np.asarray(result.image).std() > 0 and low.models.vae.dtype == torch.bfloat16
 
 
 def test_vae_sample_is_seeded(pipe):

@@ -39,7 +39,7 @@ pipeline = load_pipeline(weights=sys.argv[2], base_model=sys.argv[1], device="cp
 for height, width in ((48, 64), (192, 256)):
     latents = torch.randn(1, 4, height, width)
     with PeakMemory(torch.device("cpu")) as peak:
-        image = pipeline.decode(latents, (height * 8, width * 8), tile=32, store="disk")
+        image = pipeline.models.decode(latents, (height * 8, width * 8), tile=32, store="disk")
     print(peak.peak - image.numel() * image.element_size())
     del image
 """

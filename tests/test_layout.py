@@ -141,3 +141,13 @@ def test_each_public_function_name_is_declared_once():
         if len(modules) > 1 and not name.startswith("_")
     }
     assert twice == {}
+
+
+def test_the_pipeline_keeps_the_stage_api_and_its_models_the_raw_calls():
+    """``PisaPipeline`` holds a ``core.models.Models`` for the raw model calls (it had 27
+    methods mixing both): its own methods are the stage API, a handful."""
+    tree = ast.parse((PACKAGE / "core" / "pipeline.py").read_text(encoding="utf-8"))
+    pipeline = next(n for n in tree.body if getattr(n, "name", "") == "PisaPipeline")
+    methods = {n.name for n in pipeline.body if isinstance(n, ast.FunctionDef)}  # type: ignore[attr-defined]
+    raw = {"embed", "encode", "generator", "pad", "predict", "step", "decode", "vae_for"}
+    assert methods & raw == set() and len(methods) <= 14, sorted(methods)

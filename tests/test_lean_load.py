@@ -54,9 +54,9 @@ def test_bf16_load_never_holds_a_float32_unet(tiny_base, pisa_pkl, monkeypatch):
     pipeline = load_pipeline(
         weights=str(pisa_pkl), base_model=str(tiny_base), device="cpu", dtype="bf16"
     )
-    unet = pipeline.unet.unet
+    unet = pipeline.models.unet.unet
     assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in pipeline.vae.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipeline.models.vae.parameters()} == {torch.bfloat16}
     largest = max(t.numel() * 4 for t in unet.state_dict().values())
     # one tensor read at a time (two while the next is read); the whole UNet is far more
     assert 0 < peak["float32"] <= 2 * largest < _float_bytes(unet, torch.bfloat16) * 2
@@ -73,7 +73,7 @@ def test_streamed_merge_equals_float32_merge_then_cast(tiny_base, pisa_pkl, dtyp
     model = ModelOptions(
         weights=str(pisa_pkl), base_model=str(tiny_base), device="cpu", dtype=dtype
     )
-    lean = build(PipelineSpec(model, merged)).unet.unet.state_dict()
+    lean = build(PipelineSpec(model, merged)).models.unet.unet.state_dict()
     old = PisaUNet(
         load_part(tiny_base, "unet"), checkpoint_adapters(load_checkpoint(pisa_pkl)), merged
     )
@@ -140,7 +140,7 @@ def test_an_older_layout_loads_through_diffusers(tiny_base, pisa_pkl, tmp_path, 
         pipeline = load_pipeline(
             weights=str(pisa_pkl), base_model=str(tiny_base), device="cpu", dtype="bf16"
         )
-        return pipeline.unet.unet.state_dict(), pipeline.vae.state_dict()
+        return pipeline.models.unet.unet.state_dict(), pipeline.models.vae.state_dict()
 
     lean = load("lean")
     monkeypatch.setattr(streamed, "load_streamed", lambda *args: None)

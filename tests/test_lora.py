@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -9,6 +12,7 @@ from pisa_cli.errors import WeightsError
 from pisa_cli.models.base import load_part
 from pisa_cli.models.checkpoint import PisaCheckpoint, load_checkpoint
 from pisa_cli.models.lora import PisaUNet, checkpoint_adapters, lora_delta
+from tests.helpers import environment
 
 
 def peft_unet(base, pkl, branches):
@@ -173,3 +177,27 @@ def test_in_bf16_on_the_cpu_a_batch_runs_sample_by_sample(
                     assert torch.allclose(ours, alone[0], atol=1e-5), (variant, sample)
                 else:
                     assert torch.equal(ours, alone[0]), (variant, sample)
+
+
+SIGNS = (
+    "from types import SimpleNamespace; from pisa_cli.models.lora import PisaUNet, "
+    "VARIANT_ADAPTERS as V; print(*PisaUNet.signs(SimpleNamespace(variants=V, merged='pisa'), "
+    "'second'))"
+)
+
+
+def test_side_paths_add_up_in_one_order_whatever_the_hash_seed():
+    # the side paths' outputs are summed in the order of the signs; it was a set's, which
+    # follows the process's string hash seed: a PiSA-SR first pass with a second-pass LoRA
+    # (PiSA's two LoRAs taken away, the second's added) came out one way or the other
+    from types import SimpleNamespace
+
+    from pisa_cli.models.lora import VARIANT_ADAPTERS
+
+    seed = 1 if list({"pix", "sem"}) == ["pix", "sem"] else 0  # one ordering them otherwise
+    env = {**environment(), "PYTHONHASHSEED": str(seed)}
+    there = subprocess.run(
+        [sys.executable, "-c", SIGNS], env=env, capture_output=True, text=True, timeout=120
+    )
+    here = PisaUNet.signs(SimpleNamespace(variants=VARIANT_ADAPTERS, merged="pisa"), "second")
+    assert list(here) == there.stdout.split() == ["second", "pix", "sem"], there.stderr

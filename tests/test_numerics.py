@@ -22,9 +22,9 @@ from tests.test_runner import make_inputs
 
 OPTIONS = UpscaleOptions(process_size=64)
 STAGES = {
-    "encoder": lambda pipe: pipe.vae.encoder.conv_out,
-    "unet": lambda pipe: pipe.unet.unet.conv_out,
-    "decoder": lambda pipe: pipe.vae.decoder.conv_out,
+    "encoder": lambda pipe: pipe.models.vae.encoder.conv_out,
+    "unet": lambda pipe: pipe.models.unet.unet.conv_out,
+    "decoder": lambda pipe: pipe.models.vae.decoder.conv_out,
 }
 NOTES = {"encoder": "VAE encoder", "unet": "UNet", "decoder": "VAE decoder"}
 
@@ -48,7 +48,10 @@ def poisoned(module, low_only: bool):
 
 
 def dtypes(pipe) -> set[torch.dtype]:
-    return {next(pipe.vae.parameters()).dtype, *(p.dtype for p in pipe.unet.unet.parameters())}
+    return {
+        next(pipe.models.vae.parameters()).dtype,
+        *(p.dtype for p in pipe.models.unet.unet.parameters()),
+    }
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -92,12 +95,12 @@ def test_a_stage_not_finite_even_in_fp32_fails_its_image(pipeline, bf16_pipeline
             assert all(isinstance(result, NonFiniteError) for result in batched)
     finally:
         handle.remove()
-    assert dtypes(pipe) == {pipe.dtype}
+    assert dtypes(pipe) == {pipe.models.dtype}
 
 
 def test_an_encoder_overflowing_in_fp32_too_fails_with_damaged_weights(bf16_pipeline):
     """The issue's recipe: encoder.conv_in.weight scaled by 1e25 (inf/NaN in fp32 too)."""
-    weight = bf16_pipeline.vae.encoder.conv_in.weight
+    weight = bf16_pipeline.models.vae.encoder.conv_in.weight
     kept = weight.detach().clone()
     try:
         with torch.no_grad():
@@ -123,8 +126,8 @@ def test_a_decoder_overflow_is_seen_before_the_clamp(pipeline, monkeypatch, valu
         sample[..., 0, 0] = value
         return Decoded(sample)
 
-    monkeypatch.setattr(pipeline.vae, "decode", overflowing)
-    decoded = vae_module.decode(pipeline.vae, torch.zeros(1, 4, 4, 4))
+    monkeypatch.setattr(pipeline.models.vae, "decode", overflowing)
+    decoded = vae_module.decode(pipeline.models.vae, torch.zeros(1, 4, 4, 4))
     assert not torch.isfinite(decoded[..., 0, 0]).any() and decoded[..., 1:, :].eq(0).all()
     with pytest.raises(NonFiniteError, match="VAE decoder gave inf/NaN even in fp32"):
         pipeline.upscale(noise_image(24, 20, 1), OPTIONS)
@@ -144,8 +147,8 @@ def test_an_encoder_overflow_is_seen_before_the_logvar_clamp(pipeline, monkeypat
         moments[:, 4:] = float("inf")  # the log variance only: the mean is fine
         return Encoded(moments)
 
-    monkeypatch.setattr(pipeline.vae, "encode", overflowing)
-    latent = vae_module.encode(pipeline.vae, torch.zeros(1, 3, 16, 16), sample=True)
+    monkeypatch.setattr(pipeline.models.vae, "encode", overflowing)
+    latent = vae_module.encode(pipeline.models.vae, torch.zeros(1, 3, 16, 16), sample=True)
     assert not torch.isfinite(latent).any()
 
 
@@ -198,7 +201,7 @@ def test_an_image_not_finite_fails_alone_and_is_not_recorded(pipeline, tmp_path)
         white = args[0].amin(dim=(1, 2, 3)) > 0.99  # per sample: a batch holds all three
         return torch.where(white[:, None, None, None], float("nan"), output)
 
-    handle = pipeline.vae.encoder.conv_in.register_forward_hook(hook)
+    handle = pipeline.models.vae.encoder.conv_in.register_forward_hook(hook)
     manifest = Manifest(tmp_path / "out", {"a": 1})
     try:
         batch = BatchOptions(image_batch=3)
@@ -265,4 +268,4 @@ def test_sweep_points_not_finite_fail_the_image_and_a_redo_holds(
             assert "VAE decoder gave inf/NaN in bfloat16; redone in fp32" in prepared.notes
     finally:
         handle.remove()
-    assert dtypes(pipe) == {pipe.dtype}
+    assert dtypes(pipe) == {pipe.models.dtype}

@@ -90,18 +90,18 @@ def test_each_detail_of_the_procedure_matters(omgsr_pipe, oracle, tiny_base):
     )
     assert differences(off, theirs)[1] > 1
     plain = AutoencoderKL.from_pretrained(str(tiny_base), subfolder="vae").encoder
-    merged = {k: v.clone() for k, v in omgsr_pipe.vae.encoder.state_dict().items()}
+    merged = {k: v.clone() for k, v in omgsr_pipe.models.vae.encoder.state_dict().items()}
     try:
-        omgsr_pipe.vae.encoder.load_state_dict(plain.state_dict())
+        omgsr_pipe.models.vae.encoder.load_state_dict(plain.state_dict())
         bare = omgsr_pipe.upscale(image, UpscaleOptions(process_size=PROCESS, color_fix="none"))
     finally:
-        omgsr_pipe.vae.encoder.load_state_dict(merged)
+        omgsr_pipe.models.vae.encoder.load_state_dict(merged)
     assert differences(bare, theirs)[1] > 5
 
 
 def test_only_the_encoder_gets_the_vae_lora(omgsr_pipe, tiny_base, adapter_folder):
     vae = AutoencoderKL.from_pretrained(str(tiny_base), subfolder="vae")
-    ours = omgsr_pipe.vae
+    ours = omgsr_pipe.models.vae
     pairs = zip(ours.decoder.parameters(), vae.decoder.parameters(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
     assert torch.equal(ours.quant_conv.weight, vae.quant_conv.weight)
@@ -110,7 +110,7 @@ def test_only_the_encoder_gets_the_vae_lora(omgsr_pipe, tiny_base, adapter_folde
     for name, param in vae.encoder.named_parameters():
         module = name.removesuffix(".weight")
         assert torch.equal(changed[name], param) != (module in modules), name
-    assert omgsr_pipe.family == OMGSR and omgsr_pipe.second_vae is None
+    assert omgsr_pipe.passes.family == OMGSR and omgsr_pipe.models.second_vae is None
 
 
 @pytest.mark.parametrize("where", ["cfg.yml", "adapter_config.json"])
@@ -180,12 +180,12 @@ def test_the_first_pass_encoder_is_untouched(pisa_then_folder, tiny_base):
     """Two encoders: the first pass's is SD's own, the second's has the folder's LoRA; the
     decoder is one module."""
     plain = AutoencoderKL.from_pretrained(str(tiny_base), subfolder="vae").encoder.state_dict()
-    first = pisa_then_folder.vae.encoder.state_dict()
-    second_vae = pisa_then_folder.second_vae
+    first = pisa_then_folder.models.vae.encoder.state_dict()
+    second_vae = pisa_then_folder.models.second_vae
     assert all(torch.equal(first[k], plain[k]) for k in plain)
     assert not all(torch.equal(second_vae.encoder.state_dict()[k], plain[k]) for k in plain)
-    assert second_vae.decoder is pisa_then_folder.vae.decoder
-    assert second_vae.encoder is not pisa_then_folder.vae.encoder
+    assert second_vae.decoder is pisa_then_folder.models.vae.decoder
+    assert second_vae.encoder is not pisa_then_folder.models.vae.encoder
     stages = pisa_then_folder.stages(UpscaleOptions(process_size=PROCESS, second_pass=tudsr("x")))
     assert [s.encoder for s in stages] == ["first", "second"]
     assert [s.tiling for s in stages] == ["stablesr", "square"]
@@ -208,16 +208,19 @@ def test_tudsr_without_pisa(tiny_base, adapter_folder, adapter_folder_2, oracle,
     print(f"M{scale}N2", differences(middle, first), differences(ours, theirs))
     assert_close(middle, first)
     assert_close(ours, theirs)
-    assert pipe.unet.merged == "second" and set(pipe.unet.variants) == {"first", "second"}
+    assert pipe.models.unet.merged == "second" and set(pipe.models.unet.variants) == {
+        "first",
+        "second",
+    }
 
 
 def test_a_unet_only_second_lora_keeps_the_plain_encoder(tiny_base, adapter_folder, second_lora):
     """After a folder's first pass, a UNet-only LoRA's pass encodes with SD's own encoder."""
     pipe = load(tiny_base, adapter_folder, process_size=PROCESS, second_pass=tudsr(second_lora))
     plain = AutoencoderKL.from_pretrained(str(tiny_base), subfolder="vae").encoder.state_dict()
-    second = pipe.second_vae.encoder.state_dict()
+    second = pipe.models.second_vae.encoder.state_dict()
     assert all(torch.equal(second[k], plain[k]) for k in plain)
-    assert pipe.family == OMGSR and pipe.second_family == "lora"
+    assert pipe.passes.family == OMGSR and pipe.passes.second.family.name == "lora"
     out = pipe.upscale(
         noise_image(20, 16, 1), UpscaleOptions(process_size=PROCESS, second_pass=tudsr(second_lora))
     )
@@ -225,5 +228,5 @@ def test_a_unet_only_second_lora_keeps_the_plain_encoder(tiny_base, adapter_fold
 
 
 def test_pisa_family_is_unchanged(pipeline):
-    assert pipeline.family == PISA and pipeline.second_vae is None
+    assert pipeline.passes.family == PISA and pipeline.models.second_vae is None
     assert pipeline.stages(UpscaleOptions())[0].tiling == "stablesr"

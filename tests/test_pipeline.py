@@ -8,6 +8,7 @@ from PIL import Image
 
 from pisa_cli import TileOptions, UpscaleOptions
 from pisa_cli.core.latents import to_image
+from pisa_cli.core.pipeline import finish_decoded
 from pisa_cli.engine.denoise import combine_eps
 from tests.builders import noise_image
 from tests.helpers import assert_close
@@ -79,19 +80,19 @@ def test_matches_the_reference_on_its_default_tile_grid(pipeline, reference):
 def test_adjustable_one_one_equals_default(pipeline):
     image = noise_image(40, 32, 10)
     options = UpscaleOptions(process_size=64)
-    encoded = pipeline.encode(pipeline_input(image, 64), options)
-    cond = pipeline.embed("")
+    encoded = pipeline.models.encode(pipeline_input(image, 64), options)
+    cond = pipeline.models.embed("")
     tiles = pipeline.plan(image.size, options).unet
-    one = pipeline.predict(encoded.latents, cond, ("pisa",), tiles)
-    two = pipeline.predict(encoded.latents, cond, ("pix", "pisa"), tiles)
+    one = pipeline.models.predict(encoded.latents, cond, ("pisa",), tiles)
+    two = pipeline.models.predict(encoded.latents, cond, ("pix", "pisa"), tiles)
     decoded = [
-        pipeline.decode(encoded.latents - combine_eps(eps, 1.0, 1.0), encoded.size)
+        pipeline.models.decode(encoded.latents - combine_eps(eps, 1.0, 1.0), encoded.size)
         for eps in (one, two)
     ]
     assert (decoded[0] - decoded[1]).abs().max() < 1e-4
     # and through the CLI-level entry point, the default run is that same image
     default = pipeline.upscale(image, options)
-    two_pass = to_image(pipeline.finish(decoded[1], encoded.source, "adain"))
+    two_pass = to_image(finish_decoded(decoded[1], encoded.source, "adain"))
     assert_close(default, two_pass)
 
 
@@ -118,10 +119,10 @@ def test_wide_output_works(pipeline):
 
 
 def test_prompt_is_encoded_once_per_run(pipeline):
-    before = pipeline.prompts.encodes
+    before = pipeline.models.prompts.encodes
     for seed in range(3):
         pipeline.upscale(noise_image(24, 24, seed), UpscaleOptions(process_size=32, prompt="a cat"))
-    assert pipeline.prompts.encodes - before <= 1
+    assert pipeline.models.prompts.encodes - before <= 1
 
 
 def test_prompt_changes_the_result(pipeline):
@@ -150,9 +151,9 @@ def test_vae_sampling_is_reproducible_with_a_seed(pipeline):
 def test_one_unet_call_per_untiled_image(pipeline, lambdas, calls):
     """Default and pixel-only modes are one pass; the adjustable mode's two passes are one
     batch of two, so one call too."""
-    before = pipeline.unet.calls
+    before = pipeline.models.unet.calls
     pipeline.upscale(
         noise_image(24, 24, 15),
         UpscaleOptions(process_size=32, lambda_pix=lambdas[0], lambda_sem=lambdas[1]),
     )
-    assert pipeline.unet.calls - before == calls
+    assert pipeline.models.unet.calls - before == calls

@@ -61,9 +61,9 @@ def test_vae_out_of_memory_halves_the_tile_and_gives_the_same_image(
 
 
 def test_unet_out_of_memory_lowers_the_batch_then_the_tile(pipeline, monkeypatch):
-    import pisa_cli.core.pipeline as pipeline_module
+    import pisa_cli.core.models as models_module
 
-    original = pipeline_module.predict_eps
+    original = models_module.predict_eps
     tried = []
 
     def fake(unet, latents, cond, plan, variants, tile_batch=1, timestep=1, **kwargs):
@@ -72,7 +72,7 @@ def test_unet_out_of_memory_lowers_the_batch_then_the_tile(pipeline, monkeypatch
             raise RuntimeError("CUDA out of memory. Tried to allocate 1.50 GiB")
         return original(unet, latents, cond, plan, variants, tile_batch, timestep, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "predict_eps", fake)
+    monkeypatch.setattr(models_module, "predict_eps", fake)
     options = replace(OPTIONS, tiles=TileOptions(latent_tile=16, latent_overlap=4, tile_batch=4))
     result = pipeline.upscale_with_info(noise_image(64, 48, 2), options)  # latent 32 x 24
     # the batch halves first (4, 2, 1) at the same tile; only then the tile halves
@@ -105,7 +105,7 @@ def bf16_pipeline(tiny_base, pisa_pkl):
 
 
 def test_non_finite_vae_output_is_redone_in_fp32_and_said_once(bf16_pipeline, caplog):
-    decoder_out = bf16_pipeline.vae.decoder.conv_out
+    decoder_out = bf16_pipeline.models.vae.decoder.conv_out
 
     def poison(module, args, output):
         return output * float("nan") if output.dtype != torch.float32 else output
@@ -122,7 +122,7 @@ def test_non_finite_vae_output_is_redone_in_fp32_and_said_once(bf16_pipeline, ca
         assert np.asarray(result.image).std() > 0  # a real image, not NaN garbage
     warnings = [r for r in caplog.records if "inf/NaN" in r.getMessage()]
     assert len(warnings) == 1
-    assert next(bf16_pipeline.vae.parameters()).dtype == torch.bfloat16
+    assert next(bf16_pipeline.models.vae.parameters()).dtype == torch.bfloat16
 
 
 # --- GPU allocation failures are out of memory (issue 20.10) ------------------------------
@@ -168,7 +168,7 @@ def test_every_allocation_failure_halves_and_retries_each_stage(pipeline, monkey
 
     options = replace(OPTIONS, tiles=TileOptions(latent_tile=16, latent_overlap=4, tile_batch=4))
     plan = pipeline.plan((64, 48), options, ("pisa",))  # latent 32 x 24
-    guard, notes = StageGuard(pipeline.vae, torch.float32), []
+    guard, notes = StageGuard(pipeline.models.vae, torch.float32), []
     seen: dict[str, list] = {"encode": [], "unet": [], "decode": []}
 
     def encode(tile, store):
@@ -248,7 +248,7 @@ def test_a_failed_attempt_is_gone_before_the_release_and_the_retry(pipeline, mon
         raise RuntimeError(FLAVOURS[2])
 
     monkeypatch.setattr(recovery, "release_memory", release)
-    guard = recovery.StageGuard(pipeline.vae, torch.float32)
+    guard = recovery.StageGuard(pipeline.models.vae, torch.float32)
     with pytest.raises(OutOfMemoryError) as failure:
         guard.decode(decode, _plan(pipeline), [])
     assert len(held) >= 2 and released and all(released)
@@ -296,7 +296,7 @@ def test_a_batch_keeps_its_failed_images_errors_without_their_tensors(monkeypatc
         raise ValueError("a bug")
 
     images = [noise_image(24, 20, seed) for seed in range(3)]
-    monkeypatch.setattr(pipe, "predict", failing)
+    monkeypatch.setattr(pipe.models, "predict", failing)
     results = pipe.upscale_many(images, OPTIONS, 3)
     gc.collect()
     assert len(held) == 4 and all(isinstance(result, ValueError) for result in results)

@@ -67,15 +67,15 @@ def test_second_pass_follows_the_timestep_formula(two_pass, tiny_base, second_lo
     z_H = (z_L - sqrt(1 - abar_T) eps) / sqrt(abar_T)."""
     reference, _ = second_lora_unet(tiny_base)
     z = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(3))
-    cond = two_pass.embed("")
+    cond = two_pass.models.embed("")
     stage = two_pass.stages(tudsr(second_lora))[1]
     assert stage.timestep == 250
     tiles = two_pass.plan((80, 96), stage.options, stage.variants).unet
     with torch.inference_mode():
-        eps = two_pass.predict(z, cond, stage.variants, tiles, 1, stage.timestep)
-        ours = two_pass.step(z, eps, stage)
+        eps = two_pass.models.predict(z, cond, stage.variants, tiles, 1, stage.timestep)
+        ours = two_pass.models.step(z, eps, stage)
         expected_eps = reference(z, torch.tensor([250]), encoder_hidden_states=cond).sample
-    abar = float(two_pass.scheduler.alphas_cumprod[250])
+    abar = float(two_pass.models.scheduler.alphas_cumprod[250])
     expected = (z - (1 - abar) ** 0.5 * expected_eps) / abar**0.5
     assert torch.allclose(eps["second"], expected_eps, atol=1e-4)
     assert torch.allclose(ours, expected, atol=1e-3)
@@ -96,10 +96,10 @@ def test_a_lora_without_timestep_needs_the_flag(tiny_base, pisa_pkl, tmp_path):
 
 
 def test_switching_to_the_second_lora_and_back_is_exact(two_pass, second_lora):
-    unet = two_pass.unet
+    unet = two_pass.models.unet
     before = {k: v.clone() for k, v in unet.unet.state_dict().items()}
     z = torch.randn(1, 4, 8, 8)
-    cond = two_pass.embed("")
+    cond = two_pass.models.embed("")
     with torch.inference_mode():
         pisa_first = unet(z, cond, ("pisa",))
         unet(z, cond, ("second",), timestep=250)
@@ -114,10 +114,10 @@ def test_switching_to_the_second_lora_and_back_is_exact(two_pass, second_lora):
 
 def test_pisa_variant_is_unchanged_by_the_second_lora(two_pass, pipeline):
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
-    cond = two_pass.embed("")
+    cond = two_pass.models.embed("")
     with torch.inference_mode():
-        ours = two_pass.unet(z, cond, ("pix", "pisa"))
-        plain = pipeline.unet(z, cond, ("pix", "pisa"))
+        ours = two_pass.models.unet(z, cond, ("pix", "pisa"))
+        plain = pipeline.models.unet(z, cond, ("pix", "pisa"))
     assert torch.allclose(ours, plain, atol=1e-4)
 
 

@@ -28,7 +28,7 @@ def load_as_sweep(tiny_base, pisa_pkl, dtype: str):
         dtype=dtype,
         options=plan_options(UpscaleOptions()),
     )
-    assert pipe.unet.merged == "pix"
+    assert pipe.models.unet.merged == "pix"
     return pipe
 
 
@@ -53,9 +53,9 @@ class Counter:
 
 def count_sweep(pipe, image, options, grid):
     counters = {
-        "unet": Counter(pipe.unet.unet),
-        "encoder": Counter(pipe.vae.encoder),
-        "decoder": Counter(pipe.vae.decoder),
+        "unet": Counter(pipe.models.unet.unet),
+        "encoder": Counter(pipe.models.vae.encoder),
+        "decoder": Counter(pipe.models.vae.decoder),
     }
     try:
         sweeper = Sweeper(pipe, options)
@@ -95,7 +95,7 @@ def test_one_point_per_decoder_call_on_the_cpu(sweep_pipeline):
 
 def test_several_points_per_decoder_call_where_memory_allows(sweep_pipeline, monkeypatch):
     # as on an accelerator: as many points as fit, at most AUTO_IMAGE_BATCH (the image batch)
-    monkeypatch.setattr(sweep_pipeline, "device", torch.device("meta"))
+    monkeypatch.setattr(sweep_pipeline.models, "device", torch.device("meta"))
     sweeper = Sweeper(sweep_pipeline, TILED)
     plan = sweep_pipeline.plan((40, 32), sweeper.options)
     assert sweeper.decode_batch_size(plan) == AUTO_IMAGE_BATCH
@@ -108,7 +108,7 @@ def test_several_points_per_decoder_call_where_memory_allows(sweep_pipeline, mon
     grid = parse_grid("pix=0:1:0.5 sem=0,1")
     prepared = sweeper.prepare(noise_image(40, 32, 2))
     prepared.decode_batch = 4
-    counter = Counter(sweep_pipeline.vae.decoder)
+    counter = Counter(sweep_pipeline.models.vae.decoder)
     try:
         images = dict(sweeper.images(prepared, grid.points))
     finally:
@@ -117,7 +117,7 @@ def test_several_points_per_decoder_call_where_memory_allows(sweep_pipeline, mon
 
 
 def test_decoder_out_of_memory_halves_the_points_per_call(sweep_pipeline, monkeypatch):
-    decode = sweep_pipeline.decode
+    decode = sweep_pipeline.models.decode
     tried = []
     monkeypatch.setattr(sweep_pipeline, "batch_state", BatchState())  # restored after the test
 
@@ -127,7 +127,7 @@ def test_decoder_out_of_memory_halves_the_points_per_call(sweep_pipeline, monkey
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return decode(latents, *args, **kwargs)
 
-    monkeypatch.setattr(sweep_pipeline, "decode", small_memory)
+    monkeypatch.setattr(sweep_pipeline.models, "decode", small_memory)
     grid = parse_grid("pix=0,1 sem=0,1")
     sweeper = Sweeper(sweep_pipeline, TILED)
     prepared = sweeper.prepare(noise_image(40, 32, 3))
@@ -237,7 +237,7 @@ def test_the_sweep_command_decodes_image_batch_points_per_call(
 ):
     noise_image(20, 16, 1).save(tmp_path / "one.png")
     model = ["--base-model", tiny_base, "--weights", pisa_pkl, "--device", "cpu"]
-    counter = Counter(sweep_pipeline.vae.decoder)
+    counter = Counter(sweep_pipeline.models.vae.decoder)
     try:
         result = run_on(
             sweep_pipeline, "sweep", tmp_path / "one.png", "-o", tmp_path / "out", *model,
@@ -255,7 +255,8 @@ def test_equal_lambdas_in_low_precision_need_the_model_upscale_loads():
     from pisa_cli.sweep.core import needs_merged
 
     def pipe(dtype, merged="pix"):
-        return SimpleNamespace(dtype=dtype, unet=SimpleNamespace(merged=merged), family="pisa-sr")
+        models = SimpleNamespace(dtype=dtype, unet=SimpleNamespace(merged=merged))
+        return SimpleNamespace(models=models, passes=SimpleNamespace(family="pisa-sr"))
 
     options = UpscaleOptions()
     equal, apart = [GridPoint(0.5, 0.5)], [GridPoint(1.0, 0.0), GridPoint(1.0, 0.5)]

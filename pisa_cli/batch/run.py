@@ -92,8 +92,8 @@ def prepare(
     pipeline.stages(options)  # timesteps and passes: refused here, not once per image
     for line in pipeline.describe(options):
         log.info("%s", line)
-    dtype_name = str(pipeline.dtype).removeprefix("torch.")
-    log.info("model ready on %s in %s", pipeline.device, dtype_name)
+    models = pipeline.models
+    log.info("model ready on %s in %s", models.device, str(models.dtype).removeprefix("torch."))
     return Prepared(pipeline, refused)
 
 

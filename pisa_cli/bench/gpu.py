@@ -116,7 +116,7 @@ def load_figure(device: torch.device, base: Path, weights: Path) -> tuple[Check,
                 os.environ.pop("PISA_CACHE_DIR", None)
             else:
                 os.environ["PISA_CACHE_DIR"] = saved
-    models = (pipeline.unet.unet, pipeline.vae)
+    models = (pipeline.models.unet.unet, pipeline.models.vae)
     held = sum(t.numel() * t.element_size() for m in models for t in m.state_dict().values())
     row.figures["weights_gib"] = round(held / 2**30, 2)
     peak = row.peak_bytes or 0

@@ -164,14 +164,14 @@ def redo_check(device: torch.device) -> Check:
     options = UpscaleOptions(process_size=_PROCESS)
     pipeline = tiny_pipeline(device, torch.float16)
     with torch.no_grad():
-        pipeline.vae.decoder.conv_in.weight.mul_(1e5)
-        pipeline.vae.decoder.conv_in.bias.mul_(1e5)
+        pipeline.models.vae.decoder.conv_in.weight.mul_(1e5)
+        pipeline.models.vae.decoder.conv_in.bias.mul_(1e5)
     try:
         result = pipeline.upscale_with_info(image, options)
     except Exception as error:
         return Check("fp16 overflow redone in fp32", False, f"{type(error).__name__}: {error}")
     redone = [note for note in result.notes if "redone in fp32" in note]
-    ok = bool(redone) and pipeline.vae.dtype == torch.float16  # back in fp16 after the redo
+    ok = bool(redone) and pipeline.models.vae.dtype == torch.float16  # back in fp16 after the redo
     return Check("fp16 overflow redone in fp32", ok, (redone or ["no redo"])[0])
 
 
@@ -183,10 +183,10 @@ def compile_check(device: torch.device) -> Check:
     pipeline = tiny_pipeline(device, torch.float32)
     with exact_float32():
         eager = pipeline.upscale(image, options)
-        pipeline.compile()
+        pipeline.models.compile()
         compiled = pipeline.upscale(image, options)
     worst = _worst([compiled], [eager])
-    fell_back = getattr(pipeline.unet.forward, "compiled", None) is None
+    fell_back = getattr(pipeline.models.unet.forward, "compiled", None) is None
     detail = f"max diff {worst}/255" + ("; fell back to eager" if fell_back else "")
     return Check("--compile on vs off", worst <= PARITY_LEVELS and not fell_back, detail)
 
@@ -243,7 +243,7 @@ def _oom(
 def cuda_limit(pipeline: PisaPipeline, extra: int) -> Callable[[], None]:
     """The cap on CUDA: the caching allocator's blocks given back first (blocks it keeps
     from the uncapped run would serve the capped one without ever reaching the cap)."""
-    device = pipeline.device
+    device = pipeline.models.device
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(device).total_memory

@@ -27,9 +27,9 @@ def sweep_5x5(device: torch.device, dtype: torch.dtype) -> list[Row]:
     options = UpscaleOptions()
     pipeline = random_sd21_pipeline(device, dtype, merged=_merged(options))
     image, grid = noise_photo(SIZE), parse_grid(GRID)
-    pipeline.embed(options.prompt)  # every case encodes the prompt once per run: not timed
+    pipeline.models.embed(options.prompt)  # every case encodes the prompt once per run: not timed
     sweeper = Sweeper(pipeline, options)
-    calls_before = pipeline.unet.calls  # a shared pipeline (bench gpu) has run before
+    calls_before = pipeline.models.unet_calls  # a shared pipeline (bench gpu) has run before
 
     with measured(rows, NAME, f"exact sweep, {grid.size} decodes", device) as exact_row:
         cpu = time.process_time()
@@ -62,7 +62,7 @@ def sweep_5x5(device: torch.device, dtype: torch.dtype) -> list[Row]:
         }
         separate_row.figures["cpu_s"] = round(time.process_time() - cpu, 1)
     separate_row.figures["unet_calls_total"] = (
-        pipeline.unet.calls - calls_before - 2 * prepared.unet_calls
+        pipeline.models.unet_calls - calls_before - 2 * prepared.unet_calls
     )
 
     exact_row.figures["speedup"] = round(separate_row.seconds / exact_row.seconds, 2)

@@ -74,7 +74,7 @@ def run_folder(
             noise_photo(size, index).save(inputs / f"image{index:03d}.png")
         jobs = discover([inputs], outputs).jobs
         outputs.mkdir()
-        with measured(rows, name, case, pipeline.device) as row:
+        with measured(rows, name, case, pipeline.models.device) as row:
             results = list(run_jobs(pipeline, jobs, options, batch))
         stages: dict[str, float] = {}
         for result in results:

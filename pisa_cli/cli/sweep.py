@@ -228,7 +228,7 @@ def _sweep(jobs, settings, metric_names, crop_border: int, quiet: bool, load) ->
             merged = load(settings.model, at(settings.options, BASIS["pisa"]))
         metric_set = None
         if metric_names:
-            metric_set = MetricSet(metric_names, str(pipeline.device), crop_border)
+            metric_set = MetricSet(metric_names, str(pipeline.models.device), crop_border)
             metric_set.load()
     except PisaError as error:
         raise common.fail(error) from None

@@ -24,12 +24,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from pisa_cli.core.latents import Encoded, Latents, UpscaleResult, as_rgb, timed, to_tensor
+from pisa_cli.core.latents import Latents, UpscaleResult, as_rgb, timed
+from pisa_cli.core.models import Models
 from pisa_cli.core.passes import PassPlan
 from pisa_cli.core.planning import ImagePlan
 from pisa_cli.core.recovery import Failure, NotFinite, finite, retry_halving
-from pisa_cli.engine import memory, vae
-from pisa_cli.engine.tiles import TilePlan
+from pisa_cli.engine import memory
 from pisa_cli.imaging.deep import DeepImage
 from pisa_cli.imaging.resize import upsample_input
 from pisa_cli.options import UpscaleOptions
@@ -74,11 +74,10 @@ class Member:
 
 @runtime_checkable
 class BatchedPipeline(Protocol):
-    """What the batcher asks of a pipeline (a ``PisaPipeline``; this module is below it)."""
+    """What the batcher asks of a pipeline (a ``PisaPipeline``; this module is below it):
+    its stages, and its models for the raw calls it shares between images."""
 
-    device: torch.device
-    widths: memory.Widths
-    vae_factor: int
+    models: Models
     batch_state: BatchState
 
     def stages(self, options: UpscaleOptions) -> list[PassPlan]: ...
@@ -88,27 +87,11 @@ class BatchedPipeline(Protocol):
         options: UpscaleOptions,
         variants: tuple[str, ...] | None = None,
         tiling: str = "stablesr",
+        planner: Any = None,
     ) -> ImagePlan: ...
     def run_stage(
         self, image: Any, stage: PassPlan, timings: dict[str, float], notes: list[str]
     ) -> tuple[Any, ImagePlan]: ...
-    def embed(self, prompt: str) -> torch.Tensor: ...
-    def pad(self, image: torch.Tensor) -> torch.Tensor: ...
-    def generator(self, options: UpscaleOptions) -> torch.Generator | None: ...
-    def vae_for(self, encoder: str) -> torch.nn.Module: ...
-    def predict(
-        self,
-        latents: torch.Tensor,
-        cond: torch.Tensor,
-        variants: tuple[str, ...],
-        tiles: TilePlan,
-        tile_batch: int = 1,
-        timestep: int = ...,
-    ) -> dict[str, torch.Tensor]: ...
-    def step(
-        self, latents: torch.Tensor, eps: dict[str, torch.Tensor], stage: PassPlan
-    ) -> torch.Tensor: ...
-    def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor: ...
     def decode_latents(
         self, z_high: torch.Tensor, latents: Latents, timings: dict[str, float], notes: list[str]
     ) -> torch.Tensor: ...
@@ -176,12 +159,12 @@ class Batcher:
         by the plan's estimate, nor than an out-of-memory error left for this size."""
         if requested is not None:
             size = requested
-        elif self.pipeline.device.type == "cpu":
+        elif self.pipeline.models.device.type == "cpu":
             size = CPU_IMAGE_BATCH
         else:
             size = AUTO_IMAGE_BATCH
         fit = int(plan.free_bytes * memory.SAFETY // max(1, plan.peak_bytes))
-        fit = min(fit, plan.untiled_batch_limit(self.pipeline.widths))  # 2^31 elements
+        fit = min(fit, plan.untiled_batch_limit(self.pipeline.models.widths))  # 2^31 elements
         size = min(size, fit, self.limits.get(plan.model_size, size))
         return max(1, size)
 
@@ -278,7 +261,7 @@ class Batcher:
     def together(self, group: list[tuple[Member, ImagePlan]], stage: PassPlan, first: bool) -> None:
         """One pass over images of one key in shared calls. Nothing is kept of a batch that
         raises: the members are as they were."""
-        pipe, options = self.pipeline, stage.options
+        pipe, models, options = self.pipeline, self.pipeline.models, stage.options
         prefix = f"{stage.name}_" if stage.name else ""
         plans = [plan for _member, plan in group]
         timings: dict[str, float] = {}
@@ -288,19 +271,21 @@ class Batcher:
                 upsample_input(rgb, plan.resize) for rgb, plan in zip(inputs, plans, strict=True)
             ]
         with timed(timings, prefix + "text"):
-            cond = pipe.embed(options.prompt)
-        with timed(timings, prefix + "encode", pipe.device):
-            z_low, encoded = self.encode(upsampled, options, stage.encoder)
+            cond = models.embed(options.prompt)
+        with timed(timings, prefix + "encode", models.device):
+            z_low, encoded = models.encode_many(upsampled, options, stage.encoder)
+            if not finite(z_low):
+                raise NotFinite("VAE encoder")
         plan = plans[0]
-        with timed(timings, prefix + "unet", pipe.device):
+        with timed(timings, prefix + "unet", models.device):
             per_call = plan.tile_batch if plan.unet.tiled else len(group)
-            eps = pipe.predict(z_low, cond, plan.variants, plan.unet, per_call, stage.timestep)
+            eps = models.predict(z_low, cond, plan.variants, plan.unet, per_call, stage.timestep)
             if not finite(*eps.values()):
                 raise NotFinite("UNet")
-            z_high = pipe.step(z_low, eps, stage)
+            z_high = models.step(z_low, eps, stage)
             del eps
-        with timed(timings, prefix + "decode", pipe.device):
-            decoded = decode_together(pipe, z_high, [one.size for one in encoded])
+        with timed(timings, prefix + "decode", models.device):
+            decoded = decode_together(models, z_high, [one.size for one in encoded])
         with timed(timings, prefix + "color"):
             images = []
             for index, (member, plan) in enumerate(group):
@@ -313,26 +298,6 @@ class Batcher:
             member.batch = len(group) if first else member.batch
             for name, seconds in timings.items():  # a shared call's time, shared evenly
                 member.timings[name] = member.timings.get(name, 0.0) + seconds / len(group)
-
-    @torch.inference_mode()
-    def encode(
-        self, upsampled: list[Any], options: UpscaleOptions, encoder: str
-    ) -> tuple[torch.Tensor, list[Encoded]]:
-        """z_L of images of one padded size, in one encoder call (each padded like
-        ``PisaPipeline.encode``, each with its own --vae-sample noise)."""
-        pipe = self.pipeline
-        sources = [to_tensor(image).to(pipe.device) for image in upsampled]
-        batch = torch.cat([pipe.pad(source * 2 - 1) for source in sources])
-        generators = [pipe.generator(options) for _source in sources]
-        model = pipe.vae_for(encoder)
-        z_low = vae.encode(model, batch, sample=options.vae_sample, generator=generators)
-        if not finite(z_low):
-            raise NotFinite("VAE encoder")
-        encoded = [
-            Encoded(z_low[index : index + 1], source, tuple(source.shape[-2:]))  # type: ignore[arg-type]
-            for index, source in enumerate(sources)
-        ]
-        return z_low, encoded
 
 
 def _let_go(error: Exception) -> Exception:
@@ -353,12 +318,13 @@ def _let_go(error: Exception) -> Exception:
 
 @torch.inference_mode()
 def decode_together(
-    pipe: BatchedPipeline, z_high: torch.Tensor, sizes: list[tuple[int, int]]
+    models: Models, z_high: torch.Tensor, sizes: list[tuple[int, int]]
 ) -> list[torch.Tensor]:
     """The (1, 3, H, W) images in [0, 1] of ``z_high`` from one decoder call, each cropped
     to its (H, W) in ``sizes`` (raises NotFinite on inf or NaN)."""
     height, width = z_high.shape[-2:]
-    decoded = pipe.decode(z_high, (height * pipe.vae_factor, width * pipe.vae_factor))
+    factor = models.vae_factor
+    decoded = models.decode(z_high, (height * factor, width * factor))
     if not finite(decoded):
         raise NotFinite("VAE decoder")
     return [decoded[i : i + 1, :, :h, :w].contiguous() for i, (h, w) in enumerate(sizes)]
@@ -379,7 +345,7 @@ def decode_points(
         return chunk[:half] if half > 1 else None  # one latent: alone, with its retries
 
     def together(chunk: torch.Tensor) -> list[torch.Tensor]:
-        return decode_together(pipe, chunk, [latents.encoded.size] * chunk.shape[0])
+        return decode_together(pipe.models, chunk, [latents.encoded.size] * chunk.shape[0])
 
     images: list[torch.Tensor] = []
     held, rest = z_high.shape[0], z_high

@@ -13,6 +13,7 @@ import torch
 
 from pisa_cli.core.families import LoadedWeights, family_of, named
 from pisa_cli.core.families.base import Family
+from pisa_cli.core.models import Models
 from pisa_cli.core.passes import Passes
 from pisa_cli.core.pipeline import PisaPipeline
 from pisa_cli.engine.lean import use_lean_resnets
@@ -156,9 +157,11 @@ def build(spec: PipelineSpec) -> PisaPipeline:
         premerged=premerged,
     )
     if state is None:
-        cache.save_tensors("merged", key, pipeline.unet.unet.state_dict(), keep=cache.MAX_MERGED)
+        cache.save_tensors(
+            "merged", key, pipeline.models.unet.unet.state_dict(), keep=cache.MAX_MERGED
+        )
     if model.compile:
-        pipeline.compile()
+        pipeline.models.compile()
     return pipeline
 
 
@@ -267,7 +270,8 @@ def build_pipeline(
         timesteps=len(scheduler.alphas_cumprod),  # type: ignore[attr-defined]
         second=second.pass_weights() if second is not None else None,
     )
-    return PisaPipeline(pisa_unet, vae_model, prompts, scheduler, device, dtype, passes, second_vae)
+    models = Models(pisa_unet, vae_model, prompts, scheduler, device, dtype, second_vae)
+    return PisaPipeline(models, passes)
 
 
 def _second_vae(

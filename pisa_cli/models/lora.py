@@ -303,12 +303,16 @@ class PisaUNet:
         return self
 
     def signs(self, variant: str) -> dict[str, float]:
-        """Side-path signs per adapter that turn the merged weights into ``variant``'s."""
+        """Side-path signs per adapter that turn the merged weights into ``variant``'s: the
+        adapters added first, then those taken away, each in its weight set's order. The
+        side paths sum in this order, so it must not follow a set's (the string hash seed
+        of the process: a PiSA-SR first pass with a second-pass LoRA came out one way or
+        the other from run to run)."""
         if variant not in self.variants:
             raise ValueError(f"unknown UNet variant {variant!r}")
-        wanted, merged = set(self.variants[variant]), set(self.variants[self.merged])
-        signs = {adapter: 1.0 for adapter in wanted - merged}
-        signs.update({adapter: -1.0 for adapter in merged - wanted})
+        wanted, merged = self.variants[variant], self.variants[self.merged]
+        signs = {adapter: 1.0 for adapter in wanted if adapter not in merged}
+        signs.update({adapter: -1.0 for adapter in merged if adapter not in wanted})
         return signs
 
     @contextlib.contextmanager

@@ -109,11 +109,12 @@ def needs_merged(pipeline: PisaPipeline, options: UpscaleOptions, points) -> boo
     through the side path: in bf16 and fp16 the two round apart (a merged weight rounds
     once; on the tiny random model a point moved by up to 122 levels), in fp32 they agree
     to float noise."""
-    if pipeline.dtype == torch.float32:
+    if pipeline.models.dtype == torch.float32:
         return False
-    merged = pipeline.unet.merged
+    merged = pipeline.models.unet.merged
     return any(
-        merged_variant(at(options, point), pipeline.family) == "pisa" != merged for point in points
+        merged_variant(at(options, point), pipeline.passes.family) == "pisa" != merged
+        for point in points
     )
 
 
@@ -144,13 +145,13 @@ class Sweeper:
         rgb = as_rgb(image)
         stage = replace(pipe.stages(self.options)[0], variants=VARIANTS)
         latents = pipe.prepare_latents(rgb, stage, timings, notes)
-        calls = pipe.unet_calls
+        calls = pipe.models.unet_calls
         eps = pipe.predict_eps(latents, stage, timings, notes)
         return Prepared(
             image=rgb,
             latents=latents,
             eps=eps,
-            unet_calls=pipe.unet_calls - calls,
+            unet_calls=pipe.models.unet_calls - calls,
             decode_batch=self.decode_batch_size(latents.plan),
             timings=timings,
             notes=notes,
@@ -184,7 +185,7 @@ class Sweeper:
         """Whether ``point`` takes its eps from ``merged`` (as `pisa upscale` would)."""
         if self.merged is None:
             return False
-        return merged_variant(at(self.options, point), self.pipeline.family) == "pisa"
+        return merged_variant(at(self.options, point), self.pipeline.passes.family) == "pisa"
 
     def merged_eps(self, prepared: Prepared) -> torch.Tensor:
         """eps_pisa of the PiSA-merged pipeline, planned as `pisa upscale` plans its pass
@@ -196,9 +197,9 @@ class Sweeper:
             size = prepared.image.size
             plan = pipe.plan(size, stage.options, stage.variants, stage.tiling, stage.planner)
             latents = replace(prepared.latents, plan=plan)
-            calls = pipe.unet_calls
+            calls = pipe.models.unet_calls
             eps = pipe.predict_eps(latents, stage, prepared.timings, prepared.notes)
-            prepared.unet_calls += pipe.unet_calls - calls
+            prepared.unet_calls += pipe.models.unet_calls - calls
             prepared.merged_eps = eps["pisa"]
         return prepared.merged_eps
 
@@ -212,7 +213,7 @@ class Sweeper:
             self.merged_eps(prepared)  # a UNet pass: timed as one, not as decoding
         while pending:
             chunk, pending = pending[: prepared.decode_batch], pending[prepared.decode_batch :]
-            with timed(prepared.timings, "decode", pipe.device):
+            with timed(prepared.timings, "decode", pipe.models.device):
                 z_high = torch.cat([self.latents(prepared, point) for point in chunk])
                 decoded, held = decode_points(pipe, z_high, prepared.latents, prepared.notes)
                 del z_high

@@ -103,15 +103,16 @@ def run_hypir(
 
     settings = HypirSettings.from_options(stage.options)
     prefix = f"{stage.name}_" if stage.name else ""
-    device = pipe.device
+    models = pipe.models
+    device = models.device
     with timed(timings, prefix + "preprocess"):
         rgb = as_rgb(image)
         plan = pipe.plan(rgb.size, stage.options, stage.variants, TILING, stage.planner)
         prepared = prepare_input(to_tensor(rgb).to(device), settings.scale, settings.patch)
     with timed(timings, prefix + "text"):
-        cond = pipe.embed(settings.prompt)
-    alphas = pipe.scheduler.alphas_cumprod  # type: ignore[attr-defined]
-    parts = HypirParts(pipe.unet, pipe.vae, cond, alphas)
+        cond = models.embed(settings.prompt)
+    alphas = models.scheduler.alphas_cumprod  # type: ignore[attr-defined]
+    parts = HypirParts(models.unet, models.vae, cond, alphas)
 
     def encode(tile: int | None, store: str) -> Encoded:
         latents = encode_windows(parts, prepared, settings, tile, store)
@@ -121,7 +122,7 @@ def run_hypir(
         return {"first": step_windows(parts, encoded.latents, settings, current.tile_batch)}
 
     with timed(timings, prefix + "encode", device):
-        encoded, plan = pipe.guard.encode(encode, plan, notes, pipe.vae)
+        encoded, plan = pipe.guard.encode(encode, plan, notes, models.vae)
     with timed(timings, prefix + "unet", device):
         x0, plan = pipe.guard.predict(predict, plan, notes)
     with timed(timings, prefix + "decode", device):
