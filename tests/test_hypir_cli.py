@@ -112,6 +112,18 @@ def test_pisa_upscale_with_hypir_weights(tiny_base, hypir_pth, hypir_oracle, tmp
     assert again.exit_code == 0 and "settings changed" in again.output
 
 
+def test_any_scale_is_hypir_s_own(tiny_base, hypir_pth, pisa_pkl, tmp_path):
+    """HYPIR resizes the input to the target size itself, then restores: --scale 2 gets no
+    "trained for x4" warning, as it does for PiSA-SR's weights."""
+    source = tmp_path / "photo.png"
+    noise_image(24, 20, 7).save(source)
+    for weights, warned in ((hypir_pth, False), (pisa_pkl, True)):
+        args = ["--base-model", tiny_base, "--weights", weights, "--scale", "2", "--dry-run"]
+        result = run("upscale", source, "-o", tmp_path / "out", *args)
+        assert result.exit_code == 0, result.output
+        assert ("warning: --scale 2: the model is trained for x4" in result.output) is warned
+
+
 def test_doctor_and_sweep_know_the_family(tiny_base, hypir_pth, tmp_path):
     args = ["--base-model", tiny_base, "--weights", hypir_pth]
     doctor = run("doctor", "--device", "cpu", *args)

@@ -32,13 +32,22 @@ def pipeline_factory(context: typer.Context | None):
     return build_run_pipeline
 
 
-def warn_unusual(options: UpscaleOptions, lambdas: list[tuple[str, float]] | None = None) -> None:
+def warn_unusual(
+    options: UpscaleOptions, weights: str, lambdas: list[tuple[str, float]] | None = None
+) -> None:
     """One warning each for settings that run but leave what the model was trained for:
-    a --scale other than 4, negative lambdas (``lambdas`` overrides the options' own)."""
-    if options.scale != 4:
+    a --scale other than the family's (``weights`` picks it), negative lambdas
+    (``lambdas`` overrides the options' own)."""
+    from pisa_cli.core.families import family_of
+
+    try:
+        trained = family_of(weights).trained_scale
+    except PisaError:  # the load says what is wrong with the weights
+        trained = None
+    if trained is not None and options.scale != trained:
         common.say(
-            f"warning: --scale {options.scale}: the model is trained for x4; other factors "
-            "run but are untested",
+            f"warning: --scale {options.scale}: the model is trained for x{trained}; other "
+            "factors run but are untested",
             err=True,
         )
     if lambdas is None:

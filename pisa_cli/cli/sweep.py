@@ -131,7 +131,7 @@ def sweep_command(context: typer.Context, **values) -> None:
         raise common.fail(error) from None
     grid = settings.grid
     lambdas = [("lambda_pix", min(grid.pix)), ("lambda_sem", min(grid.sem))]
-    steps.warn_unusual(run.options, lambdas)
+    steps.warn_unusual(run.options, run.model.resolved_weights(), lambdas)
 
     from pisa_cli.batch.plan import refuse_long_names
     from pisa_cli.imaging.discover import discover

@@ -43,7 +43,7 @@ def upscale_command(context: typer.Context, **values) -> None:
     except PisaError as error:
         raise common.fail(error) from None
     if run.shard.index == 0:
-        steps.warn_unusual(run.options)  # once per run: by the first share
+        steps.warn_unusual(run.options, run.model.resolved_weights())  # by share 0
     load = steps.pipeline_factory(context)
     if run.devices and len(devices := parse_devices(run.devices)) == 1:  # no engine for one
         run = replace(run, devices="", model=replace(run.model, device=devices[0]))

@@ -64,6 +64,9 @@ class Family:
     """A line about its weights' licence, when it restricts their use."""
     merged: str = "first"
     """The UNet weight set worth merging for its first pass (``merged_variant``)."""
+    trained_scale: int | None = 4
+    """The --scale its weights were trained for (other factors get a warning); None where
+    any factor is its own (it resizes the input itself, then restores)."""
 
     # --- weights -----------------------------------------------------------------------
     def recognises(self, path: Path, role: Role) -> bool:

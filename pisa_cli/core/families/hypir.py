@@ -33,6 +33,7 @@ class Hypir(Family):
     tiling = "windows"
     color_fix = "wavelet"
     licence = LICENCE
+    trained_scale = None  # bicubic to the target size first, then restored: any factor
 
     def recognises(self, path: Path, role: Role) -> bool:
         return bool(str(path)) and is_hypir_weights(path)
