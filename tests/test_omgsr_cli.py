@@ -300,3 +300,14 @@ def test_sweep_takes_a_folder_as_second_pass(
     result = run("sweep", photo, "-o", tmp_path / "s", *args)
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "s" / "photo" / "pix1.00_sem1.00.png").size == (192, 160)
+
+
+def test_lambdas_are_refused_with_one_line(tiny_base, adapter_folder, photo, tmp_path):
+    """Only PiSA-SR has lambdas: an OMGSR-style folder refuses them (exit 2, before any
+    model loads) instead of leaving them unused."""
+    out = tmp_path / "out"
+    args = [*model_args(tiny_base, adapter_folder), "--lambda-pix", "0.5"]
+    result = run("upscale", photo.parent, "-o", out, *args)
+    assert result.exit_code == 2, result.output
+    assert "only PiSA-SR has lambdas; an OMGSR-style adapter folder has none" in result.output
+    assert not out.exists()

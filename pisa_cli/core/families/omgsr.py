@@ -70,9 +70,6 @@ class Omgsr(Family):
         overlap = tile // 2 if tiles.latent_overlap is None else tiles.latent_overlap
         return tile, overlap
 
-    def check_options(self, options: UpscaleOptions) -> None:
-        pass  # it has no lambdas; as before, they are left unused
-
     def identity(self, path: Path, options: UpscaleOptions, role: Role) -> dict:
         if role == "first":
             return {"timestep": self.planned_timestep(path, options.timestep, role)[0]}
