@@ -102,9 +102,10 @@ def prepare_output(run: spec.UpscaleSpec, outcome: Outcome) -> None:
     be written, or its manifest is not a file we can append to)."""
     from pisa_cli.batch.plan import OutputFolderError, make_output_folder
     from pisa_cli.imaging.manifest import manifest_problem
+    from pisa_cli.imaging.objects import ObjectPath
 
     try:
-        problem = manifest_problem(run.output)
+        problem = None if isinstance(run.output, ObjectPath) else manifest_problem(run.output)
         if problem is not None:
             raise OutputFolderError(problem)
         outcome.made_folder = make_output_folder(run.output, run.batch)

@@ -9,6 +9,7 @@ fsyncs it and renames it into place.
 from __future__ import annotations
 
 import contextlib
+import io
 import struct
 import threading
 import warnings
@@ -33,6 +34,7 @@ from pisa_cli.imaging.modes import (
     split_deep_array,
     split_deep_grey,
 )
+from pisa_cli.imaging.objects import ObjectPath
 from pisa_cli.options import DEFAULT_MAX_PIXELS, WriteOptions
 
 ORIENTATION = 0x0112
@@ -119,18 +121,38 @@ def _open(path: Path) -> Iterator[Image.Image]:
         yield image
 
 
-def read_picture(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
+def read_picture(path: Path | ObjectPath, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     """Decode ``path`` for the model; ImageError naming the file and the reason on failure."""
+    if isinstance(path, ObjectPath):
+        return _read_object(path, max_pixels)
     with _reading(path):
         _check_not_empty(path)
         with _open(path) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"{path}: {width}x{height} is {width * height:,} pixels, more than "
-                    f"--max-pixels {max_pixels:,}"
-                )
+            _check_pixels(path, image.size, max_pixels)
             return _decode(path, image)
+
+
+def _read_object(path: ObjectPath, max_pixels: int) -> Picture:
+    """``read_picture`` of an object: its header fetched and checked first (a block, not
+    the object), then the whole object, decoded from memory."""
+    with _reading(path):
+        with path.open_header() as handle:
+            if handle.size == 0:
+                raise ImageError(f"{path}: empty file (0 bytes)")
+            with _open(handle) as image:
+                _check_pixels(path, image.size, max_pixels)
+        data = path.read_bytes()
+        with _open(io.BytesIO(data)) as image:
+            return _decode(data, image)
+
+
+def _check_pixels(path: object, size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{path}: {width}x{height} is {width * height:,} pixels, more than "
+            f"--max-pixels {max_pixels:,}"
+        )
 
 
 def _check_not_empty(path: Path) -> None:
@@ -138,7 +160,7 @@ def _check_not_empty(path: Path) -> None:
         raise ImageError(f"{path}: empty file (0 bytes)")
 
 
-def _decode(path: Path, image: Image.Image) -> Picture:
+def _decode(path: Path | bytes, image: Image.Image) -> Picture:
     notes: list[str] = []
     frames = getattr(image, "n_frames", 1)
     if frames > 1:
@@ -175,9 +197,9 @@ def _carried_exif(image: Image.Image, exif: Image.Exif) -> bytes | None:
     return copy.tobytes()
 
 
-def _read_deep_colour(path: Path, image: Image.Image, notes: list[str]):
-    """(H, W, C) uint16 pixels when ``path`` is 16-bit colour (or 16-bit grey with alpha),
-    which Pillow would cut to 8 bits; None for everything else."""
+def _read_deep_colour(path: Path | bytes, image: Image.Image, notes: list[str]):
+    """(H, W, C) uint16 pixels when ``path`` (a file or its bytes) is 16-bit colour (or
+    16-bit grey with alpha), which Pillow would cut to 8 bits; None for everything else."""
     if image.format == "PNG":
         header = codecs16.png_header(path)
         if header is not None and header[0] == 16 and header[1] in (2, 4, 6):
@@ -193,11 +215,20 @@ def _read_deep_colour(path: Path, image: Image.Image, notes: list[str]):
     return None
 
 
-def read_size(path: Path) -> tuple[int, int]:
+def read_size(path: Path | ObjectPath) -> tuple[int, int]:
     """(width, height) from the image header, upright, without decoding the pixels."""
+    if isinstance(path, ObjectPath):
+        with _reading(path), path.open_header() as handle:
+            if handle.size == 0:
+                raise ImageError(f"{path}: empty file (0 bytes)")
+            return _upright_size(handle, path)
     with _reading(path):
         _check_not_empty(path)
-    with _reading(path), _open(path) as image:
+    return _upright_size(path, path)
+
+
+def _upright_size(opened: object, path: Path | ObjectPath) -> tuple[int, int]:
+    with _reading(path), _open(opened) as image:
         width, height = image.size
         if image.format != "TIFF" and _header_orientation(path, image) in (5, 6, 7, 8):
             return height, width
@@ -227,7 +258,8 @@ PNG_CHUNK_LIMIT = 1 << 24
 def _png_chunk(path: Path, kind: bytes) -> bytes | None:
     """The data of the first ``kind`` chunk of a PNG, skipping every other chunk's data
     (pixels included) with a seek; None when there is none before IEND or the end."""
-    with open(path, "rb") as handle:
+    opened = path.open_header() if isinstance(path, ObjectPath) else open(path, "rb")  # noqa: SIM115
+    with opened as handle:
         handle.seek(8)
         while len(head := handle.read(8)) == 8:
             length, found = struct.unpack(">I4s", head)
@@ -251,15 +283,17 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
 
 def write_output(
     pixels: Pixels,
-    path: Path,
+    path: Path | ObjectPath,
     write: WriteOptions | None = None,
-    before_replace: Callable[[Path], None] | None = None,
+    before_replace: Callable[[Path], None] | Callable[[bytes], None] | None = None,
 ) -> list[str]:
     """Encode ``pixels`` into ``path`` atomically; return what had to give (notes).
 
     The format follows the extension, ``write`` says how it is encoded (the default
     WriteOptions when None). ``before_replace`` is called with the complete,
-    fsynced temporary file just before it replaces ``path`` (the manifest records it there).
+    fsynced temporary file just before it replaces ``path`` (the manifest records it there);
+    an object (``ObjectPath``) is encoded in memory, ``before_replace`` gets its bytes, and
+    one PUT writes it: nothing partial is ever visible at its key.
     """
     fmt = pillow_format(path)
     if not fmt:
@@ -272,6 +306,13 @@ def write_output(
         )
     notes: list[str] = []
     try:
+        if isinstance(path, ObjectPath):  # encoded in memory, then one PUT
+            buffer = io.BytesIO()
+            _encode(pixels, fmt, buffer, write or WriteOptions(), notes)
+            if before_replace is not None:
+                before_replace(buffer.getvalue())
+            path.write_bytes(buffer.getvalue())
+            return notes
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as temp:
             with open(temp, "wb") as handle:

@@ -1,0 +1,210 @@
+"""Object storage in and out (``s3://`` through s3fs) against moto's S3 server on loopback,
+never a real endpoint: the same outputs as a local run byte for byte, resume from the
+manifest's parts, hostile records ignored, nothing partial at a final key, and the lines
+that refuse what object storage does not do (a report or a sweep there)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pisa_cli.imaging.objects import filesystem
+from tests.builders import noise_image, ramp16
+from tests.fakes import FakePipeline, run_on
+
+BUCKET = "pisa-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 on 127.0.0.1 (a free port), reached only through AWS_ENDPOINT_URL and
+    dummy credentials in the environment, as a user's MinIO would be: nothing is passed
+    to s3fs. Stopped at the end of the module."""
+    pytest.importorskip("s3fs", reason="the storage extra is not installed (pisa-cli[storage])")
+    server_module = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    import s3fs
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    nowhere = tmp_path_factory.mktemp("aws") / "none"
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+            patch.delenv(name, raising=False)
+        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        patch.setenv("AWS_CONFIG_FILE", str(nowhere))  # never the user's ~/.aws
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
+        patch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        s3fs.S3FileSystem.clear_instance_cache()
+        filesystem.cache_clear()
+        fs = filesystem("s3")
+        fs.mkdir(BUCKET)
+        try:
+            yield fs
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            filesystem.cache_clear()
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    """RGBA, 16-bit, grey, a corrupt file, an image over --max-pixels 3000, a non-image, a
+    sub-folder and two names that collide."""
+    folder = tmp_path_factory.mktemp("mixed")
+    for index in range(3):
+        noise_image(8 + index, 6, index).save(folder / f"p{index}.png")
+    noise_image(7, 6, 4).save(folder / "p0.jpg")  # p0.png and p0.jpg: p0_png, p0_jpg
+    rgba = noise_image(10, 8, 7).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    rgba.save(folder / "alpha.png")
+    noise_image(9, 7, 8).convert("L").save(folder / "grey.png")
+    Image.fromarray(ramp16(12, 9, 1)[..., 0]).save(folder / "deep16.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    noise_image(64, 64, 9).save(folder / "huge.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub").mkdir()
+    noise_image(6, 6, 11).save(folder / "sub" / "deep.png")
+    return folder
+
+
+def _upload(fs, folder: Path, prefix: str) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fs.pipe_file(f"{prefix}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+
+
+def _objects(fs, prefix: str) -> dict[str, bytes]:
+    """Relative key -> bytes of every visible object under ``prefix``."""
+    fs.invalidate_cache()
+    keys = [key for key in fs.find(prefix) if "/." not in key]
+    return {key[len(prefix) + 1 :]: fs.cat_file(key) for key in keys}
+
+
+def _upscale(pipeline, source, out, weights, *extra):
+    args = ["upscale", source, "-o", out, "--scale", "2", "--process-size", "16"]
+    args += ["--max-pixels", "3000"]
+    return run_on(pipeline, *args, *extra, *weights)
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_base, pisa_pkl) -> list:
+    return ["--base-model", tiny_base, "--weights", pisa_pkl]
+
+
+def test_s3_to_s3_writes_what_a_local_run_writes_and_resumes(s3, mixed, tmp_path, weights):
+    local = _upscale(FakePipeline(), mixed, tmp_path / "local", weights, "-r")
+    _upload(s3, mixed, f"{BUCKET}/in")
+    remote = _upscale(FakePipeline(), f"s3://{BUCKET}/in", f"s3://{BUCKET}/out", weights, "-r")
+    assert remote.exit_code == local.exit_code == 1, remote.output  # corrupt, huge, 16-bit
+    out = tmp_path / "local"
+    expected = {
+        path.relative_to(out).as_posix(): path.read_bytes()
+        for path in out.rglob("*")
+        if path.is_file() and not path.name.startswith(".")
+    }
+    assert _objects(s3, f"{BUCKET}/out") == expected
+    assert {"p0_png.png", "p0_jpg.png", "alpha.png", "grey.png"} <= set(expected)
+    summary = r"\d+ done, \d+ skipped, \d+ failed; 1 non-image files ignored"
+    counts = re.search(summary, local.output)
+    assert counts and counts[0] in remote.output, remote.output
+    assert "huge.png: 64x64 is 4,096 pixels" in remote.output  # from the header
+    assert f"s3://{BUCKET}/in/corrupt.png: not an image Pillow can read" in remote.output
+    parts = s3.find(f"{BUCKET}/out/.pisa-manifest")
+    assert len(parts) == 1 and parts[0].endswith("-c1.jsonl")  # single records gathered
+
+    again = _upscale(FakePipeline(), f"s3://{BUCKET}/in", f"s3://{BUCKET}/out", weights, "-r")
+    done = int(counts[0].split()[0])
+    assert f"0 done, {done} skipped" in again.output, again.output
+    s3.rm_file(f"{BUCKET}/out/alpha.png")
+    s3.pipe_file(f"{BUCKET}/out/grey.png", b"edited by someone")
+    redo = _upscale(FakePipeline(), f"s3://{BUCKET}/in", f"s3://{BUCKET}/out", weights, "-r")
+    assert f"1 done, {done - 1} skipped" in redo.output, redo.output
+    assert "grey.png exists and was changed after pisa wrote it: kept" in redo.output
+    assert _objects(s3, f"{BUCKET}/out")["alpha.png"] == expected["alpha.png"]
+
+
+def test_a_forged_record_outside_the_prefix_is_ignored(s3, mixed, weights):
+    source = f"{BUCKET}/forged/in"
+    s3.pipe_file(f"{source}/a.png", (mixed / "p1.png").read_bytes())
+    # a record claiming the input itself as an output of -o: it would hide it from discovery
+    forged = {
+        "output": "../in/a.png", "source": "x", "source_bytes": 1, "source_mtime_ns": 1,
+        "settings_key": "0" * 16, "settings": {}, "output_bytes": 1, "output_mtime_ns": 0,
+        "output_sha256": "0" * 64,
+    }  # fmt: skip
+    s3.pipe_file(f"{BUCKET}/forged/.pisa-manifest/x-0.jsonl", json.dumps(forged).encode())
+    result = _upscale(FakePipeline(), f"s3://{BUCKET}/forged/in", f"s3://{BUCKET}/forged", weights)
+    assert result.exit_code == 0, result.output
+    assert "1 record ignored: its output is outside the folder" in result.output
+    assert "1 done" in result.output
+    assert s3.exists(f"{BUCKET}/forged/a.png")
+
+
+def test_a_failure_while_writing_leaves_no_object_at_the_final_key(s3, mixed, weights, monkeypatch):
+    from pisa_cli.imaging import io
+
+    s3.pipe_file(f"{BUCKET}/broken/in/a.png", (mixed / "p1.png").read_bytes())
+    s3.pipe_file(f"{BUCKET}/broken/in/b.png", (mixed / "p2.png").read_bytes())
+    encode = io._encode
+
+    def half_then_fail(pixels, fmt, handle, write, notes):
+        encode(pixels, fmt, handle, write, notes)
+        if pixels.size[0] == 18:  # a.png (9x6 at x2): half its bytes written, then a failure
+            handle.truncate(handle.tell() // 2)
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "_encode", half_then_fail)
+    source, out = f"s3://{BUCKET}/broken/in", f"s3://{BUCKET}/broken/out"
+    result = _upscale(FakePipeline(), source, out, weights)
+    assert result.exit_code == 1, result.output
+    assert "a.png: cannot write (No space left on device)" in result.output
+    s3.invalidate_cache()
+    assert not s3.exists(f"{BUCKET}/broken/out/a.png")  # nothing at the key, not half
+    assert s3.exists(f"{BUCKET}/broken/out/b.png")  # the batch went on
+    records = [json.loads(s3.cat_file(k)) for k in s3.find(f"{BUCKET}/broken/out/.pisa-manifest")]
+    assert [r["output"] for r in records] == ["b.png"]  # no record of what was never put
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        (["--report", "s3://b/r.json"], "--report s3://b/r.json: reports are written to local"),
+        (["-o", "nowhere://b/out"], "nowhere://: not a storage fsspec knows"),
+    ],
+)
+def test_what_object_storage_does_not_do_is_refused_in_one_line(tmp_path, weights, extra, line):
+    noise_image(8, 6).save(tmp_path / "a.png")
+    result = run_on(None, "upscale", tmp_path / "a.png", "-o", tmp_path / "out", *extra, *weights)
+    assert result.exit_code == 3 and line in result.output, result.output
+
+
+def test_pisa_sweep_refuses_object_storage_before_the_model(tmp_path, weights):
+    noise_image(8, 6).save(tmp_path / "a.png")
+    result = run_on(None, "sweep", tmp_path / "a.png", "-o", "s3://b/sweep", *weights)
+    assert result.exit_code == 3, result.output
+    assert "s3://b/sweep: pisa sweep reads and writes local files only" in result.output
+
+
+def test_without_the_extra_a_url_says_how_to_install_it(s3, tmp_path, weights, monkeypatch):
+    import fsspec  # noqa: F401
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if not installed
+    known = sys.modules["fsspec.registry"]._registry  # the class fsspec imported already
+    monkeypatch.delitem(known, "s3", raising=False)
+    filesystem.cache_clear()
+    try:
+        result = run_on(None, "upscale", "s3://b/in", "-o", tmp_path / "out", *weights)
+    finally:
+        filesystem.cache_clear()
+    assert result.exit_code == 3, result.output
+    assert "s3:// needs object storage support: pip install 'pisa-cli[storage]'" in result.output
