@@ -208,3 +208,15 @@ def test_without_the_extra_a_url_says_how_to_install_it(s3, tmp_path, weights, m
         filesystem.cache_clear()
     assert result.exit_code == 3, result.output
     assert "s3:// needs object storage support: pip install 'pisa-cli[storage]'" in result.output
+
+
+def test_objects_in_and_a_local_folder_out_and_back(s3, mixed, tmp_path, weights):
+    s3.pipe_file(f"{BUCKET}/both/in/a.png", (mixed / "alpha.png").read_bytes())
+    down = _upscale(FakePipeline(), f"s3://{BUCKET}/both/in", tmp_path / "down", weights)
+    assert down.exit_code == 0, down.output
+    again = _upscale(FakePipeline(), f"s3://{BUCKET}/both/in", tmp_path / "down", weights)
+    assert "0 done, 1 skipped" in again.output, again.output  # the local manifest knows it
+    up = _upscale(FakePipeline(), tmp_path / "down", f"s3://{BUCKET}/both/up", weights)
+    assert up.exit_code == 0, up.output
+    _upscale(FakePipeline(), tmp_path / "down", tmp_path / "up", weights)
+    assert s3.cat_file(f"{BUCKET}/both/up/a.png") == (tmp_path / "up" / "a.png").read_bytes()

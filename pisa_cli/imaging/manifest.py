@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pisa_cli.fsutil import file_sha256, kind_of, no_link
+from pisa_cli.imaging.objects import source_stamp
 
 log = logging.getLogger(__name__)
 
@@ -208,23 +209,19 @@ class Manifest:
             return Decision(SKIP, f"{output} exists and {why}: kept (--overwrite replaces it)")
         if record.key != self.key:
             return Decision(RUN, "settings changed")
-        source_stat = source.stat()
-        if (source_stat.st_size, source_stat.st_mtime_ns) != (
-            record.source_bytes,
-            record.source_mtime_ns,
-        ):
+        if source_stamp(source) != (record.source_bytes, record.source_mtime_ns):
             return Decision(RUN, "input changed")
         return Decision(SKIP, "up to date")
 
     def record(self, source: Path, output: Path, written: Path) -> None:
         """Append the record of ``written`` (the complete temporary file that is about to
         become ``output``) and fsync it. Called from writer threads."""
-        source_stat, stat = source.stat(), written.stat()
+        (source_bytes, source_mtime_ns), stat = source_stamp(source), written.stat()
         line = {
             "output": self._name(output),
             "source": str(source.resolve()),
-            "source_bytes": source_stat.st_size,
-            "source_mtime_ns": source_stat.st_mtime_ns,
+            "source_bytes": source_bytes,
+            "source_mtime_ns": source_mtime_ns,
             "settings_key": self.key,
             "settings": self.settings,
             "output_bytes": stat.st_size,

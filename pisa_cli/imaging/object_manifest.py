@@ -135,7 +135,7 @@ class ObjectManifest(Manifest):
         source_bytes, source_mtime_ns = source_stamp(source)
         line = {
             "output": self._name(output),
-            "source": str(source if isinstance(source, ObjectPath) else source.resolve()),
+            "source": str(source.resolve()),
             "source_bytes": source_bytes,
             "source_mtime_ns": source_mtime_ns,
             "settings_key": self.key,

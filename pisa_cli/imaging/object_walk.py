@@ -63,7 +63,8 @@ def _prefix(walk: Any, prefix: ObjectPath, relative: Path, natural_key: Callable
     except OSError as error:
         walk.found.unreadable.append(f"{prefix}: cannot list ({error.strerror or error})")
         return
-    below_output = output != prefix and output.is_relative_to(prefix)
+    below_output = isinstance(output, ObjectPath) and output.is_relative_to(prefix)
+    below_output = below_output and output != prefix
     for parts, info in _order(entries, prefix.key, natural_key):
         found = listed(prefix.protocol, info)
         if below_output and found.is_relative_to(output):  # our outputs are never inputs
