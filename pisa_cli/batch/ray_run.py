@@ -14,9 +14,12 @@ PISA_RAY_TIMEOUT seconds (default 600) stops with the rest failed. ``ray.data.re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
+import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -40,6 +43,8 @@ RETRIES = ATTEMPTS * ROWS_PER_CALL + 1
 """Task retries and actor restarts allowed: every death charges an image of the call."""
 TIMEOUT_ENV = "PISA_RAY_TIMEOUT"
 DEFAULT_TIMEOUT = 600.0
+
+log = logging.getLogger(__name__)
 
 
 class RunStopped(PisaError):
@@ -81,13 +86,65 @@ def no_progress_timeout(environ=None) -> float:
     return value
 
 
+def quiet_ray() -> None:
+    """Ray's own lines off, so that only ours are printed: its Python loggers to errors,
+    and the driver's error listener, which prints every cluster event ("(raylet) A worker
+    died or was killed ...") on stdout in the middle of our display even with
+    ``log_to_driver=False``, sends the raylet's lines to our debug log (``-v`` shows them;
+    our results already say what a death cost). Ray 2.60 has no switch for the listener:
+    its module function is wrapped, once, and a Ray without it is left as it is."""
+    for name in ("ray", "ray.data"):  # our display says what happens, not Ray's
+        logging.getLogger(name).setLevel(logging.ERROR)
+    worker = sys.modules.get("ray._private.worker")
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "quieted", False):
+        return
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            for line in data.get("lines", ()):
+                log.debug("ray: %s", line)
+            return
+        printer(data, ignore_prefix)
+
+    print_to_stdstream.quieted = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = print_to_stdstream
+
+
+@contextlib.contextmanager
+def _stderr_to_debug_log() -> Iterator[None]:
+    """File descriptor 2 into a temporary file while Ray starts, its lines then sent to our
+    debug log: Ray's C++ core writes there directly (``logging.cc: Set ray log level from
+    environment variable ...`` whenever RAY_BACKEND_LOG_LEVEL is set)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 (an embedded interpreter)
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode("utf-8", "replace").splitlines():
+                log.debug("ray: %s", line)
+
+
 def connect(ray, target: RayTarget) -> bool:
     """Start or join Ray, quietly; whether we started it (and shut it down at the end). A
     Ray already running in this process (a test's, a notebook's) is used as it is."""
-    for name in ("ray", "ray.data"):  # our display says what happens, not Ray's
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_ray()
     if ray.is_initialized():
         return False
+    with _stderr_to_debug_log():
+        return _init(ray, target)
+
+
+def _init(ray, target: RayTarget) -> bool:
     # Ray's C++ core warns on stderr for every actor whose constructor arguments are in
     # the object store (map_batches puts them there) and may restart: that is our design
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
