@@ -220,3 +220,31 @@ def test_objects_in_and_a_local_folder_out_and_back(s3, mixed, tmp_path, weights
     assert up.exit_code == 0, up.output
     _upscale(FakePipeline(), tmp_path / "down", tmp_path / "up", weights)
     assert s3.cat_file(f"{BUCKET}/both/up/a.png") == (tmp_path / "up" / "a.png").read_bytes()
+
+
+def test_a_ray_worker_reads_and_puts_objects_itself(s3, mixed):
+    """The worker class as Ray runs it (called on a batch of job rows, here without Ray):
+    its rows name objects, and it reads, writes and records them itself."""
+    from pisa_cli.batch.ray_worker import UpscaleWorker, job_rows, result_from_json
+    from pisa_cli.imaging.discover import Job
+    from pisa_cli.imaging.objects import ObjectPath
+    from pisa_cli.options import BatchOptions, ModelOptions, UpscaleOptions
+
+    for name in ("p1.png", "corrupt.png"):
+        s3.pipe_file(f"{BUCKET}/worker/in/{name}", (mixed / name).read_bytes())
+    url = ObjectPath.parse
+    jobs = [Job(url(f"s3://{BUCKET}/worker/in/{n}"), url(f"s3://{BUCKET}/worker/out/{n}"))
+            for n in ("p1.png", "corrupt.png")]  # fmt: skip
+    pipeline = FakePipeline()
+    worker = UpscaleWorker(
+        ModelOptions(device="cpu"), UpscaleOptions(scale=2), BatchOptions(), {"a": 1},
+        f"s3://{BUCKET}/worker/out", lambda model, options: pipeline,
+    )  # fmt: skip
+    rows = job_rows(jobs)
+    returned = worker({name: [row[name] for row in rows] for name in ("index", "source", "output")})
+    results = [result_from_json(j, t)[0] for j, t in zip(jobs, returned["result"], strict=True)]
+    assert [r.status for r in results] == ["done", "failed"]
+    s3.invalidate_cache()
+    assert Image.open(s3.open(f"{BUCKET}/worker/out/p1.png")).size == (18, 12)
+    (part,) = s3.find(f"{BUCKET}/worker/out/.pisa-manifest")  # its task's records, gathered
+    assert json.loads(s3.cat_file(part))["settings"] == {"a": 1}
