@@ -30,11 +30,11 @@ from typing import Any
 from pisa_cli.batch.display import Display
 from pisa_cli.batch.distributed import pixel_weights
 from pisa_cli.batch.ray_worker import ATTEMPTS, Ledger, UpscaleWorker, job_rows, result_from_json
-from pisa_cli.batch.run import Outcome, PipelineFactory, collect
+from pisa_cli.batch.run import Outcome, PipelineFactory, StreamSpec, collect
 from pisa_cli.batch.runner import FAILED, JobResult
 from pisa_cli.errors import LaunchError, PisaError
 from pisa_cli.imaging.discover import Job
-from pisa_cli.options import BatchOptions, ModelOptions, UpscaleOptions
+from pisa_cli.options import BatchOptions, ModelOptions
 
 INSTALL = "--ray and --devices run on Ray Data: pip install 'pisa-cli[ray]'"
 ROWS_PER_CALL = 8
@@ -187,9 +187,8 @@ def pool_size(ray, target: RayTarget) -> tuple[int, int]:
 
 
 def run_on_ray(
-    jobs: Sequence[Job],
-    reasons: dict[Job, str],
-    plan: tuple[ModelOptions, UpscaleOptions, BatchOptions, dict, str],
+    spec: StreamSpec,
+    model: ModelOptions,
     load: PipelineFactory,
     target: RayTarget,
     outcome: Outcome,
@@ -197,17 +196,21 @@ def run_on_ray(
     display: Display,
     stop: threading.Event,
 ) -> None:
-    """Run ``jobs`` on Ray (``plan``: model, options, batch, settings, output folder) into
-    ``outcome``, each result shown as it comes back. Raises LaunchError (no Ray, no
-    cluster) or the workers' model error (RunStopped, with its exit code)."""
+    """Run ``spec`` (as ``run.stream`` does, its manifest naming the output folder and the
+    settings each worker records) on Ray with ``model``'s pipeline into ``outcome``, each
+    result shown as it comes back. Raises LaunchError (no Ray, no cluster) or the workers'
+    model error (RunStopped, with its exit code)."""
+    if spec.manifest is None:
+        raise ValueError("a run on Ray records its outputs: the StreamSpec needs its manifest")
     ray = import_ray()
     timeout = no_progress_timeout()
     started = connect(ray, target)
+    jobs = spec.jobs
     try:
-        rows, ledger = _dataset(ray, jobs, plan, load, target)
+        rows, ledger = _dataset(ray, spec, model, load, target)
         results = _results(rows, jobs, stop, timeout, ledger.forget.remote)
         begun, first = time.perf_counter(), len(outcome.results)  # the models' loading in
-        collect(results, reasons, outcome, len(jobs), display=display, stop=stop)
+        collect(results, spec.reasons, outcome, len(jobs), display=display, stop=stop)
         outcome.run_seconds = time.perf_counter() - begun
         place = {job: index for index, job in enumerate(jobs)}  # the report: input order
         outcome.results[first:] = sorted(outcome.results[first:], key=lambda r: place[r.job])
@@ -216,8 +219,9 @@ def run_on_ray(
             ray.shutdown()
 
 
-def _dataset(ray, jobs: Sequence[Job], plan: tuple, load: PipelineFactory, target: RayTarget):
-    model, options, batch, settings, output = plan
+def _dataset(ray, spec: StreamSpec, model: ModelOptions, load: PipelineFactory, target: RayTarget):
+    jobs, options, batch, manifest = spec.jobs, spec.options, spec.batch, spec.manifest
+    settings, output = manifest.settings, manifest.root  # type: ignore[union-attr]
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
