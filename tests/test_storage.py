@@ -133,9 +133,10 @@ def test_s3_to_s3_writes_what_a_local_run_writes_and_resumes(s3, mixed, tmp_path
     assert _objects(s3, f"{BUCKET}/out")["alpha.png"] == expected["alpha.png"]
 
 
-def test_a_forged_record_outside_the_prefix_is_ignored(s3, mixed, weights):
+def test_a_forged_record_outside_the_prefix_is_ignored_and_names_are_escaped(s3, mixed, weights):
     source = f"{BUCKET}/forged/in"
     s3.pipe_file(f"{source}/a.png", (mixed / "p1.png").read_bytes())
+    s3.pipe_file(f"{source}/b\x1b[2J\u202ec.png", (mixed / "p2.png").read_bytes())  # hostile
     # a record claiming the input itself as an output of -o: it would hide it from discovery
     forged = {
         "output": "../in/a.png", "source": "x", "source_bytes": 1, "source_mtime_ns": 1,
@@ -146,8 +147,10 @@ def test_a_forged_record_outside_the_prefix_is_ignored(s3, mixed, weights):
     result = _upscale(FakePipeline(), f"s3://{BUCKET}/forged/in", f"s3://{BUCKET}/forged", weights)
     assert result.exit_code == 0, result.output
     assert "1 record ignored: its output is outside the folder" in result.output
-    assert "1 done" in result.output
+    assert "2 done" in result.output
     assert s3.exists(f"{BUCKET}/forged/a.png")
+    assert "\x1b" not in result.output and "\u202e" not in result.output  # escaped, as local
+    assert "in/b\\x1b[2J\\u202ec.png -> s3://" in result.output
 
 
 def test_a_failure_while_writing_leaves_no_object_at_the_final_key(s3, mixed, weights, monkeypatch):
