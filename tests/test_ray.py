@@ -9,6 +9,7 @@ import json
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -322,10 +323,14 @@ def test_ray_writes_what_one_process_writes_and_resumes(ray_instance, mixed, tmp
     single = _run(FakePipeline(), mixed, tmp_path / "single", weights, "--report", single_report)
     assert single.exit_code == 1, single.output  # the corrupt and the huge image fail
     report = tmp_path / "r.json"
-    on_ray = _run(
-        FakePipeline(), mixed, tmp_path / "ray", weights, "--ray", "local", "--report", report
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        on_ray = _run(
+            FakePipeline(), mixed, tmp_path / "ray", weights, "--ray", "local", "--report", report
+        )
     assert on_ray.exit_code == 1, on_ray.output
+    # Ray 2.60 warns where a deprecated form is called (concurrency=, ray_remote_args...)
+    assert [str(w.message) for w in caught if "pisa_cli" in w.filename] == []
     assert visible_bytes(tmp_path / "ray") == visible_bytes(tmp_path / "single")
     counts = re.search(r"(\d+) done, 0 skipped, (\d+) failed", single.output)
     # the corrupt and the huge image fail, and the 16-bit one (the fake takes 8 bits only)

@@ -237,8 +237,11 @@ def _dataset(ray, spec: StreamSpec, model: ModelOptions, load: PipelineFactory, 
         job_rows(jobs, largest_first(jobs, batch)), override_num_blocks=blocks
     )
     with warnings.catch_warnings():
-        # Ray 2.60 has no named parameter for the two caps yet (deprecated in 2.64: the
-        # extra's pin keeps this working; revisit when raising it)
+        # Ray 2.60 has no named parameter for the two caps (max_restarts, max_task_retries)
+        # nor for scheduling_strategy: they can only go through ray_remote_args, which it
+        # says is deprecated and removed in 2.64 (the extra's pin keeps this working;
+        # revisit when raising it). compute=ActorPoolStrategy is its non-deprecated form
+        # (concurrency= is the deprecated one).
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
         return _map(dataset, arguments, ray, size, gpus), ledger
 
