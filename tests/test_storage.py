@@ -17,6 +17,7 @@ from PIL import Image
 from pisa_cli.imaging.objects import filesystem
 from tests.builders import noise_image, ramp16
 from tests.fakes import FakePipeline, run_on
+from tests.helpers import not_ours
 
 BUCKET = "pisa-test"
 
@@ -251,3 +252,41 @@ def test_a_ray_worker_reads_and_puts_objects_itself(s3, mixed):
     assert Image.open(s3.open(f"{BUCKET}/worker/out/p1.png")).size == (18, 12)
     (part,) = s3.find(f"{BUCKET}/worker/out/.pisa-manifest")  # its task's records, gathered
     assert json.loads(s3.cat_file(part))["settings"] == {"a": 1}
+
+
+ON_RAY = """
+import sys
+from tests.fakes import FakePipeline, run_on
+from tests.helpers import not_ours
+result = run_on(FakePipeline(), "upscale", *sys.argv[1:], "--ray", "local")
+print(result.output)
+sys.exit(result.exit_code)
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_workers_read_and_put_objects_as_one_process_does(s3, mixed, weights):
+    """s3 to s3 on a local Ray instance of its own (a fresh process: its workers inherit the
+    endpoint and credentials of the environment, as a user's would): the outputs of one
+    process byte for byte, every worker's records gathered into its own part."""
+    import os
+    import subprocess
+
+    pytest.importorskip("ray", reason="the ray extra is not installed (pisa-cli[ray])")
+    for name in ("p1.png", "alpha.png", "grey.png", "corrupt.png", "huge.png"):
+        s3.pipe_file(f"{BUCKET}/ray/in/{name}", (mixed / name).read_bytes())
+    source = f"s3://{BUCKET}/ray/in"
+    args = ["--scale", "2", "--process-size", "16", "--max-pixels", "3000", *map(str, weights)]
+    single = run_on(FakePipeline(), "upscale", source, "-o", f"s3://{BUCKET}/ray/one", *args)
+    assert single.exit_code == 1, single.output  # the corrupt and the huge image
+    root = str(Path(__file__).parents[1])
+    env = dict(os.environ, PYTHONPATH=root, PISA_RAY_TIMEOUT="60")
+    command = [sys.executable, "-c", ON_RAY, source, "-o", f"s3://{BUCKET}/ray/out", *args]
+    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "3 done, 0 skipped, 2 failed" in done.stdout, done.stdout
+    assert not_ours(done.stdout + done.stderr) == [], done.stderr  # Ray's lines off
+    assert _objects(s3, f"{BUCKET}/ray/out") == _objects(s3, f"{BUCKET}/ray/one")
+    parts = s3.find(f"{BUCKET}/ray/out/.pisa-manifest")
+    assert parts and all(re.search(r"-c\d+\.jsonl$", part) for part in parts), parts
