@@ -73,9 +73,10 @@ class ObjectPath:
     def parse(cls, url: str) -> ObjectPath:
         """The object of ``url`` (StorageError when its storage cannot be used)."""
         protocol = URL.match(url).group(1).lower()  # type: ignore[union-attr]
-        fs = filesystem(protocol)
-        key = fs._strip_protocol(url).rstrip("/") or fs.root_marker
-        return cls(protocol, key)
+        fs = filesystem(protocol)  # first: StorageError without the extra
+        from fsspec.core import strip_protocol
+
+        return cls(protocol, strip_protocol(url).rstrip("/") or fs.root_marker)
 
     @property
     def fs(self) -> Any:
@@ -180,8 +181,8 @@ def source_stamp(source: Path | ObjectPath) -> tuple[int, int]:
 
 def listed(protocol: str, info: dict) -> ObjectPath:
     """The ObjectPath of one entry of a listing, with its size and time."""
-    return ObjectPath(protocol, info["name"].rstrip("/"), int(info.get("size") or 0),
-                      modified_ns(info))  # fmt: skip
+    size = int(info.get("size") or 0)
+    return ObjectPath(protocol, info["name"].rstrip("/"), size, modified_ns(info))
 
 
 def probe_prefix(folder: ObjectPath, token: str) -> None:
