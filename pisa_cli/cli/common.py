@@ -40,10 +40,7 @@ Inputs = Annotated[
     ),
 ]
 OutputDir = Annotated[
-    str,
-    typer.Option(
-        "--output", "-o", help="Folder (or s3://bucket/prefix) for the results (created if needed)."
-    ),
+    str, typer.Option("--output", "-o", help="Folder (or s3://bucket/prefix) for the results.")
 ]
 BaseModel = Annotated[
     str,
