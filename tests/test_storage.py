@@ -290,3 +290,19 @@ def test_ray_workers_read_and_put_objects_as_one_process_does(s3, mixed, weights
     assert _objects(s3, f"{BUCKET}/ray/out") == _objects(s3, f"{BUCKET}/ray/one")
     parts = s3.find(f"{BUCKET}/ray/out/.pisa-manifest")
     assert parts and all(re.search(r"-c\d+\.jsonl$", part) for part in parts), parts
+
+
+def test_a_storage_error_is_said_as_one_not_as_a_corrupt_image(s3, mixed, monkeypatch):
+    from pisa_cli.errors import ImageError
+    from pisa_cli.imaging.io import read_picture
+    from pisa_cli.imaging.objects import ObjectPath
+
+    s3.pipe_file(f"{BUCKET}/lost/a.png", (mixed / "p1.png").read_bytes())
+    image = ObjectPath.parse(f"s3://{BUCKET}/lost/a.png")
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Could not connect to the endpoint URL")  # as botocore's
+
+    monkeypatch.setattr(s3, "cat_file", unreachable)
+    with pytest.raises(ImageError, match=r"lost/a.png: cannot read \(Could not connect"):
+        read_picture(image)

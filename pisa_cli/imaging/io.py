@@ -34,7 +34,7 @@ from pisa_cli.imaging.modes import (
     split_deep_array,
     split_deep_grey,
 )
-from pisa_cli.imaging.objects import ObjectPath
+from pisa_cli.imaging.objects import ObjectPath, storage_errors
 from pisa_cli.options import DEFAULT_MAX_PIXELS, WriteOptions
 
 ORIENTATION = 0x0112
@@ -136,12 +136,10 @@ def _read_object(path: ObjectPath, max_pixels: int) -> Picture:
     """``read_picture`` of an object: its header fetched and checked first (a block, not
     the object), then the whole object, decoded from memory."""
     with _reading(path):
-        with path.open_header() as handle:
-            if handle.size == 0:
-                raise ImageError(f"{path}: empty file (0 bytes)")
-            with _open(handle) as image:
-                _check_pixels(path, image.size, max_pixels)
-        data = path.read_bytes()
+        with path.header() as handle, _open(handle) as image:
+            _check_pixels(path, image.size, max_pixels)
+        with storage_errors(path):
+            data = path.read_bytes()
         with _open(io.BytesIO(data)) as image:
             return _decode(data, image)
 
@@ -218,9 +216,7 @@ def _read_deep_colour(path: Path | bytes, image: Image.Image, notes: list[str]):
 def read_size(path: Path | ObjectPath) -> tuple[int, int]:
     """(width, height) from the image header, upright, without decoding the pixels."""
     if isinstance(path, ObjectPath):
-        with _reading(path), path.open_header() as handle:
-            if handle.size == 0:
-                raise ImageError(f"{path}: empty file (0 bytes)")
+        with _reading(path), path.header() as handle:
             return _upright_size(handle, path)
     with _reading(path):
         _check_not_empty(path)
@@ -235,11 +231,15 @@ def _upright_size(opened: object, path: Path | ObjectPath) -> tuple[int, int]:
         return width, height
 
 
-def _header_orientation(path: Path, image: Image.Image) -> int:
+def _header_orientation(path: Path | ObjectPath, image: Image.Image) -> int:
     """The EXIF orientation without decoding: Pillow's PNG reader decodes the whole image
-    to find an eXIf chunk placed after the pixels, so PNGs are searched chunk by chunk."""
+    to find an eXIf chunk placed after the pixels, so PNGs are searched chunk by chunk.
+    Not an object's: a range request per chunk would cost more than the header is worth
+    (the pixel count is the same either way; the read applies the orientation)."""
     if image.format != "PNG" or "exif" in image.info:
         return image.getexif().get(ORIENTATION, 1)
+    if isinstance(path, ObjectPath):
+        return 1
     data = _png_chunk(path, b"eXIf")
     if data is None:
         return 1
@@ -258,8 +258,7 @@ PNG_CHUNK_LIMIT = 1 << 24
 def _png_chunk(path: Path, kind: bytes) -> bytes | None:
     """The data of the first ``kind`` chunk of a PNG, skipping every other chunk's data
     (pixels included) with a seek; None when there is none before IEND or the end."""
-    opened = path.open_header() if isinstance(path, ObjectPath) else open(path, "rb")  # noqa: SIM115
-    with opened as handle:
+    with open(path, "rb") as handle:
         handle.seek(8)
         while len(head := handle.read(8)) == 8:
             length, found = struct.unpack(">I4s", head)

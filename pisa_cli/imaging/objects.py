@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pisa_cli.errors import PisaError
+from pisa_cli.errors import ImageError, PisaError
 
 INSTALL = "pip install 'pisa-cli[storage]'"
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
@@ -130,9 +131,19 @@ class ObjectPath:
             raise ValueError(f"{self} is not under {root}")
         return PurePosixPath(self.key[len(root.key.rstrip("/")) + 1 :] or ".")
 
-    def open_header(self) -> Any:
-        """A lazily fetched read handle: reading a header costs a block, not the object."""
-        return self.fs.open(self.key, "rb", block_size=HEADER_BLOCK, cache_type="readahead")
+    @contextlib.contextmanager
+    def header(self) -> Iterator[Any]:
+        """A read handle fetched a block at a time (a header costs a block, not the object),
+        its first block fetched here so that storage errors are said as such (ImageError),
+        not as a corrupt image; an empty object is refused."""
+        with storage_errors(self):
+            handle = self.fs.open(self.key, "rb", block_size=HEADER_BLOCK, cache_type="readahead")
+            handle.read(1)
+            handle.seek(0)
+        with handle:
+            if handle.size == 0:
+                raise ImageError(f"{self}: empty file (0 bytes)")
+            yield handle
 
     def read_bytes(self) -> bytes:
         return self.fs.cat_file(self.key)
@@ -145,6 +156,19 @@ class ObjectPath:
         """(size, modification time in ns, whole seconds) of the object, fetched now."""
         info = self.fs.info(self.key)
         return int(info.get("size") or 0), modified_ns(info)
+
+
+@contextlib.contextmanager
+def storage_errors(path: ObjectPath) -> Iterator[None]:
+    """Storage errors (the network, credentials, a missing bucket) as one ImageError naming
+    the object; a missing object and a refusal pass (the reader says them as for files)."""
+    try:
+        yield
+    except (FileNotFoundError, PermissionError, ImageError):
+        raise
+    except Exception as error:  # s3fs's OSErrors, and botocore's own exceptions
+        reason = getattr(error, "strerror", None) or error
+        raise ImageError(f"{path}: cannot read ({reason})") from None
 
 
 def location(text: str | Path) -> Path | ObjectPath:
