@@ -306,3 +306,27 @@ def test_a_storage_error_is_said_as_one_not_as_a_corrupt_image(s3, mixed, monkey
     monkeypatch.setattr(s3, "cat_file", unreachable)
     with pytest.raises(ImageError, match=r"lost/a.png: cannot read \(Could not connect"):
         read_picture(image)
+
+
+@pytest.mark.parametrize(
+    "args", [["in"], ["in", "-r"], ["in/**/*.png", "-r"], ["in/**/*.png"], ["in/s"]]
+)
+def test_prefixes_and_globs_follow_the_local_rules(tmp_path, weights, args):
+    """The same jobs, names and summary as local folders (memory://, no server): hidden
+    names, non-images, sub-prefixes with and without -r, ** patterns."""
+    import fsspec
+
+    fs, root = fsspec.filesystem("memory"), f"/{tmp_path.name}"
+    for key in ("in/a.png", "in/s/b.png", "in/s/t/c.png", "in/.h/d.png", "in/x.txt"):
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        noise_image(8, 6).save(tmp_path / key, format="PNG")
+        fs.pipe_file(f"{root}/{key}", (tmp_path / key).read_bytes())
+    local = _upscale(FakePipeline(), tmp_path / args[0], tmp_path / "out", weights, *args[1:])
+    remote = _upscale(FakePipeline(), f"memory://{root}/{args[0]}", f"memory://{root}/out",
+                      weights, *args[1:])  # fmt: skip
+    assert remote.exit_code == local.exit_code == 0, remote.output
+    summary = local.output.splitlines()[-1].split(" in ")[0]
+    assert remote.output.splitlines()[-1].startswith(summary), remote.output
+    out = tmp_path / "out"
+    written = {path.relative_to(out).as_posix() for path in out.rglob("*.png")}
+    assert {key[len(root) + 5 :] for key in fs.find(f"{root}/out") if "/." not in key} == written
