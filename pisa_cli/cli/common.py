@@ -40,7 +40,7 @@ Inputs = Annotated[
     ),
 ]
 OutputDir = Annotated[
-    str, typer.Option("--output", "-o", help="Folder (or s3://bucket/prefix) for the results.")
+    str, typer.Option("--output", "-o", metavar="<path>", help="Folder or s3://... for results.")
 ]
 BaseModel = Annotated[
     str,
@@ -287,6 +287,7 @@ Report = Annotated[
     str | None,
     typer.Option(
         "--report",
+        metavar="<path>",
         help="Write what happened to each image (status, error, sizes, seconds per stage) to "
         "this .json or .csv file.",
         rich_help_panel=OUTPUT,
