@@ -21,7 +21,7 @@ from pisa_cli.errors import ImageError, PisaError
 from pisa_cli.imaging.discover import Discovery, Job, discover
 from pisa_cli.imaging.manifest import RUN, Decision, Manifest
 from pisa_cli.imaging.object_manifest import open_manifest
-from pisa_cli.imaging.objects import KEY_MAX, ObjectPath
+from pisa_cli.imaging.objects import KEY_MAX, ObjectPath, probe_prefix
 from pisa_cli.options import (
     DEFAULT_MAX_PIXELS,
     BatchOptions,
@@ -235,8 +235,6 @@ def make_output_folder(output: Path, batch: BatchOptions) -> Path | None:
 
 def _probe_prefix(output: ObjectPath) -> None:
     """Prove the output prefix writable (an object put and deleted): no folder to make."""
-    from pisa_cli.imaging.objects import probe_prefix
-
     try:
         probe_prefix(output, f"{os.getpid()}-{os.urandom(4).hex()}")
     except Exception as error:  # the storage's own errors (credentials, no bucket) too
