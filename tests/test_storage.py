@@ -330,3 +330,10 @@ def test_prefixes_and_globs_follow_the_local_rules(tmp_path, weights, args):
     out = tmp_path / "out"
     written = {path.relative_to(out).as_posix() for path in out.rglob("*.png")}
     assert {key[len(root) + 5 :] for key in fs.find(f"{root}/out") if "/." not in key} == written
+
+
+def test_an_output_prefix_that_cannot_be_written_stops_before_the_model(s3, mixed, weights):
+    s3.pipe_file(f"{BUCKET}/probe/a.png", (mixed / "p1.png").read_bytes())
+    result = _upscale(None, f"s3://{BUCKET}/probe/a.png", "s3://no-such-bucket/out", weights)
+    assert result.exit_code == 1, result.output  # and no model loaded (None fails if asked)
+    assert "s3://no-such-bucket/out: cannot write into the output prefix" in result.output
