@@ -180,16 +180,19 @@ def test_a_failure_while_writing_leaves_no_object_at_the_final_key(s3, mixed, we
 
 
 @pytest.mark.parametrize(
-    ("extra", "line"),
+    ("extra", "code", "line"),
     [
-        (["--report", "s3://b/r.json"], "--report s3://b/r.json: reports are written to local"),
-        (["-o", "nowhere://b/out"], "nowhere://: not a storage fsspec knows"),
+        (["--report", "s3://b/r.json"], 3, "--report s3://b/r.json: reports are written to local"),
+        (["-o", "nowhere://b/out"], 3, "nowhere://: not a storage fsspec knows"),
+        (["-o", "memory://b/out/../in"], 2, "memory://b/out/../in: '..' in an object's name"),
     ],
 )
-def test_what_object_storage_does_not_do_is_refused_in_one_line(tmp_path, weights, extra, line):
+def test_what_object_storage_does_not_do_is_refused_in_one_line(
+    tmp_path, weights, extra, code, line
+):
     noise_image(8, 6).save(tmp_path / "a.png")
     result = run_on(None, "upscale", tmp_path / "a.png", "-o", tmp_path / "out", *extra, *weights)
-    assert result.exit_code == 3 and line in result.output, result.output
+    assert result.exit_code == code and line in result.output, result.output
 
 
 def test_pisa_sweep_refuses_object_storage_before_the_model(tmp_path, weights):

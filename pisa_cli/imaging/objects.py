@@ -20,7 +20,7 @@ from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pisa_cli.errors import ImageError, PisaError
+from pisa_cli.errors import ImageError, OptionsError, PisaError
 
 INSTALL = "pip install 'pisa-cli[storage]'"
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
@@ -74,6 +74,8 @@ class ObjectPath:
     def parse(cls, url: str) -> ObjectPath:
         """The object of ``url`` (StorageError when its storage cannot be used)."""
         protocol = URL.match(url).group(1).lower()  # type: ignore[union-attr]
+        if ".." in url[len(protocol) + 3 :].split("/"):  # an HTTP layer may resolve it
+            raise OptionsError(f"{url}: '..' in an object's name; name the prefix without it")
         fs = filesystem(protocol)  # first: StorageError without the extra
         from fsspec.core import strip_protocol
 
