@@ -9,6 +9,7 @@ Test modules import helpers from these three only, never from each other.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -115,3 +116,12 @@ def check_partial_then_rerun(
     assert f"{done} done, {skipped} skipped, 0 failed" in again.stderr
     assert visible_bytes(out) == expected
     assert not temporaries(out)
+
+
+OURS = re.compile(r"\[\d+/\d+\] |warning: |error: |(INFO|WARNING|ERROR) |\d+ done, |\d+ outputs ")
+"""How every line pisa upscale prints begins (progress, warnings, log lines, the summary)."""
+
+
+def not_ours(output: str) -> list[str]:
+    """The lines of ``output`` that pisa did not print (Ray's, a library's)."""
+    return [line for line in output.splitlines() if line.strip() and not OURS.match(line)]

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from pisa_cli.imaging.manifest import Manifest
 from pisa_cli.options import BatchOptions, ModelOptions, UpscaleOptions
 from tests.builders import noise_image, ramp16
 from tests.fakes import FakePipeline, run_on
-from tests.helpers import visible_bytes
+from tests.helpers import not_ours, visible_bytes
 
 OPTIONS = UpscaleOptions(scale=2)
 
@@ -322,10 +323,14 @@ def test_ray_writes_what_one_process_writes_and_resumes(ray_instance, mixed, tmp
     single = _run(FakePipeline(), mixed, tmp_path / "single", weights, "--report", single_report)
     assert single.exit_code == 1, single.output  # the corrupt and the huge image fail
     report = tmp_path / "r.json"
-    on_ray = _run(
-        FakePipeline(), mixed, tmp_path / "ray", weights, "--ray", "local", "--report", report
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        on_ray = _run(
+            FakePipeline(), mixed, tmp_path / "ray", weights, "--ray", "local", "--report", report
+        )
     assert on_ray.exit_code == 1, on_ray.output
+    # Ray 2.60 warns where a deprecated form is called (concurrency=, ray_remote_args...)
+    assert [str(w.message) for w in caught if "pisa_cli" in w.filename] == []
     assert visible_bytes(tmp_path / "ray") == visible_bytes(tmp_path / "single")
     counts = re.search(r"(\d+) done, 0 skipped, (\d+) failed", single.output)
     # the corrupt and the huge image fail, and the 16-bit one (the fake takes 8 bits only)
@@ -354,10 +359,12 @@ def test_a_killed_worker_costs_a_rerun_and_a_poison_image_fails_alone(
     )
     assert once.exit_code == 0, once.output  # killed once: its images ran again elsewhere
     assert (tmp_path / "died").exists() and "9 done, 0 skipped, 0 failed" in once.output
+    assert not_ours(once.output) == []  # no "(raylet) A worker died ..." in our display
     poison = _run(DyingPipeline(), mixed, tmp_path / "poison", weights, "--ray", "local")
     assert poison.exit_code == 1, poison.output
     assert "8 done, 0 skipped, 1 failed" in poison.output
     assert f"victim.png: its worker died {ATTEMPTS} times" in poison.output
+    assert not_ours(poison.output) == []
 
 
 class NodeRecorder(FakePipeline):
@@ -417,6 +424,7 @@ def test_two_ray_nodes_on_this_machine_share_the_work(tmp_path, weights):
     done = subprocess.run(args, env=env, cwd=root, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "48 done, 0 skipped, 0 failed" in done.stdout
+    assert not_ours(done.stdout) == [], done.stdout  # Ray's lines off (the cluster's aside)
     seen = {path.read_text() for path in nodes.iterdir()}
     assert len(seen) == 2, seen  # both nodes worked
     assert len(list(out.glob("*.png"))) == 48

@@ -20,6 +20,8 @@ from pisa_cli.core.planning import ImagePlan, check_pixels
 from pisa_cli.errors import ImageError, PisaError
 from pisa_cli.imaging.discover import Discovery, Job, discover
 from pisa_cli.imaging.manifest import RUN, Decision, Manifest
+from pisa_cli.imaging.object_manifest import open_manifest
+from pisa_cli.imaging.objects import KEY_MAX, ObjectPath, probe_prefix
 from pisa_cli.options import (
     DEFAULT_MAX_PIXELS,
     BatchOptions,
@@ -68,7 +70,7 @@ def find_jobs(
     """The jobs of ``inputs`` (outputs that the manifest knows are never taken as inputs);
     with ``shard``, only that share's (its outputs recorded in its own manifest part)."""
     shard = shard or Shard()
-    manifest = Manifest(output, rank=shard.index)
+    manifest = open_manifest(output, rank=shard.index)
     found = discover(inputs, output, batch=batch, exclude=manifest.outputs())
     refuse_long_names(found, output)
     listed = len(found.jobs)
@@ -88,6 +90,9 @@ def refuse_long_names(found: Discovery, output: Path) -> None:
     its path, or its writer's temporary file name, longer than the file system allows) from
     ``found.jobs`` to ``found.unreadable``, one line naming the input: refused before any
     model work, not after it."""
+    if isinstance(output, ObjectPath):
+        _refuse_long_keys(found, output)
+        return
     name_max, path_max = _name_limits(output)
     jobs = []
     for job in found.jobs:
@@ -105,6 +110,21 @@ def refuse_long_names(found: Discovery, output: Path) -> None:
             found.unreadable.append(
                 f"{job.source}: its output path would be {whole} bytes long, more than the "
                 f"{path_max - 1} the system allows; choose a shorter -o"
+            )
+        else:
+            jobs.append(job)
+    found.jobs = jobs
+
+
+def _refuse_long_keys(found: Discovery, output: ObjectPath) -> None:
+    """``refuse_long_names`` on object storage: a key holds KEY_MAX bytes."""
+    jobs = []
+    for job in found.jobs:
+        length = len(job.output.key.encode("utf-8", "surrogateescape"))
+        if length > KEY_MAX:
+            found.unreadable.append(
+                f"{job.source}: its output key would be {length} bytes long, more than the "
+                f"{KEY_MAX} object storage allows; choose a shorter -o or --suffix"
             )
         else:
             jobs.append(job)
@@ -188,6 +208,9 @@ def make_output_folder(output: Path, batch: BatchOptions) -> Path | None:
     parent of it; None when ``output`` existed). Raises OutputFolderError."""
     from pisa_cli.fsutil import kind_of, probe_writable, remove_stale_temp_files
 
+    if isinstance(output, ObjectPath):
+        _probe_prefix(output)
+        return None
     kind = kind_of(output, follow=True)
     if kind not in (None, "a folder"):  # mkdir would say "File exists"
         raise OutputFolderError(f"{output}: not a folder ({kind}); -o names the folder to write in")
@@ -208,6 +231,17 @@ def make_output_folder(output: Path, batch: BatchOptions) -> Path | None:
         ) from None
     remove_stale_temp_files(output, recursive=batch.recursive)
     return made
+
+
+def _probe_prefix(output: ObjectPath) -> None:
+    """Prove the output prefix writable (an object put and deleted): no folder to make."""
+    try:
+        probe_prefix(output, f"{os.getpid()}-{os.urandom(4).hex()}")
+    except Exception as error:  # the storage's own errors (credentials, no bucket) too
+        reason = getattr(error, "strerror", None) or error
+        raise OutputFolderError(
+            f"{output}: cannot write into the output prefix ({reason})"
+        ) from None
 
 
 def remove_empty_folder(folder: Path) -> None:

@@ -14,9 +14,12 @@ PISA_RAY_TIMEOUT seconds (default 600) stops with the rest failed. ``ray.data.re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
+import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -27,11 +30,11 @@ from typing import Any
 from pisa_cli.batch.display import Display
 from pisa_cli.batch.distributed import pixel_weights
 from pisa_cli.batch.ray_worker import ATTEMPTS, Ledger, UpscaleWorker, job_rows, result_from_json
-from pisa_cli.batch.run import Outcome, PipelineFactory, collect
+from pisa_cli.batch.run import Outcome, PipelineFactory, StreamSpec, collect
 from pisa_cli.batch.runner import FAILED, JobResult
 from pisa_cli.errors import LaunchError, PisaError
 from pisa_cli.imaging.discover import Job
-from pisa_cli.options import BatchOptions, ModelOptions, UpscaleOptions
+from pisa_cli.options import BatchOptions, ModelOptions
 
 INSTALL = "--ray and --devices run on Ray Data: pip install 'pisa-cli[ray]'"
 ROWS_PER_CALL = 8
@@ -40,6 +43,8 @@ RETRIES = ATTEMPTS * ROWS_PER_CALL + 1
 """Task retries and actor restarts allowed: every death charges an image of the call."""
 TIMEOUT_ENV = "PISA_RAY_TIMEOUT"
 DEFAULT_TIMEOUT = 600.0
+
+log = logging.getLogger(__name__)
 
 
 class RunStopped(PisaError):
@@ -81,13 +86,65 @@ def no_progress_timeout(environ=None) -> float:
     return value
 
 
+def quiet_ray() -> None:
+    """Ray's own lines off, so that only ours are printed: its Python loggers to errors,
+    and the driver's error listener, which prints every cluster event ("(raylet) A worker
+    died or was killed ...") on stdout in the middle of our display even with
+    ``log_to_driver=False``, sends the raylet's lines to our debug log (``-v`` shows them;
+    our results already say what a death cost). Ray 2.60 has no switch for the listener:
+    its module function is wrapped, once, and a Ray without it is left as it is."""
+    for name in ("ray", "ray.data"):  # our display says what happens, not Ray's
+        logging.getLogger(name).setLevel(logging.ERROR)
+    worker = sys.modules.get("ray._private.worker")
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "quieted", False):
+        return
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            for line in data.get("lines", ()):
+                log.debug("ray: %s", line)
+            return
+        printer(data, ignore_prefix)
+
+    print_to_stdstream.quieted = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = print_to_stdstream
+
+
+@contextlib.contextmanager
+def _stderr_to_debug_log() -> Iterator[None]:
+    """File descriptor 2 into a temporary file while Ray starts, its lines then sent to our
+    debug log: Ray's C++ core writes there directly (``logging.cc: Set ray log level from
+    environment variable ...`` whenever RAY_BACKEND_LOG_LEVEL is set)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 (an embedded interpreter)
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode("utf-8", "replace").splitlines():
+                log.debug("ray: %s", line)
+
+
 def connect(ray, target: RayTarget) -> bool:
     """Start or join Ray, quietly; whether we started it (and shut it down at the end). A
     Ray already running in this process (a test's, a notebook's) is used as it is."""
-    for name in ("ray", "ray.data"):  # our display says what happens, not Ray's
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_ray()
     if ray.is_initialized():
         return False
+    with _stderr_to_debug_log():
+        return _init(ray, target)
+
+
+def _init(ray, target: RayTarget) -> bool:
     # Ray's C++ core warns on stderr for every actor whose constructor arguments are in
     # the object store (map_batches puts them there) and may restart: that is our design
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
@@ -130,9 +187,8 @@ def pool_size(ray, target: RayTarget) -> tuple[int, int]:
 
 
 def run_on_ray(
-    jobs: Sequence[Job],
-    reasons: dict[Job, str],
-    plan: tuple[ModelOptions, UpscaleOptions, BatchOptions, dict, str],
+    spec: StreamSpec,
+    model: ModelOptions,
     load: PipelineFactory,
     target: RayTarget,
     outcome: Outcome,
@@ -140,17 +196,21 @@ def run_on_ray(
     display: Display,
     stop: threading.Event,
 ) -> None:
-    """Run ``jobs`` on Ray (``plan``: model, options, batch, settings, output folder) into
-    ``outcome``, each result shown as it comes back. Raises LaunchError (no Ray, no
-    cluster) or the workers' model error (RunStopped, with its exit code)."""
+    """Run ``spec`` (as ``run.stream`` does, its manifest naming the output folder and the
+    settings each worker records) on Ray with ``model``'s pipeline into ``outcome``, each
+    result shown as it comes back. Raises LaunchError (no Ray, no cluster) or the workers'
+    model error (RunStopped, with its exit code)."""
+    if spec.manifest is None:
+        raise ValueError("a run on Ray records its outputs: the StreamSpec needs its manifest")
     ray = import_ray()
     timeout = no_progress_timeout()
     started = connect(ray, target)
+    jobs = spec.jobs
     try:
-        rows, ledger = _dataset(ray, jobs, plan, load, target)
+        rows, ledger = _dataset(ray, spec, model, load, target)
         results = _results(rows, jobs, stop, timeout, ledger.forget.remote)
         begun, first = time.perf_counter(), len(outcome.results)  # the models' loading in
-        collect(results, reasons, outcome, len(jobs), display=display, stop=stop)
+        collect(results, spec.reasons, outcome, len(jobs), display=display, stop=stop)
         outcome.run_seconds = time.perf_counter() - begun
         place = {job: index for index, job in enumerate(jobs)}  # the report: input order
         outcome.results[first:] = sorted(outcome.results[first:], key=lambda r: place[r.job])
@@ -159,8 +219,9 @@ def run_on_ray(
             ray.shutdown()
 
 
-def _dataset(ray, jobs: Sequence[Job], plan: tuple, load: PipelineFactory, target: RayTarget):
-    model, options, batch, settings, output = plan
+def _dataset(ray, spec: StreamSpec, model: ModelOptions, load: PipelineFactory, target: RayTarget):
+    jobs, options, batch, manifest = spec.jobs, spec.options, spec.batch, spec.manifest
+    settings, output = manifest.settings, manifest.root  # type: ignore[union-attr]
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
@@ -176,8 +237,11 @@ def _dataset(ray, jobs: Sequence[Job], plan: tuple, load: PipelineFactory, targe
         job_rows(jobs, largest_first(jobs, batch)), override_num_blocks=blocks
     )
     with warnings.catch_warnings():
-        # Ray 2.60 has no named parameter for the two caps yet (deprecated in 2.64: the
-        # extra's pin keeps this working; revisit when raising it)
+        # Ray 2.60 has no named parameter for the two caps (max_restarts, max_task_retries)
+        # nor for scheduling_strategy: they can only go through ray_remote_args, which it
+        # says is deprecated and removed in 2.64 (the extra's pin keeps this working;
+        # revisit when raising it). compute=ActorPoolStrategy is its non-deprecated form
+        # (concurrency= is the deprecated one).
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
         return _map(dataset, arguments, ray, size, gpus), ledger
 

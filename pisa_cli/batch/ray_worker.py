@@ -25,13 +25,13 @@ import json
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from pisa_cli.batch.runner import FAILED, JobResult, run_jobs
 from pisa_cli.errors import PisaError
 from pisa_cli.imaging.discover import Job
-from pisa_cli.imaging.manifest import Manifest
+from pisa_cli.imaging.object_manifest import open_manifest
+from pisa_cli.imaging.objects import location
 from pisa_cli.options import BatchOptions, ModelOptions, UpscaleOptions
 
 ATTEMPTS = 2
@@ -143,7 +143,7 @@ class UpscaleWorker:
         self.options, self.batch = options, batch
         # a manifest part of its own: no two processes append to one file
         part = secrets.randbelow(10**9) + 1
-        self.manifest = Manifest(Path(output), settings, rank=part)
+        self.manifest = open_manifest(location(output), settings, rank=part)
         self.ledger = ledger if ledger is None or isinstance(ledger, Ledger) else _Remote(ledger)
         self.error, self.error_code, self.pipeline = "", 0, None
         try:
@@ -154,8 +154,12 @@ class UpscaleWorker:
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, list]:
         indices = [int(index) for index in rows["index"]]
-        jobs = [Job(Path(s), Path(o)) for s, o in zip(rows["source"], rows["output"], strict=True)]
-        results = dict(zip(indices, self._run(indices, jobs), strict=True))
+        pairs = zip(rows["source"], rows["output"], strict=True)
+        jobs = [Job(location(source), location(output)) for source, output in pairs]
+        try:
+            results = dict(zip(indices, self._run(indices, jobs), strict=True))
+        finally:
+            self.manifest.close()  # object storage: this task's records in one part
         return {"index": indices, "result": [results[index] for index in indices]}
 
     def _run(self, indices: list[int], jobs: list[Job]) -> list[str]:

@@ -132,7 +132,11 @@ def stream(
             prepared.pipeline, spec.jobs, spec.options, spec.batch, manifest=spec.manifest,
             on_start=display.started, stop=stop,
         )  # fmt: skip
-    collect(results, spec.reasons, outcome, len(spec.jobs), display=display, stop=stop)
+    try:
+        collect(results, spec.reasons, outcome, len(spec.jobs), display=display, stop=stop)
+    finally:
+        if spec.manifest is not None:
+            spec.manifest.close()  # object storage gathers this run's records into one part
     outcome.run_seconds = time.perf_counter() - start
 
 

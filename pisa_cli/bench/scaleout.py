@@ -48,6 +48,8 @@ class _Quiet:
 def ray_overhead(device: torch.device, dtype: torch.dtype, images: int = IMAGES) -> list[Row]:
     """32 images, tiny model: one process against --ray local (start, workers, results)."""
     from pisa_cli.batch.ray_run import RayTarget, run_on_ray
+    from pisa_cli.batch.run import StreamSpec
+    from pisa_cli.imaging.manifest import Manifest
 
     rows: list[Row] = []
     model = ModelOptions(device=str(device))
@@ -65,10 +67,10 @@ def ray_overhead(device: torch.device, dtype: torch.dtype, images: int = IMAGES)
         for case, target in cases.items():
             out = Path(folder) / case.replace(" ", "-")
             jobs, outcome = discover([inputs], out).jobs, Outcome()
-            plan = (model, OPTIONS, BatchOptions(), {}, str(out))
+            spec = StreamSpec(tuple(jobs), {}, OPTIONS, BatchOptions(), Manifest(out))
             with measured(rows, "ray", case, device) as row:
                 run_on_ray(
-                    jobs, {}, plan, tiny_model, target, outcome,
+                    spec, model, tiny_model, target, outcome,
                     display=_Quiet(), stop=threading.Event(),
                 )  # fmt: skip
             done = len([r for r in outcome.results if r.status == "done"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -33,14 +32,15 @@ OUTPUT = "Output"
 INPUT = "Input"
 
 Inputs = Annotated[
-    list[Path],
+    list[str],  # str, not Path: Path would fold the // of s3://bucket/in
     typer.Argument(
-        help="Image files, folders of images, and/or glob patterns ('shots/**/*.jpg').",
+        help="Image files, folders of images, and/or glob patterns ('shots/**/*.jpg'); "
+        "objects, prefixes or patterns on object storage (s3://bucket/in, gs://...).",
         show_default=False,
     ),
 ]
 OutputDir = Annotated[
-    Path, typer.Option("--output", "-o", help="Folder for the results (created if needed).")
+    str, typer.Option("--output", "-o", metavar="<path>", help="Folder or s3://... for results.")
 ]
 BaseModel = Annotated[
     str,
@@ -284,9 +284,10 @@ Overwrite = Annotated[
     ),
 ]
 Report = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--report",
+        metavar="<path>",
         help="Write what happened to each image (status, error, sizes, seconds per stage) to "
         "this .json or .csv file.",
         rich_help_panel=OUTPUT,

@@ -22,6 +22,7 @@ import typer
 
 from pisa_cli.batch.shard import Shard
 from pisa_cli.cli import common
+from pisa_cli.imaging.objects import ObjectPath
 from pisa_cli.options import (
     DEFAULT_MAX_PIXELS,
     BatchOptions,
@@ -205,8 +206,9 @@ def batch_options(values: Mapping[str, Any]) -> BatchOptions:
 class UpscaleSpec:
     """Everything ``pisa upscale`` was asked to do, checked."""
 
-    inputs: tuple[Path, ...]
-    output: Path
+    inputs: tuple[Path | ObjectPath, ...]
+    output: Path | ObjectPath
+    """A local folder, or a prefix on object storage."""
     model: ModelOptions
     options: UpscaleOptions
     batch: BatchOptions
@@ -222,14 +224,19 @@ class UpscaleSpec:
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> UpscaleSpec:
         """The spec of ``pisa upscale``'s values (raises OptionsError)."""
+        from pisa_cli.imaging.objects import StorageError, is_url, location
+
         report = values["report"]
+        if is_url(report):
+            raise StorageError(f"--report {report}: reports are written to local files only")
         if report is not None:
             from pisa_cli.batch.report import check_report_path
 
+            report = Path(report)
             check_report_path(report)
         return cls(
-            inputs=tuple(values["inputs"]),
-            output=values["output"],
+            inputs=tuple(location(item) for item in values["inputs"]),
+            output=location(values["output"]),
             model=model_options(values),
             options=upscale_options(values),
             batch=batch_options(values),
@@ -263,9 +270,14 @@ class SweepSpec:
     @classmethod
     def parse(cls, values: Mapping[str, Any], own: tuple[str, ...]) -> SweepSpec:
         """The spec of ``pisa sweep``'s values; ``own`` names the sweep's own options."""
+        from pisa_cli.imaging.objects import StorageError, is_url
+
+        for url in [*values["inputs"], values["output"]]:
+            if is_url(url):
+                raise StorageError(f"{url}: pisa sweep reads and writes local files only")
         return cls(
-            inputs=tuple(values["inputs"]),
-            output=values["output"],
+            inputs=tuple(map(Path, values["inputs"])),
+            output=Path(values["output"]),
             model=model_options(values),
             options=upscale_options(values),
             max_pixels=values["max_pixels"],

@@ -111,9 +111,10 @@ def prepare_output(run: spec.UpscaleSpec, outcome: Outcome) -> None:
     be written, or its manifest is not a file we can append to)."""
     from pisa_cli.batch.plan import OutputFolderError, make_output_folder
     from pisa_cli.imaging.manifest import manifest_problem
+    from pisa_cli.imaging.objects import ObjectPath
 
     try:
-        problem = manifest_problem(run.output)
+        problem = None if isinstance(run.output, ObjectPath) else manifest_problem(run.output)
         if problem is not None:
             raise OutputFolderError(problem)
         outcome.made_folder = make_output_folder(run.output, run.batch)
@@ -147,6 +148,7 @@ def execute_on_ray(run, planned: RunPlan, outcome: Outcome, load, stop) -> None:
     from pisa_cli.batch.distributed import parse_devices
     from pisa_cli.batch.plan import screen
     from pisa_cli.batch.ray_run import RayTarget, run_on_ray
+    from pisa_cli.batch.run import StreamSpec
 
     jobs = planned.to_run
     if not screen(jobs, run.options, run.batch.max_pixels)[0]:
@@ -154,12 +156,13 @@ def execute_on_ray(run, planned: RunPlan, outcome: Outcome, load, stop) -> None:
         return
     devices = tuple(parse_devices(run.devices)) if run.devices else ()
     target = RayTarget(run.ray or "local", devices)
-    plan_ = (run.model, run.options, run.batch, planned.settings, run.output)
+    spec = StreamSpec(
+        jobs=tuple(jobs), reasons=planned.reasons, options=run.options, batch=run.batch,
+        manifest=planned.manifest,
+    )  # fmt: skip
     with display(len(jobs), run.quiet) as shown, stop_on_signals(stop, shown.warn):
         try:
-            run_on_ray(
-                jobs, planned.reasons, plan_, load, target, outcome, display=shown, stop=stop
-            )
+            run_on_ray(spec, run.model, load, target, outcome, display=shown, stop=stop)
         except PisaError as error:
             from pisa_cli.batch.plan import remove_empty_folder
 

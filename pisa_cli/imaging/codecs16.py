@@ -26,20 +26,25 @@ class CodecMissing(Exception):
     """The file needs a codec that is not installed (e.g. LZW TIFF without imagecodecs)."""
 
 
-def png_header(path: Path) -> tuple[int, int] | None:
-    """(bit depth, colour type) of a PNG file, or None when it is not a PNG."""
-    with open(path, "rb") as handle:
-        head = handle.read(33)
+def png_header(path: Path | bytes) -> tuple[int, int] | None:
+    """(bit depth, colour type) of a PNG file (or its bytes), or None when it is not a PNG."""
+    if isinstance(path, bytes):
+        head = path[:33]
+    else:
+        with open(path, "rb") as handle:
+            head = handle.read(33)
     if len(head) < 33 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
         return None
     return head[24], head[25]
 
 
-def read_png16(path: Path) -> np.ndarray:
-    """The pixels of a 16-bit PNG as (H, W, C) uint16 (a tRNS colour key becomes alpha)."""
+def read_png16(path: Path | bytes) -> np.ndarray:
+    """The pixels of a 16-bit PNG (a file or its bytes) as (H, W, C) uint16 (a tRNS colour
+    key becomes alpha)."""
     import png
 
-    width, height, rows, info = png.Reader(filename=str(path)).asDirect()
+    reader = png.Reader(bytes=path) if isinstance(path, bytes) else png.Reader(filename=str(path))
+    width, height, rows, info = reader.asDirect()
     planes = info["planes"]
     array = np.empty((height, width * planes), dtype=np.uint16)
     for index, row in enumerate(rows):
@@ -95,12 +100,15 @@ def tiff_is_deep_colour(tags: dict) -> bool:
     return tags.get(262) == 2 and len(bits) >= 3 and all(b == 16 for b in bits)
 
 
-def read_tiff16(path: Path) -> np.ndarray:
-    """The first page of a 16-bit colour TIFF as (H, W, C) uint16, in stored orientation."""
+def read_tiff16(path: Path | bytes) -> np.ndarray:
+    """The first page of a 16-bit colour TIFF (a file or its bytes) as (H, W, C) uint16, in
+    stored orientation."""
+    import io
+
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tiff:
+        with tifffile.TiffFile(io.BytesIO(path) if isinstance(path, bytes) else path) as tiff:
             page = tiff.pages[0]
             array = page.asarray()
             planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE

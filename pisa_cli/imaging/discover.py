@@ -20,15 +20,18 @@ from PIL import Image
 
 from pisa_cli.imaging.formats import output_extension
 from pisa_cli.imaging.names import safe_stem
+from pisa_cli.imaging.object_walk import walk_object_input
+from pisa_cli.imaging.objects import ObjectPath, is_url
 from pisa_cli.options import BatchOptions
 
 
 @dataclass(frozen=True)
 class Job:
-    """One input image and the output file it becomes."""
+    """One input image and the output file it becomes (either may be an object: see
+    ``imaging.objects``)."""
 
-    source: Path
-    output: Path
+    source: Path | ObjectPath
+    output: Path | ObjectPath
 
 
 @dataclass
@@ -208,8 +211,8 @@ def _fixed_start(pattern: str) -> Path:
 
 
 def discover(
-    inputs: Sequence[str | Path],
-    output_dir: Path,
+    inputs: Sequence[str | Path | ObjectPath],
+    output_dir: Path | ObjectPath,
     extension: str = ".png",
     *,
     batch: BatchOptions | None = None,
@@ -225,6 +228,10 @@ def discover(
     """
     walk = _Walk(output_dir.resolve(), bool(batch and batch.recursive), frozenset(exclude))
     for item in inputs:
+        if isinstance(item, ObjectPath) or is_url(item):
+            url = item if isinstance(item, ObjectPath) else ObjectPath.parse(str(item))
+            walk_object_input(walk, url, natural_key)
+            continue
         path = Path(item)
         if path.is_dir():
             walk.folder(path, Path())

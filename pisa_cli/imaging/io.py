@@ -9,6 +9,7 @@ fsyncs it and renames it into place.
 from __future__ import annotations
 
 import contextlib
+import io
 import struct
 import threading
 import warnings
@@ -33,6 +34,7 @@ from pisa_cli.imaging.modes import (
     split_deep_array,
     split_deep_grey,
 )
+from pisa_cli.imaging.objects import ObjectPath, storage_errors
 from pisa_cli.options import DEFAULT_MAX_PIXELS, WriteOptions
 
 ORIENTATION = 0x0112
@@ -119,18 +121,36 @@ def _open(path: Path) -> Iterator[Image.Image]:
         yield image
 
 
-def read_picture(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
+def read_picture(path: Path | ObjectPath, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
     """Decode ``path`` for the model; ImageError naming the file and the reason on failure."""
+    if isinstance(path, ObjectPath):
+        return _read_object(path, max_pixels)
     with _reading(path):
         _check_not_empty(path)
         with _open(path) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"{path}: {width}x{height} is {width * height:,} pixels, more than "
-                    f"--max-pixels {max_pixels:,}"
-                )
+            _check_pixels(path, image.size, max_pixels)
             return _decode(path, image)
+
+
+def _read_object(path: ObjectPath, max_pixels: int) -> Picture:
+    """``read_picture`` of an object: its header fetched and checked first (a block, not
+    the object), then the whole object, decoded from memory."""
+    with _reading(path):
+        with path.header() as handle, _open(handle) as image:
+            _check_pixels(path, image.size, max_pixels)
+        with storage_errors(path):
+            data = path.read_bytes()
+        with _open(io.BytesIO(data)) as image:
+            return _decode(data, image)
+
+
+def _check_pixels(path: object, size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{path}: {width}x{height} is {width * height:,} pixels, more than "
+            f"--max-pixels {max_pixels:,}"
+        )
 
 
 def _check_not_empty(path: Path) -> None:
@@ -138,7 +158,7 @@ def _check_not_empty(path: Path) -> None:
         raise ImageError(f"{path}: empty file (0 bytes)")
 
 
-def _decode(path: Path, image: Image.Image) -> Picture:
+def _decode(path: Path | bytes, image: Image.Image) -> Picture:
     notes: list[str] = []
     frames = getattr(image, "n_frames", 1)
     if frames > 1:
@@ -175,9 +195,9 @@ def _carried_exif(image: Image.Image, exif: Image.Exif) -> bytes | None:
     return copy.tobytes()
 
 
-def _read_deep_colour(path: Path, image: Image.Image, notes: list[str]):
-    """(H, W, C) uint16 pixels when ``path`` is 16-bit colour (or 16-bit grey with alpha),
-    which Pillow would cut to 8 bits; None for everything else."""
+def _read_deep_colour(path: Path | bytes, image: Image.Image, notes: list[str]):
+    """(H, W, C) uint16 pixels when ``path`` (a file or its bytes) is 16-bit colour (or
+    16-bit grey with alpha), which Pillow would cut to 8 bits; None for everything else."""
     if image.format == "PNG":
         header = codecs16.png_header(path)
         if header is not None and header[0] == 16 and header[1] in (2, 4, 6):
@@ -193,22 +213,33 @@ def _read_deep_colour(path: Path, image: Image.Image, notes: list[str]):
     return None
 
 
-def read_size(path: Path) -> tuple[int, int]:
+def read_size(path: Path | ObjectPath) -> tuple[int, int]:
     """(width, height) from the image header, upright, without decoding the pixels."""
+    if isinstance(path, ObjectPath):
+        with _reading(path), path.header() as handle:
+            return _upright_size(handle, path)
     with _reading(path):
         _check_not_empty(path)
-    with _reading(path), _open(path) as image:
+    return _upright_size(path, path)
+
+
+def _upright_size(opened: object, path: Path | ObjectPath) -> tuple[int, int]:
+    with _reading(path), _open(opened) as image:
         width, height = image.size
         if image.format != "TIFF" and _header_orientation(path, image) in (5, 6, 7, 8):
             return height, width
         return width, height
 
 
-def _header_orientation(path: Path, image: Image.Image) -> int:
+def _header_orientation(path: Path | ObjectPath, image: Image.Image) -> int:
     """The EXIF orientation without decoding: Pillow's PNG reader decodes the whole image
-    to find an eXIf chunk placed after the pixels, so PNGs are searched chunk by chunk."""
+    to find an eXIf chunk placed after the pixels, so PNGs are searched chunk by chunk.
+    Not an object's: a range request per chunk would cost more than the header is worth
+    (the pixel count is the same either way; the read applies the orientation)."""
     if image.format != "PNG" or "exif" in image.info:
         return image.getexif().get(ORIENTATION, 1)
+    if isinstance(path, ObjectPath):
+        return 1
     data = _png_chunk(path, b"eXIf")
     if data is None:
         return 1
@@ -251,15 +282,17 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
 
 def write_output(
     pixels: Pixels,
-    path: Path,
+    path: Path | ObjectPath,
     write: WriteOptions | None = None,
-    before_replace: Callable[[Path], None] | None = None,
+    before_replace: Callable[[Path], None] | Callable[[bytes], None] | None = None,
 ) -> list[str]:
     """Encode ``pixels`` into ``path`` atomically; return what had to give (notes).
 
     The format follows the extension, ``write`` says how it is encoded (the default
     WriteOptions when None). ``before_replace`` is called with the complete,
-    fsynced temporary file just before it replaces ``path`` (the manifest records it there).
+    fsynced temporary file just before it replaces ``path`` (the manifest records it there);
+    an object (``ObjectPath``) is encoded in memory, ``before_replace`` gets its bytes, and
+    one PUT writes it: nothing partial is ever visible at its key.
     """
     fmt = pillow_format(path)
     if not fmt:
@@ -272,6 +305,13 @@ def write_output(
         )
     notes: list[str] = []
     try:
+        if isinstance(path, ObjectPath):  # encoded in memory, then one PUT
+            buffer = io.BytesIO()
+            _encode(pixels, fmt, buffer, write or WriteOptions(), notes)
+            if before_replace is not None:
+                before_replace(buffer.getvalue())
+            path.write_bytes(buffer.getvalue())
+            return notes
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as temp:
             with open(temp, "wb") as handle:

@@ -36,11 +36,13 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from pisa_cli.fsutil import file_sha256, kind_of, no_link
+from pisa_cli.imaging.objects import source_stamp
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,10 @@ class Manifest:
         ``manifest_problem``)."""
         return [path for path in manifest_files(self.root) if kind_of(path) == FILE]
 
+    def close(self) -> None:
+        """Nothing to do: every record is in its file as it is written (object storage's
+        manifest gathers its parts here)."""
+
     def use_settings(self, settings: dict) -> None:
         """The settings of this run: outputs are checked and recorded against them."""
         self.settings = settings
@@ -139,21 +145,25 @@ class Manifest:
         """Read one manifest file; a line that does not parse (cut by a failed write or a
         killed run) is skipped, said once per file; so are records that are not ours (a
         field of another type or out of range, an output outside the folder)."""
-        cut, bad, outside = 0, 0, 0
         with open(path, encoding="utf-8", errors="replace", opener=no_link) as handle:
-            for text in handle:
-                if not text.strip():
-                    continue
-                parsed = _parse(text)
-                if parsed is None or parsed[0] > 0:
-                    cut += 1
-                if parsed is BAD:
-                    bad += 1
-                elif parsed is not None and not _inside(parsed[1]):
-                    outside += 1
-                elif parsed is not None:
-                    name, record = parsed[1], parsed[2]
-                    self._records.setdefault(name, []).append(record)
+            self._take(path, handle)
+
+    def _take(self, path: object, lines: Iterable[str]) -> None:
+        """The records of the ``lines`` of the manifest file ``path``, as ``_load`` says."""
+        cut, bad, outside = 0, 0, 0
+        for text in lines:
+            if not text.strip():
+                continue
+            parsed = _parse(text)
+            if parsed is None or parsed[0] > 0:
+                cut += 1
+            if parsed is BAD:
+                bad += 1
+            elif parsed is not None and not _inside(parsed[1]):
+                outside += 1
+            elif parsed is not None:
+                name, record = parsed[1], parsed[2]
+                self._records.setdefault(name, []).append(record)
         _say_ignored(path, bad, outside)
         if cut:
             log.warning(
@@ -199,23 +209,19 @@ class Manifest:
             return Decision(SKIP, f"{output} exists and {why}: kept (--overwrite replaces it)")
         if record.key != self.key:
             return Decision(RUN, "settings changed")
-        source_stat = source.stat()
-        if (source_stat.st_size, source_stat.st_mtime_ns) != (
-            record.source_bytes,
-            record.source_mtime_ns,
-        ):
+        if source_stamp(source) != (record.source_bytes, record.source_mtime_ns):
             return Decision(RUN, "input changed")
         return Decision(SKIP, "up to date")
 
     def record(self, source: Path, output: Path, written: Path) -> None:
         """Append the record of ``written`` (the complete temporary file that is about to
         become ``output``) and fsync it. Called from writer threads."""
-        source_stat, stat = source.stat(), written.stat()
+        (source_bytes, source_mtime_ns), stat = source_stamp(source), written.stat()
         line = {
             "output": self._name(output),
             "source": str(source.resolve()),
-            "source_bytes": source_stat.st_size,
-            "source_mtime_ns": source_stat.st_mtime_ns,
+            "source_bytes": source_bytes,
+            "source_mtime_ns": source_mtime_ns,
             "settings_key": self.key,
             "settings": self.settings,
             "output_bytes": stat.st_size,
@@ -290,7 +296,7 @@ def _inside(name: str) -> bool:
     return ".." not in parts and any(part not in ("", ".") for part in parts)
 
 
-def _say_ignored(path: Path, bad: int, outside: int) -> None:
+def _say_ignored(path: object, bad: int, outside: int) -> None:
     if bad:
         log.warning(
             "%s: %d record%s skipped: a field missing, of another type or out of range "
