@@ -21,6 +21,7 @@ from pisa_cli.models.synthetic import save_random_base
 from tests.builders import write_adapter_folder, write_official_checkpoint, write_second_lora
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
 def pytest_collection_modifyitems(config, items):
     """Tests that start Ray run on one pytest-xdist worker, one after the other (one Ray
     instance at a time on two cores; ``--dist loadgroup``), and the slow ones are handed out

@@ -49,6 +49,7 @@ class StartingRay:
     def init(self, **options) -> None:
         os.write(2, CORE_LINE)
         self.started = True
+        self.options = options
 
 
 def test_the_core_line_written_while_ray_starts_goes_to_the_debug_log(capfd, monkeypatch):
@@ -57,6 +58,9 @@ def test_the_core_line_written_while_ray_starts_goes_to_the_debug_log(capfd, mon
         assert connect(StartingRay(), RayTarget("local", ("cpu", "cpu"))) is True
     assert capfd.readouterr().err == ""
     assert any("logging.cc:303" in line for line in lines)
+    ray = StartingRay()
+    connect(ray, RayTarget("local"))  # a new instance, not one that `ray start` left running
+    assert ray.options["address"] == "local"
     os.write(2, b"after\n")  # descriptor 2 is back
     assert capfd.readouterr().err == "after\n"
 

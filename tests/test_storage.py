@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,10 @@ def s3(tmp_path_factory):
     server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    # moto's buckets live in the process, not in the server: a module whose tests this
+    # worker runs in two spells (pytest-xdist) starts its second server on the first's
+    reset = f"http://{host}:{port}/moto-api/reset"
+    urllib.request.urlopen(urllib.request.Request(reset, method="POST"), timeout=30).close()
     nowhere = tmp_path_factory.mktemp("aws") / "none"
     with pytest.MonkeyPatch.context() as patch:
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):

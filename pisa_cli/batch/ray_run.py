@@ -162,14 +162,16 @@ def _init(ray, target: RayTarget) -> bool:
                 "start one with `ray start --head`, set RAY_ADDRESS, or use --ray local"
             ) from None
         return True
+    # address="local": a new instance of our own even where `ray start` left one running
+    # (which ray.init would otherwise join, and refuse num_cpus/num_gpus for)
     gpus = [device.removeprefix("cuda:") for device in target.devices if device != "cpu"]
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-        ray.init(num_gpus=len(gpus), **quiet)
+        ray.init(address="local", num_gpus=len(gpus), **quiet)
     elif target.devices:  # cpu,cpu: one worker each, a CPU left for Ray's own tasks
-        ray.init(num_cpus=len(target.devices) + 1, num_gpus=0, **quiet)
+        ray.init(address="local", num_cpus=len(target.devices) + 1, num_gpus=0, **quiet)
     else:
-        ray.init(**quiet)
+        ray.init(address="local", **quiet)
     return True
 
 
