@@ -24,16 +24,20 @@ from tests.builders import write_adapter_folder, write_official_checkpoint, writ
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
 def pytest_collection_modifyitems(config, items):
     """Tests that start Ray run on one pytest-xdist worker, one after the other (one Ray
-    instance at a time on two cores; ``--dist loadgroup``), and the slow ones are handed out
-    first so that neither worker is left alone with a long one at the end. Tests marked
-    cuda (the cuda case of ``device``) are skipped, with the reason, where torch sees no
-    CUDA GPU; on a GPU ``pytest -m cuda`` runs just them."""
+    instance at a time on two cores; ``--dist loadgroup``), and first: while they run, the
+    other worker takes the fast tests (light beside Ray's processes; the other slow ones,
+    the rank and kill tests, starve Ray's workers on two cores), then both share the rest
+    of the slow ones. Tests marked cuda (the cuda case of ``device``) are skipped, with the
+    reason, where torch sees no CUDA GPU; on a GPU ``pytest -m cuda`` runs just them."""
     import torch
 
+    def marked(item, name: str) -> bool:
+        return item.get_closest_marker(name) is not None
+
     for item in items:
-        if "ray" in item.keywords:
+        if marked(item, "ray"):
             item.add_marker(pytest.mark.xdist_group("ray"))
-    items.sort(key=lambda item: "slow" not in item.keywords)
+    items.sort(key=lambda item: 0 if marked(item, "ray") else 2 if marked(item, "slow") else 1)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason=f"no CUDA GPU (torch {torch.__version__}): run on a GPU")

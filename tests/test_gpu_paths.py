@@ -249,15 +249,17 @@ def test_a_compiled_unet_sees_one_batch_shape():
     assert set(shapes[-2:]) == {(2, 4, 40, 40)}
 
 
-def test_recompiles_are_logged_and_the_limit_is_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
-    torch._dynamo.reset()
-    compiled = CompiledOrEager(lambda x: x * 2 + 1, "UNet", backend="eager")
-    with caplog.at_level(logging.DEBUG, logger="pisa_cli.models.compiled"):
-        for size in (1, 2, 3, 4, 5):
-            assert torch.equal(compiled(torch.ones(size)), torch.full((size,), 3.0))
-    torch._dynamo.reset()
+def test_recompiles_are_logged_and_the_limit_is_a_warning(caplog):
+    # torch's own patch: monkeypatch's undo deletes a setting of torch's config module,
+    # and every later torch.compile in this process then fails
+    with torch._dynamo.config.patch(recompile_limit=3, automatic_dynamic_shapes=False):
+        torch._dynamo.reset()
+        compiled = CompiledOrEager(lambda x: x * 2 + 1, "UNet", backend="eager")
+        with caplog.at_level(logging.DEBUG, logger="pisa_cli.models.compiled"):
+            for size in (1, 2, 3, 4, 5):
+                assert torch.equal(compiled(torch.ones(size)), torch.full((size,), 3.0))
+        torch._dynamo.reset()
+    assert torch._dynamo.config.recompile_limit != 3  # put back
     assert compiled.graphs == 3
     assert "graph 2 of the UNet, inputs [(2,)]" in caplog.text
     assert "made 3 graphs of the UNet, torch's recompile limit" in caplog.text

@@ -248,9 +248,10 @@ def test_without_ray_the_option_says_how_to_install_it(tmp_path, monkeypatch, ti
 # --- on a real local Ray instance -------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_instance():
-    """One local Ray instance for the session: 2 CPUs, no GPU, 256 MiB of object store, no
+    """One local Ray instance for this module's tests (stopped after them, so that it does
+    not idle beside the instances other modules start): 2 CPUs, no GPU, 256 MiB of object store, no
     dashboard, quiet; a run with no result for 60 s stops (PISA_RAY_TIMEOUT), so a stuck
     Ray fails a test instead of hanging the suite."""
     ray = pytest.importorskip("ray", reason="the ray extra is not installed (pisa-cli[ray])")

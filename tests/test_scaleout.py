@@ -156,14 +156,17 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> int | None:
 
 
 def kill_rank_one_mid_run(args: list[str], out: Path) -> tuple[subprocess.Popen, str]:
-    """Start a run of two ranks; SIGKILL rank 1 once it has written an output of its own."""
+    """Start a run of two ranks; SIGKILL rank 1 once it has recorded an output of its own
+    and some output is in place (a record comes just before its rename: on busy cores rank
+    1's first record can precede every file)."""
     process = subprocess.Popen(
         args, env=rank_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     rank_manifest = out / ".pisa-manifest.rank1.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        if rank_manifest.is_file() and rank_manifest.read_text().count("\n") >= 1:
+        recorded = rank_manifest.is_file() and rank_manifest.read_text().count("\n") >= 1
+        if recorded and any(not p.name.startswith(".") for p in out.iterdir()):
             victim = rank_process(process, 1)
             if victim is not None:
                 os.kill(victim, signal.SIGKILL)

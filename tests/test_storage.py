@@ -289,7 +289,7 @@ def test_ray_workers_read_and_put_objects_as_one_process_does(s3, mixed, weights
     single = run_on(FakePipeline(), "upscale", source, "-o", f"s3://{BUCKET}/ray/one", *args)
     assert single.exit_code == 1, single.output  # the corrupt and the huge image
     root = str(Path(__file__).parents[1])
-    env = dict(os.environ, PYTHONPATH=root, PISA_RAY_TIMEOUT="60")
+    env = dict(os.environ, PYTHONPATH=root, PISA_RAY_TIMEOUT="180")  # two busy cores
     command = [sys.executable, "-c", ON_RAY, source, "-o", f"s3://{BUCKET}/ray/out", *args]
     done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=240)
     assert done.returncode == 1, done.stdout + done.stderr
