@@ -66,6 +66,7 @@ def test_second_load_skips_the_merge_and_gives_the_same_weights(
     )
 
 
+@pytest.mark.slow
 def test_a_changed_checkpoint_is_never_served_stale(
     tiny_base, pisa_pkl, cache_dir, tmp_path, monkeypatch
 ):

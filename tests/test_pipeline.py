@@ -110,6 +110,7 @@ def test_output_is_exactly_scale_times_the_input(pipeline, size):
         assert out.size == (size[0] * scale, size[1] * scale)
 
 
+@pytest.mark.slow
 def test_wide_output_works(pipeline):
     # 2048 x 512 output (latent 256 x 64): the reference's tiling crashes on this shape
     image = noise_image(512, 128, 12)
