@@ -16,7 +16,7 @@ from tests.builders import noise_image
 from tests.helpers import check_partial_then_rerun, environment, pisa, temporaries, visible_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = 16
+IMAGES = 8
 
 
 @pytest.fixture
