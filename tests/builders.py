@@ -181,3 +181,15 @@ def write_adapter_folder(
                     param.normal_(0.0, std)
         wrapped.save_pretrained(str(folder))
     return folder
+
+
+def save_hard_cases(folder: Path) -> None:
+    """Into ``folder``: an RGBA, a grey and a 16-bit grey image, a corrupt PNG and a 64x64
+    image (over --max-pixels 3000): what a mixed folder must survive."""
+    rgba = noise_image(10, 8, 7).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    rgba.save(folder / "alpha.png")
+    noise_image(9, 7, 8).convert("L").save(folder / "grey.png")
+    Image.fromarray(ramp16(12, 9, 1)[..., 0]).save(folder / "deep16.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    noise_image(64, 64, 9).save(folder / "huge.png")

@@ -26,7 +26,7 @@ from pisa_cli.errors import WeightsError
 from pisa_cli.imaging.discover import Job
 from pisa_cli.imaging.manifest import Manifest
 from pisa_cli.options import BatchOptions, ModelOptions, UpscaleOptions
-from tests.builders import noise_image, ramp16
+from tests.builders import noise_image, save_hard_cases
 from tests.fakes import FakePipeline, run_on
 from tests.helpers import not_ours, visible_bytes
 
@@ -295,13 +295,7 @@ def mixed(tmp_path) -> Path:
     folder.mkdir()
     for index in range(6):
         noise_image(8 + index, 6, index).save(folder / f"p{index}.png")
-    rgba = noise_image(10, 8, 7).convert("RGBA")
-    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
-    rgba.save(folder / "alpha.png")
-    noise_image(9, 7, 8).convert("L").save(folder / "grey.png")
-    Image.fromarray(ramp16(12, 9, 1)[..., 0]).save(folder / "deep16.png")
-    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    noise_image(64, 64, 9).save(folder / "huge.png")
+    save_hard_cases(folder)
     noise_image(13, 9, 10).save(folder / "victim.png")  # 13x9: DyingPipeline's
     return folder
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pisa_cli.imaging.objects import filesystem
-from tests.builders import noise_image, ramp16
+from tests.builders import noise_image, save_hard_cases
 from tests.fakes import FakePipeline, run_on
 from tests.helpers import not_ours
 
@@ -70,13 +70,7 @@ def mixed(tmp_path_factory) -> Path:
     for index in range(3):
         noise_image(8 + index, 6, index).save(folder / f"p{index}.png")
     noise_image(7, 6, 4).save(folder / "p0.jpg")  # p0.png and p0.jpg: p0_png, p0_jpg
-    rgba = noise_image(10, 8, 7).convert("RGBA")
-    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
-    rgba.save(folder / "alpha.png")
-    noise_image(9, 7, 8).convert("L").save(folder / "grey.png")
-    Image.fromarray(ramp16(12, 9, 1)[..., 0]).save(folder / "deep16.png")
-    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    noise_image(64, 64, 9).save(folder / "huge.png")
+    save_hard_cases(folder)
     (folder / "notes.txt").write_text("not an image")
     (folder / "sub").mkdir()
     noise_image(6, 6, 11).save(folder / "sub" / "deep.png")

@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -201,17 +201,8 @@ class Manifest:
             return Decision(SKIP, f"{output} exists and is {kind}: kept (--overwrite replaces it)")
         records = self._records.get(self._name(output), [])
         record = next((r for r in reversed(records) if r.describes(stat)), None)
-        if record is None and records:
-            digest = file_sha256(output)  # copied or touched: same bytes still count
-            record = next((r for r in reversed(records) if r.output_sha256 == digest), None)
-        if record is None:
-            why = "was changed after pisa wrote it" if records else "was not written by pisa"
-            return Decision(SKIP, f"{output} exists and {why}: kept (--overwrite replaces it)")
-        if record.key != self.key:
-            return Decision(RUN, "settings changed")
-        if source_stamp(source) != (record.source_bytes, record.source_mtime_ns):
-            return Decision(RUN, "input changed")
-        return Decision(SKIP, "up to date")
+        # copied or touched: the same bytes still count
+        return verdict(self.key, source, output, records, record, lambda: file_sha256(output))
 
     def record(self, source: Path, output: Path, written: Path) -> None:
         """Append the record of ``written`` (the complete temporary file that is about to
@@ -246,6 +237,33 @@ line starts (manifests written before records always began on a new line)."""
 
 BAD = (0, "", None)
 """What ``_parse`` returns for a line that is JSON but not a record pisa wrote."""
+
+
+def verdict(
+    key: str,
+    source: object,
+    output: object,
+    records: list[Record],
+    record: Record | None,
+    digest: Callable[[], str],
+    known: bool | None = None,
+) -> Decision:
+    """Run or skip an ``output`` that exists: ``record`` is the one of ``records`` (those of
+    its name) that its stamp matches, else the one of its bytes' ``digest`` (read only
+    then); none is a file we did not write, or one changed since (``known``: its name has
+    records; by default whether ``records`` is empty), and is kept."""
+    if record is None and records:
+        sha = digest()
+        record = next((r for r in reversed(records) if r.output_sha256 == sha), None)
+    if record is None:
+        known = bool(records) if known is None else known
+        why = "was changed after pisa wrote it" if known else "was not written by pisa"
+        return Decision(SKIP, f"{output} exists and {why}: kept (--overwrite replaces it)")
+    if record.key != key:
+        return Decision(RUN, "settings changed")
+    if source_stamp(source) != (record.source_bytes, record.source_mtime_ns):
+        return Decision(RUN, "input changed")
+    return Decision(SKIP, "up to date")
 
 
 def _parse(text: str) -> tuple[int, str, Record] | tuple[int, str, None] | None:

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from pisa_cli.imaging.manifest import RUN, SKIP, Decision, Manifest, Record
+from pisa_cli.imaging.manifest import RUN, Decision, Manifest, Record, verdict
 from pisa_cli.imaging.objects import ObjectPath, source_stamp
 
 log = logging.getLogger(__name__)
@@ -115,19 +115,11 @@ class ObjectManifest(Manifest):
         etag = str(info.get("ETag") or info.get("md5Hash") or "").strip('"').lower()
         records = [r for r in self._records.get(self._name(output), []) if r.output_bytes == size]
         same = (r for r in reversed(records) if self._md5.get(r.output_sha256) == etag)
-        record = next(same, None)
-        if record is None and records:
-            digest = hashlib.sha256(output.read_bytes()).hexdigest()
-            record = next((r for r in reversed(records) if r.output_sha256 == digest), None)
-        if record is None:
-            known = self._name(output) in self._records
-            why = "was changed after pisa wrote it" if known else "was not written by pisa"
-            return Decision(SKIP, f"{output} exists and {why}: kept (--overwrite replaces it)")
-        if record.key != self.key:
-            return Decision(RUN, "settings changed")
-        if source_stamp(source) != (record.source_bytes, record.source_mtime_ns):
-            return Decision(RUN, "input changed")
-        return Decision(SKIP, "up to date")
+        return verdict(
+            self.key, source, output, records, next(same, None),
+            lambda: hashlib.sha256(output.read_bytes()).hexdigest(),
+            known=self._name(output) in self._records,
+        )  # fmt: skip
 
     def record(self, source, output, written: bytes) -> None:  # type: ignore[override]
         """Put the record of ``written`` (the bytes about to become ``output``) as an object
