@@ -204,22 +204,29 @@ class Manifest:
         # copied or touched: the same bytes still count
         return verdict(self.key, source, output, records, record, lambda: file_sha256(output))
 
-    def record(self, source: Path, output: Path, written: Path) -> None:
-        """Append the record of ``written`` (the complete temporary file that is about to
-        become ``output``) and fsync it. Called from writer threads."""
-        (source_bytes, source_mtime_ns), stat = source_stamp(source), written.stat()
-        line = {
+    def _line(self, source, output, size: int, mtime_ns: int, sha256: str, **more) -> dict:
+        """The record of an output of ``size`` bytes (its stamp and digest) made from
+        ``source`` under this manifest's settings, as a JSON object."""
+        source_bytes, source_mtime_ns = source_stamp(source)
+        return {
             "output": self._name(output),
             "source": str(source.resolve()),
             "source_bytes": source_bytes,
             "source_mtime_ns": source_mtime_ns,
             "settings_key": self.key,
             "settings": self.settings,
-            "output_bytes": stat.st_size,
-            "output_mtime_ns": stat.st_mtime_ns,
-            "output_sha256": file_sha256(written),
+            "output_bytes": size,
+            "output_mtime_ns": mtime_ns,
+            "output_sha256": sha256,
+            **more,
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+
+    def record(self, source: Path, output: Path, written: Path) -> None:
+        """Append the record of ``written`` (the complete temporary file that is about to
+        become ``output``) and fsync it. Called from writer threads."""
+        stat = written.stat()
+        line = self._line(source, output, stat.st_size, stat.st_mtime_ns, file_sha256(written))
         data = (json.dumps(line, sort_keys=True, default=str) + "\n").encode("utf-8")
         with self._lock:
             with open(self.path, "a+b", opener=no_link) as handle:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from pisa_cli.imaging.manifest import RUN, Decision, Manifest, Record, verdict
-from pisa_cli.imaging.objects import ObjectPath, source_stamp
+from pisa_cli.imaging.objects import ObjectPath
 
 log = logging.getLogger(__name__)
 
@@ -124,20 +124,10 @@ class ObjectManifest(Manifest):
     def record(self, source, output, written: bytes) -> None:  # type: ignore[override]
         """Put the record of ``written`` (the bytes about to become ``output``) as an object
         of its own. Called from writer threads, before the output's PUT."""
-        source_bytes, source_mtime_ns = source_stamp(source)
-        line = {
-            "output": self._name(output),
-            "source": str(source.resolve()),
-            "source_bytes": source_bytes,
-            "source_mtime_ns": source_mtime_ns,
-            "settings_key": self.key,
-            "settings": self.settings,
-            "output_bytes": len(written),
-            "output_mtime_ns": 0,
-            "output_sha256": hashlib.sha256(written).hexdigest(),
-            "output_md5": hashlib.md5(written, usedforsecurity=False).hexdigest(),
-            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        line = self._line(
+            source, output, len(written), 0, hashlib.sha256(written).hexdigest(),
+            output_md5=hashlib.md5(written, usedforsecurity=False).hexdigest(),
+        )  # fmt: skip
         data = (json.dumps(line, sort_keys=True, default=str) + "\n").encode("utf-8")
         with self._lock:
             single = self.folder / f"{self.path.name}-{len(self._lines) + 1:06d}.jsonl"
