@@ -184,6 +184,7 @@ def test_a_failure_while_writing_leaves_no_object_at_the_final_key(s3, mixed, we
         (["--report", "s3://b/r.json"], 3, "--report s3://b/r.json: reports are written to local"),
         (["-o", "nowhere://b/out"], 3, "nowhere://: not a storage fsspec knows"),
         (["-o", "memory://b/out/../in"], 2, "memory://b/out/../in: '..' in an object's name"),
+        (["-o", "file:///tmp/out"], 2, "file:///tmp/out: a local file needs no URL"),
     ],
 )
 def test_what_object_storage_does_not_do_is_refused_in_one_line(

@@ -76,6 +76,8 @@ class ObjectPath:
         protocol = URL.match(url).group(1).lower()  # type: ignore[union-attr]
         if ".." in url[len(protocol) + 3 :].split("/"):  # an HTTP layer may resolve it
             raise OptionsError(f"{url}: '..' in an object's name; name the prefix without it")
+        if protocol in ("file", "local"):  # fsspec's local files would skip our link guards
+            raise OptionsError(f"{url}: a local file needs no URL; give its path")
         fs = filesystem(protocol)  # first: StorageError without the extra
         from fsspec.core import strip_protocol
 
