@@ -59,8 +59,10 @@ def test_the_core_line_written_while_ray_starts_goes_to_the_debug_log(capfd, mon
     assert capfd.readouterr().err == ""
     assert any("logging.cc:303" in line for line in lines)
     ray = StartingRay()
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
     connect(ray, RayTarget("local"))  # a new instance, not one that `ray start` left running
     assert ray.options["address"] == "local"
+    assert os.environ["RAY_worker_niceness"] == "0"  # its workers not niced below the rest
     os.write(2, b"after\n")  # descriptor 2 is back
     assert capfd.readouterr().err == "after\n"
 

@@ -1,9 +1,9 @@
 """`pisa upscale` as two processes for real, under torchrun (each rank runs --shard
 RANK/WORLD_SIZE; accelerate launch runs torchrun's launcher, and its variables are mapped in
-test_distributed): the outputs of one process byte for byte, each image run once, one
-report part per share; a rank killed mid-run leaves complete outputs and a rerun (any
-number of processes) finishes the set. --devices and --ray are test_ray's (fake pipeline;
-the real model on Ray workers is `pisa bench ray`'s)."""
+test_distributed) and with --devices cpu,cpu (the real model on two Ray workers): the
+outputs of one process byte for byte, each image run once, one report part per share; a
+rank killed mid-run leaves complete outputs and a rerun (any number of processes) finishes
+the set."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from tests.builders import noise_image
 from tests.helpers import (
     check_partial_then_rerun,
     environment,
+    not_ours,
     pisa,
     temporaries,
     visible_bytes,
@@ -110,6 +111,30 @@ def test_two_ranks_write_what_one_process_writes(mixed, model, reference, tmp_pa
     )
     assert run.returncode == 0, run.stderr
     check_complete_run(out, report, run.stderr, reference, mixed)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_devices_on_ray_write_what_one_process_writes(mixed, model, reference, tmp_path):
+    """The real model loaded in each of two Ray workers, on 6 of the images (RGB, RGBA,
+    grey; the fake pipeline runs the whole mixed set on Ray in test_ray)."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pisa-cli[ray])")
+    some = tmp_path / "in"
+    some.mkdir()
+    for source in sorted(mixed.iterdir())[:6]:
+        (some / source.name).write_bytes(source.read_bytes())
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    command = pisa(some, "-o", out, *model, "--report", report, "--devices", "cpu,cpu")
+    run = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    written = visible_bytes(out)
+    assert written == {name: reference[name] for name in written} and len(written) == 6
+    assert not temporaries(out)
+    summaries = [line for line in run.stderr.splitlines() if re.match(r"\d+ done, \d+", line)]
+    assert summaries == [summaries[0]] and "6 done, 0 skipped" in summaries[0]
+    rows = json.loads(report.read_text())["images"]
+    assert sorted(row["input"] for row in rows) == sorted(str(p) for p in some.iterdir())
+    assert not_ours(run.stdout + run.stderr) == [], run.stderr  # Ray's own lines are off
 
 
 def descendants(pid: int) -> list[int]:

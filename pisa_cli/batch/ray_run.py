@@ -163,7 +163,10 @@ def _init(ray, target: RayTarget) -> bool:
             ) from None
         return True
     # address="local": a new instance of our own even where `ray start` left one running
-    # (which ray.init would otherwise join, and refuse num_cpus/num_gpus for)
+    # (which ray.init would otherwise join, and refuse num_cpus/num_gpus for). Its workers
+    # at nice 0, not Ray's 15: they are the job, and beside any busy process niced workers
+    # starve (6 images took 297 s beside two busy loops on two cores, 25 s at nice 0)
+    os.environ.setdefault("RAY_worker_niceness", "0")
     gpus = [device.removeprefix("cuda:") for device in target.devices if device != "cpu"]
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
