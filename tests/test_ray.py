@@ -262,9 +262,7 @@ def ray_instance():
         part for part in (root, os.environ.get("PYTHONPATH", "")) if part
     )
     # workers at nice 0, as connect starts them (at Ray's 15 they starve beside busy cores)
-    os.environ.update(
-        PISA_RAY_TIMEOUT="60", RAY_BACKEND_LOG_LEVEL="fatal", RAY_worker_niceness="0"
-    )
+    os.environ.update(PISA_RAY_TIMEOUT="60", RAY_BACKEND_LOG_LEVEL="fatal", RAY_worker_niceness="0")
     ray.init(
         num_cpus=2, num_gpus=0, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
         log_to_driver=False, logging_level="ERROR",

@@ -62,7 +62,7 @@ def test_the_core_line_written_while_ray_starts_goes_to_the_debug_log(capfd, mon
     monkeypatch.delenv("RAY_worker_niceness", raising=False)
     connect(ray, RayTarget("local"))  # a new instance, not one that `ray start` left running
     assert ray.options["address"] == "local"
-    assert os.environ["RAY_worker_niceness"] == "0"  # its workers not niced below the rest
+    assert os.environ["RAY_worker_niceness"] == "0"  # noqa: SIM112 (Ray spells it so)
     os.write(2, b"after\n")  # descriptor 2 is back
     assert capfd.readouterr().err == "after\n"
 
