@@ -249,3 +249,22 @@ def test_command_defaults_are_the_options_defaults(tmp_path):
     sweep = spec.SweepSpec.parse(defaults(sweep_command), tuple(p.name for p in OWN))
     assert sweep.model == ModelOptions() and sweep.options == UpscaleOptions()
     assert (sweep.max_pixels, sweep.image_batch) == (BatchOptions().max_pixels, None)
+
+
+def test_log_lines_follow_stderr_after_the_run_s_stream_is_closed(monkeypatch, capsys):
+    """Logging set up while stderr was a stream that is closed since (CliRunner's) writes
+    to the stderr of now, not "--- Logging error ---" on the closed one."""
+    import io
+    import logging
+
+    from pisa_cli.cli.common import setup_logging
+
+    during = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", during)
+    setup_logging()
+    logging.getLogger("pisa_cli.test").warning("first")
+    during.close()
+    after = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", after)
+    logging.getLogger("pisa_cli.test").warning("second")
+    assert after.getvalue() == "WARNING second\n"

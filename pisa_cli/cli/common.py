@@ -366,6 +366,23 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Lines to whatever ``sys.stderr`` is when a record comes, not the stream of the call
+    that set logging up: a caller that runs the CLI with its own stderr and closes it after
+    (a test runner, an embedding program) leaves no handler on a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     """Our messages on stderr (rich on a terminal, plain lines otherwise); quiet libraries."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
@@ -377,7 +394,7 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
         handler: logging.Handler = RichHandler(show_path=False, show_time=False)
         handler.setFormatter(OneLineFormatter("%(message)s"))
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StderrHandler()
         handler.setFormatter(OneLineFormatter("%(levelname)s %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
