@@ -80,6 +80,9 @@ class Record:
     output_bytes: int
     output_mtime_ns: int
     output_sha256: str
+    output_md5: str = ""
+    """Object storage's records only: the MD5 of the output's bytes (its ETag after one PUT),
+    lower case; "" where none is recorded or it is not 32 characters (then the SHA-256)."""
 
     @classmethod
     def from_json(cls, line: dict) -> Record:
@@ -92,6 +95,7 @@ class Record:
             output_bytes=_integer(line["output_bytes"], 0),
             output_mtime_ns=_integer(line["output_mtime_ns"]),
             output_sha256=_digest(line["output_sha256"]),
+            output_md5=_md5(line.get("output_md5")),
         )
 
     def describes(self, stat: os.stat_result) -> bool:
@@ -310,6 +314,11 @@ def _digest(value: object) -> str:
     if len(text) != 64 or text.strip("0123456789abcdef"):
         raise ValueError(f"not a SHA-256: {value!r}")
     return text
+
+
+def _md5(value: object) -> str:
+    """An optional MD5 field: lower case, or "" (the record stands, matched by SHA-256)."""
+    return value.lower() if isinstance(value, str) and len(value) == 32 else ""
 
 
 def _inside(name: str) -> bool:

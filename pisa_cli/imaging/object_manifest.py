@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import secrets
-import threading
 import time
 from pathlib import Path
 
@@ -46,21 +45,14 @@ class ObjectManifest(Manifest):
     """``Manifest`` on object storage: parts read at once, records put one by one."""
 
     def __init__(self, root: ObjectPath, settings: dict | None = None, rank: int = 0):
-        self.root = root
+        super().__init__(root, settings, rank)  # type: ignore[arg-type]  # no files: parts
         self.folder = root / PARTS
         self.run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
         self.path = self.folder / f"{self.run}-{rank}"
-        self.settings = settings or {}
-        self.use_settings(self.settings)
-        self._records: dict[str, list[Record]] = {}
-        self._md5: dict[str, str] = {}
-        """output SHA-256 -> MD5, from the records read and written."""
-        self._lock = threading.Lock()
         self._singles: list[ObjectPath] = []
         self._lines: list[bytes] = []
         self._gathered = 0
         self._listing: dict[str, dict] | None = None
-        self.unreadable_lines = 0
         fs = root.fs
         fs.invalidate_cache()  # another writer (or a rerun) may have changed the prefix
         try:
@@ -72,20 +64,9 @@ class ObjectManifest(Manifest):
         for name in sorted(texts):
             lines = texts[name].decode("utf-8", "replace").splitlines()
             self._take(ObjectPath(root.protocol, name), lines)
-            for line in lines:
-                self._remember_md5(line)
 
     def files(self) -> list[Path]:
         return []
-
-    def _remember_md5(self, text: str) -> None:
-        try:
-            line = json.loads(text)
-            digest, md5 = line["output_sha256"], line["output_md5"]
-        except (ValueError, KeyError, TypeError, RecursionError):
-            return
-        if isinstance(digest, str) and isinstance(md5, str) and len(md5) == 32:
-            self._md5[digest] = md5.lower()
 
     def _name(self, output: ObjectPath) -> str:  # type: ignore[override]
         try:
@@ -114,7 +95,7 @@ class ObjectManifest(Manifest):
         size = int(info.get("size") or 0)
         etag = str(info.get("ETag") or info.get("md5Hash") or "").strip('"').lower()
         records = [r for r in self._records.get(self._name(output), []) if r.output_bytes == size]
-        same = (r for r in reversed(records) if self._md5.get(r.output_sha256) == etag)
+        same = (r for r in reversed(records) if r.output_md5 and r.output_md5 == etag)
         return verdict(
             self.key, source, output, records, next(same, None),
             lambda: hashlib.sha256(output.read_bytes()).hexdigest(),
@@ -135,7 +116,6 @@ class ObjectManifest(Manifest):
             self._singles.append(single)
             self._lines.append(data)
             self._records.setdefault(line["output"], []).append(Record.from_json(line))
-            self._md5[line["output_sha256"]] = line["output_md5"]
 
     def close(self) -> None:
         """Gather this writer's single records into one part and delete them."""
